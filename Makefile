@@ -1,0 +1,28 @@
+# make demo | make test — each sets up .venv on first use (torch 2.13.0 first: no CUDA pull on CPU).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test list clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/python -m recipes.evaluate --config configs/evaluate/tiny_arithmetic.yaml
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+list: setup
+	$(BIN)/python -m recipes list
+
+clean:
+	rm -rf $(VENV) outputs

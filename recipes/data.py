@@ -1,0 +1,107 @@
+"""Datasets: Hub names, local directories and files, ``tiny://`` tasks; column mapping; prompts.
+
+Every dataset is normalised to our column names: ``question`` (the problem), ``answer`` (gold,
+optional), ``completion`` (a target response, optional) — mapped from the dataset's own names
+by ``data.columns`` — and gains a ``prompt`` column built from the prompt template (a string,
+or chat messages when ``data.system_prompt`` is set or ``data.conversational`` is true).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+from .config import ConfigError, DataConfig
+from .tiny import is_tiny, resolve_tiny_dataset
+
+# Named prompt templates; an inline template is any string containing "{question}".
+PROMPTS = {
+    "plain": "{question}",
+    "math_boxed": "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}.",
+    "math_boxed_stop": (
+        "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}. "
+        "Stop right after the box."
+    ),
+}
+COLUMNS = ("question", "answer", "completion")
+FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def prompt_template(name_or_template: str) -> str:
+    if name_or_template in PROMPTS:
+        return PROMPTS[name_or_template]
+    if "{question}" in name_or_template:
+        return name_or_template
+    close = difflib.get_close_matches(name_or_template, PROMPTS, n=1)
+    raise KeyError(
+        f"unknown prompt template {name_or_template!r} (named: {sorted(PROMPTS)}"
+        + (f"; closest: {close[0]!r}" if close else "")
+        + "; an inline template must contain {question})"
+    )
+
+
+def _load_split(cfg: DataConfig, split: str) -> Dataset:
+    path = cfg.path
+    if is_tiny(path):
+        return resolve_tiny_dataset(path, split)
+    local = Path(os.path.expanduser(path))
+    if local.is_file():
+        builder = FILE_TYPES.get(local.suffix)
+        if builder is None:
+            raise ValueError(f"{path}: unsupported file type (use {sorted(FILE_TYPES)})")
+        data = load_dataset(builder, data_files={split: str(local)})
+        return data[split]
+    if local.is_dir() and ((local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists()):
+        data = load_from_disk(str(local))
+        return data[split] if isinstance(data, DatasetDict) else data
+    return load_dataset(path, cfg.name, split=split)
+
+
+def load_split(cfg: DataConfig, split: str, max_rows: int | None = None, source: str = "config") -> Dataset:
+    """One split, with our column names and a ``prompt`` column (raises :class:`ConfigError`)."""
+    data = _load_split(cfg, split)
+    for ours, theirs in cfg.columns.items():
+        if ours not in COLUMNS:
+            close = difflib.get_close_matches(ours, COLUMNS, n=1)
+            raise ConfigError(source, f"data.columns.{ours}", f"unknown column role (roles: {list(COLUMNS)})",
+                              f"data.columns.{close[0]}" if close else None)
+        if theirs not in data.column_names:
+            close = difflib.get_close_matches(theirs, data.column_names, n=1)
+            raise ConfigError(source, f"data.columns.{ours}",
+                              f"column {theirs!r} not in dataset {cfg.path} (columns: {data.column_names})",
+                              close[0] if close else None)
+    rename = {theirs: ours for ours, theirs in cfg.columns.items() if theirs != ours}
+    clash = [ours for ours in rename.values() if ours in data.column_names]
+    data = data.remove_columns(clash).rename_columns(rename)
+    if "question" not in data.column_names:
+        close = difflib.get_close_matches("question", data.column_names, n=1)
+        raise ConfigError(source, "data.columns.question",
+                          f"dataset {cfg.path} has no 'question' column (columns: {data.column_names}); map one",
+                          close[0] if close else None)
+    if max_rows is not None:
+        data = data.select(range(min(max_rows, len(data))))
+    if len(data) == 0:
+        raise ConfigError(source, "data.path", f"split {split!r} of {cfg.path} is empty")
+    template = prompt_template(cfg.prompt)
+    chat = cfg.conversational or cfg.system_prompt is not None
+
+    def make_prompt(row):
+        text = template.format(question=row["question"])
+        if not chat:
+            return {"prompt": text}
+        messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+        return {"prompt": [*messages, {"role": "user", "content": text}]}
+
+    return data.map(make_prompt)
+
+
+def to_sft_format(data: Dataset) -> Dataset:
+    """Prompt-completion rows for TRL's SFTTrainer (completion as an assistant turn if chat)."""
+    if "completion" not in data.column_names:
+        raise ValueError("supervised training needs a 'completion' column (map one in data.columns)")
+    if isinstance(data[0]["prompt"], list):
+        data = data.map(lambda row: {"completion": [{"role": "assistant", "content": row["completion"]}]})
+    return data.select_columns(["prompt", "completion"])

@@ -1,0 +1,43 @@
+"""Evaluate one or more models on held-out data: greedy and sampled accuracy in one table.
+
+    python -m recipes.evaluate --config configs/evaluate/tiny_arithmetic.yaml
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .cli import main
+from .config import RecipeConfig, save_config
+from .data import load_split
+from .evaluation import evaluate_model, format_table, write_report
+from .modeling import load_model, load_tokenizer
+
+
+@dataclass
+class EvaluateRecipeConfig(RecipeConfig):
+    """``model`` is evaluated, then every entry of ``compare`` (same loading options)."""
+
+    compare: dict[str, str] = field(default_factory=dict, metadata={"help": "row label -> model name_or_path"})
+    label: str = field(default="model", metadata={"help": "row label of `model`"})
+    output_dir: str = field(default="outputs/evaluate", metadata={"help": "where eval.json and config.yaml go"})
+
+
+def run(cfg: EvaluateRecipeConfig) -> dict:
+    test = load_split(cfg.data, cfg.data.eval_split or cfg.data.split, cfg.eval.max_rows, cfg.source)
+    models = {**{label: replace(cfg.model, name_or_path=path) for label, path in cfg.compare.items()}, cfg.label: cfg.model}
+    reports = {}
+    for label, model_cfg in models.items():
+        model, tokenizer = load_model(model_cfg), load_tokenizer(model_cfg)
+        reports[label] = evaluate_model(model, tokenizer, test, cfg.eval, desc=label)
+    save_config(cfg, cfg.output_dir)
+    print(f"held-out: {cfg.data.path} split={cfg.data.eval_split} rows={len(test)} "
+          f"sampling T={cfg.eval.temperature} x{cfg.eval.num_samples}")
+    print(format_table(reports), flush=True)
+    print(f"report: {write_report(reports, Path(cfg.output_dir))}")
+    return reports
+
+
+if __name__ == "__main__":
+    main("evaluate", EvaluateRecipeConfig, run)

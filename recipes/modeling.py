@@ -1,0 +1,68 @@
+"""Model and tokenizer loading: Hub names, local directories and ``tiny://`` URIs alike."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
+
+from .config import LoraConfigSection, ModelConfig
+from .tiny import is_tiny, resolve_tiny_model
+
+logger = logging.getLogger("intrinsic")
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A loadable name or directory: ``tiny://`` URIs become cached directories."""
+    return resolve_tiny_model(name_or_path) if is_tiny(name_or_path) else name_or_path
+
+
+def _hub_kwargs(cfg: ModelConfig) -> dict:
+    return {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+
+
+def model_init_kwargs(cfg: ModelConfig) -> dict:
+    """``from_pretrained`` keyword arguments for ``cfg`` (also what TRL's ``model_init_kwargs`` takes)."""
+    kwargs = {"dtype": DTYPES[cfg.dtype], **_hub_kwargs(cfg)}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    return kwargs
+
+
+def load_tokenizer(cfg: ModelConfig, padding_side: str = "left"):
+    """The model's tokenizer with a pad token (EOS when it has none, as TRL does; logged)."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.name_or_path), **_hub_kwargs(cfg))
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"{cfg.name_or_path}: tokenizer has neither a pad nor an EOS token")
+        logger.warning("%s: tokenizer has no pad token; using EOS (%r)", cfg.name_or_path, tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig) -> PreTrainedModel:
+    """A causal LM or a seq2seq model, whichever the checkpoint's config says it is."""
+    path = resolve_model_path(cfg.name_or_path)
+    config = AutoConfig.from_pretrained(path, **_hub_kwargs(cfg))
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    return auto.from_pretrained(path, **model_init_kwargs(cfg))
+
+
+def lora_config(section: LoraConfigSection | None, model: PreTrainedModel | None = None):
+    """A PEFT ``LoraConfig`` from the ``peft:`` section, or ``None`` for a full fine-tune."""
+    if section is None:
+        return None
+    from peft import LoraConfig, TaskType
+
+    seq2seq = model is not None and getattr(model.config, "is_encoder_decoder", False)
+    return LoraConfig(
+        r=section.r,
+        lora_alpha=section.alpha,
+        lora_dropout=section.dropout,
+        target_modules=section.target_modules,
+        task_type=TaskType.SEQ_2_SEQ_LM if seq2seq else TaskType.CAUSAL_LM,
+    )

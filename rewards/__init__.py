@@ -1,0 +1,21 @@
+"""What a completion is worth: text rewards and (reading the policy) internal rewards.
+
+Depends on nothing else in this project.
+"""
+
+from .accuracy import MathAccuracy
+from .answers import answers_match, extract_answer, find_answer
+from .base import REGISTRY, Reward, UnknownRewardError, build_reward, completion_text, get_reward_class
+
+__all__ = [
+    "REGISTRY",
+    "MathAccuracy",
+    "Reward",
+    "UnknownRewardError",
+    "answers_match",
+    "build_reward",
+    "completion_text",
+    "extract_answer",
+    "find_answer",
+    "get_reward_class",
+]

@@ -1,0 +1,90 @@
+"""Final-answer extraction and comparison: the one place every reward and the evaluator use.
+
+An answer is the content of the last ``\\boxed{...}`` when the text has one, otherwise the
+last number in the text. :func:`find_answer` also returns the character span, so rewards
+that read the model at the answer tokens (internal consistency) can locate them.
+
+>>> find_answer("so 12+34 = \\\\boxed{46}.")
+Answer(text='46', start=18, end=20)
+>>> answers_match("46.0", "46"), answers_match("1,000", "1000"), answers_match("\\\\frac{1}{2}", "0.5")
+(True, True, True)
+"""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+from typing import NamedTuple
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_FRAC = re.compile(r"^\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}$")
+
+
+class Answer(NamedTuple):
+    text: str
+    start: int
+    end: int
+
+
+def _last_boxed(text: str) -> Answer | None:
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start) + 1
+    depth, j = 1, i
+    while j < len(text) and depth:
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        j += 1
+    if depth:  # unbalanced: the box never closed
+        return None
+    return Answer(text[i : j - 1].strip(), i, j - 1)
+
+
+def find_answer(text: str) -> Answer | None:
+    """The final answer of a completion and its character span, or ``None`` if none parses."""
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return boxed if boxed.text else None
+    numbers = list(_NUMBER.finditer(text))
+    if not numbers:
+        return None
+    m = numbers[-1]
+    return Answer(m.group(0), m.start(), m.end())
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a completion as a string, or ``None`` if none parses."""
+    found = find_answer(text)
+    return None if found is None else found.text
+
+
+def normalize_answer(answer: str) -> str:
+    """Canonical string form: numbers as reduced fractions/integers, LaTeX noise removed."""
+    s = answer.strip().strip("$").strip()
+    s = re.sub(r"\\(?:text|mathrm|textbf)\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"\\[,!;:]|\\left|\\right|\s+", "", s).rstrip(".")
+    s = s.replace("\\%", "").replace("%", "").replace("^\\circ", "").replace("^{\\circ}", "")
+    frac = _FRAC.match(s)
+    if frac:
+        s = f"{frac.group(1)}/{frac.group(2)}"
+    num = s.replace(",", "") if re.fullmatch(r"-?[\d,]*\.?\d+(?:/-?\d+)?", s) else None
+    if num is not None:
+        try:
+            value = Fraction(num)
+        except (ValueError, ZeroDivisionError):
+            return s
+        return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+    return s
+
+
+def gold_answer(gold: str) -> str | None:
+    """The answer inside a gold label: a full solution with a ``\\boxed{}`` gives its box."""
+    return extract_answer(gold) if "\\boxed" in gold or "\\fbox" in gold else gold
+
+
+def answers_match(predicted: str | None, gold: str | None) -> bool:
+    """Whether an answer equals a gold label after normalisation (numbers compared as fractions)."""
+    if predicted is None or gold is None:
+        return False
+    gold = gold_answer(str(gold))
+    return gold is not None and normalize_answer(predicted) == normalize_answer(gold)
