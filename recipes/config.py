@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import logging
 import os
 import types
 import typing
@@ -335,15 +336,13 @@ def build_trainer_args(trainer_class: type, values: dict, source: str, output_di
     """The recipe's TRL config object from the ``trainer:`` section (mixed precision off on CPU)."""
     values = dict(values)
     values.setdefault("output_dir", output_dir or "outputs/run")
-    if _no_accelerator() and not values.get("use_cpu_bf16", False):
+    if _no_accelerator():  # CPU machine: gloo process groups under accelerate launch, float32
+        values.setdefault("use_cpu", True)
         values.setdefault("bf16", False)
         for key in ("bf16", "fp16"):
             if values.get(key):
-                import logging
-
                 logging.getLogger("intrinsic").warning("%s requested but no GPU here: training in float32", key)
                 values[key] = False
-    values.pop("use_cpu_bf16", None)
     try:
         return trainer_class(**values)
     except (ValueError, TypeError) as err:

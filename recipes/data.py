@@ -77,7 +77,7 @@ def load_split(cfg: DataConfig, split: str, max_rows: int | None = None, source:
     clash = [ours for ours in rename.values() if ours in data.column_names]
     data = data.remove_columns(clash).rename_columns(rename)
     if "question" not in data.column_names:
-        close = difflib.get_close_matches("question", data.column_names, n=1)
+        close = difflib.get_close_matches("question", data.column_names, n=1, cutoff=0.75)
         raise ConfigError(source, "data.columns.question",
                           f"dataset {cfg.path} has no 'question' column (columns: {data.column_names}); map one",
                           close[0] if close else None)

@@ -33,7 +33,7 @@ class TinyURIError(ValueError):
 class WarmupSpec:
     """Supervised warm-up options of a ``tiny://family-task`` model URI."""
 
-    steps: int = dataclasses.field(default=1500, metadata={"help": "optimizer steps"})
+    steps: int = dataclasses.field(default=1200, metadata={"help": "optimizer steps"})
     lr: float = dataclasses.field(default=1e-3, metadata={"help": "peak learning rate (cosine)"})
     batch_size: int = dataclasses.field(default=64, metadata={"help": "rows per step"})
 

@@ -1,0 +1,25 @@
+"""Recipes run under `accelerate launch` with two processes (gloo on CPU) as one data-parallel job."""
+
+import json
+
+from tests.conftest import ROOT, run_module
+
+
+def test_sft_under_two_process_accelerate_launch(tmp_path, tiny_model_dir):
+    out = tmp_path / "ddp"
+    result = run_module(
+        "accelerate.commands.launch", "--config_file", str(ROOT / "launch/accelerate/ddp.yaml"),
+        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "29517",
+        "-m", "recipes.sft", "--config", str(ROOT / "configs/sft/tiny_arithmetic.yaml"),
+        f"model.name_or_path={tiny_model_dir}", "trainer.max_steps=4", "trainer.logging_steps=1",
+        "trainer.per_device_train_batch_size=8", f"trainer.output_dir={out}", "eval.max_rows=8",
+        "eval.before_training=false", "trainer.save_strategy=steps", "trainer.save_steps=4",
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    # one job over two ranks: 4 steps x 8 rows x 2 processes of the 20,000 training rows
+    assert abs(state["epoch"] - 4 * 8 * 2 / 20000) < 1e-6, state["epoch"]
+    assert (out / "model.safetensors").exists() and (out / "config.yaml").exists()
+    assert (out / "eval.json").exists()
