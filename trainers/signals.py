@@ -1,0 +1,324 @@
+"""Per-token internal signals of a causal LM, computed without a ``(batch, length, vocab)`` tensor.
+
+Notation (METHODS.md): ``h_t`` is the final hidden state at the position that *predicts*
+completion token ``y_t``, ``W`` (``V x H``) and ``b`` the LM head, ``T`` the sampling temperature,
+``z_t = (W h_t + b) / T`` the temperature-scaled logits, ``p_t = softmax(z_t)``.
+
+=================  ===================================================================
+signal             per-token value
+=================  ===================================================================
+``logps``          ``log p_t[y_t] = z_t[y_t] - logsumexp(z_t)``
+``entropy``        ``H(p_t) = logsumexp(z_t) - sum_j p_t[j] z_t[j]``
+``self_certainty`` ``KL(U || p_t) = logsumexp(z_t) - mean_j z_t[j] - log V``  (>= 0)
+=================  ===================================================================
+
+How it is computed (why we build on TRL)
+----------------------------------------
+TRL 1.16 ships ``trl.kernels.ChunkedLogProbFunction``, the kernel behind its own fused LM head
+(``trl.trainer.utils.add_fused_lm_head``, used by ``GRPOTrainer._get_per_token_logps_and_entropies``).
+It projects ``hidden @ W.T`` in ``[tokens, vocab_chunk]`` tiles and folds every tile into running
+online-logsumexp statistics, returning the target log-prob and, on request, the entropy and the
+mean (temperature-scaled) logit. On CUDA/XPU the fold is a Triton kernel; elsewhere the same fold
+runs as torch ops. We call it rather than re-implementing the fold, so our numbers are computed by
+the same code that computes TRL's training log-probs.
+
+It does not return ``logsumexp(z)`` itself, but ``logsumexp(z) = z[y] - log p[y]``, and ``z[y]`` is
+one dot product per token (``h_t . W[y_t]``), so self-certainty costs no second reduction over V:
+
+    ``self_certainty = (z[y] - logps) - mean_logits - log V``
+
+On top of TRL's vocabulary tiling we chunk the *flattened tokens* (``B * L``) ourselves, so the
+caller bounds the tile: peak extra memory is about ``k * chunk_size * min(vocab_chunk_size, V) * 4``
+bytes (``k`` = 1 with Triton, ~5 on the CPU fallback, which materialises a few tile-sized
+temporaries) plus ``vocab_chunk_size * H * 4`` bytes for the fp32 copy of one head slice when the
+head is not fp32. With ``vocab_chunk_size=None`` the tile spans the whole vocabulary (pure token
+chunking, ``chunk_size * V``). With the defaults (512 tokens x 4096 rows), self-certainty for one
+3,072-token completion of Qwen2.5-1.5B (V = 151,936, H = 1,536, bf16 head, CPU) peaks at ~65 MiB
+above the inputs against ~3.5 GiB for full fp32 logits + log_softmax (``benchmarks/signal_memory.py``).
+
+Precision and autograd: everything runs in fp32 (hidden chunks and head slices are upcast one
+tile at a time, autocast is switched off inside), whatever the input dtypes (bf16, fp16, fp32).
+These are reward / diagnostic signals: :func:`token_signals` runs under ``torch.no_grad()`` and
+never builds a graph. (Use TRL's fused head for differentiable log-probs and entropy.)
+
+Vocabulary restriction: Qwen pads its LM head beyond the tokenizer (151,936 rows for 151,665
+tokens). ``vocab_size=V'`` keeps only the first ``V'`` rows of ``W`` (and of ``b``): the softmax,
+the entropy, the mean logit and ``log V`` all use ``V'`` (so self-certainty stays a true KL to the
+uniform distribution over the ``V'`` real tokens). Targets must lie in ``[0, V')``. ``None``
+(default) uses every row, which is the distribution TRL's log-probs are computed under.
+
+ZeRO-3 / FSDP: pass a gathered, full weight (e.g. inside ``trl.trainer.utils.maybe_gather_lm_head_ctx``).
+
+Alignment: a causal LM's position ``i`` predicts token ``i + 1``. For TRL's batches
+(``input_ids = cat([prompt_ids, completion_ids], 1)``, prompts left-padded to a common length ``P``,
+completions right-padded to ``C``), the rows predicting the completion are
+``hidden[:, P - 1 : P - 1 + C]``; see :func:`completion_hidden_states`.
+
+Example::
+
+    >>> import torch
+    >>> h, W = torch.randn(2, 5, 16), torch.randn(50, 16)
+    >>> y = torch.randint(0, 50, (2, 5))
+    >>> out = token_signals(h, W, y, temperature=0.9, signals=("self_certainty", "entropy"))
+    >>> sorted(out), out["self_certainty"].shape
+    (['entropy', 'self_certainty'], torch.Size([2, 5]))
+    >>> bool((out["self_certainty"] >= -1e-5).all())
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+
+__all__ = [
+    "SIGNALS",
+    "completion_hidden_states",
+    "completion_signals",
+    "masked_mean",
+    "tail_mask",
+    "token_signals",
+]
+
+SIGNALS = ("logps", "entropy", "self_certainty")
+"""Names :func:`token_signals` can compute."""
+
+
+def _chunked_logprob():
+    try:
+        from trl.kernels import ChunkedLogProbFunction
+    except ImportError as err:  # pragma: no cover - depends on the installed TRL
+        raise ImportError(
+            "trainers.signals needs trl.kernels.ChunkedLogProbFunction (TRL >= 1.16); install the pinned TRL."
+        ) from err
+    return ChunkedLogProbFunction
+
+
+def _transform(z: torch.Tensor, temperature: float, logit_scale: float, softcap: float | None) -> torch.Tensor:
+    # Same order as TRL's kernel: scale, optional tanh soft-capping, then divide by the temperature.
+    z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature
+
+
+@torch.no_grad()
+def token_signals(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    signals: Sequence[str] = SIGNALS,
+    chunk_size: int = 512,
+    vocab_chunk_size: int | None = 4096,
+    vocab_size: int | None = None,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-token ``logps`` / ``entropy`` / ``self_certainty`` from hidden states and the LM head.
+
+    With ``z = softcap(logit_scale * (W[:V] h + b[:V])) / T`` (softcap only when given) and
+    ``p = softmax(z)``::
+
+        logps          = z[y] - logsumexp(z)
+        entropy        = logsumexp(z) - sum_j p_j z_j
+        self_certainty = logsumexp(z) - mean_j z_j - log V        (= KL(U_V || p))
+
+    Args:
+        hidden: ``(..., H)`` hidden states, already aligned (row ``t`` predicts ``targets[..., t]``);
+            any float dtype, any leading shape.
+        weight: ``(V_head, H)`` LM-head weight (full, not sharded).
+        targets: ``(...)`` integer token ids, same leading shape as ``hidden``, in ``[0, V)``.
+            Fill padding positions with any valid id (e.g. the pad id) and mask them afterwards.
+        bias: optional ``(V_head,)`` LM-head bias.
+        temperature: ``T > 0``; the sampling temperature (TRL's ``args.temperature``).
+        signals: which of :data:`SIGNALS` to return.
+        chunk_size: tokens (of the flattened ``B * L``) per chunk.
+        vocab_chunk_size: vocabulary rows per projection tile; ``None`` for the whole vocabulary.
+        vocab_size: use only the first ``vocab_size`` rows of the head (``V = vocab_size``, also in
+            ``log V``); ``None`` for all ``V_head`` rows.
+        logit_scale: multiplier applied to the raw logits (e.g. Cohere/Granite configs); 1 otherwise.
+        final_logit_softcapping: ``c`` for ``c * tanh(z / c)`` soft-capping (e.g. Gemma 2); ``None`` otherwise.
+
+    Returns:
+        ``{name: fp32 tensor of shape targets.shape}`` for each requested name.
+    """
+    wanted = tuple(dict.fromkeys(signals))
+    unknown = [name for name in wanted if name not in SIGNALS]
+    if unknown or not wanted:
+        raise ValueError(f"signals must be a non-empty subset of {SIGNALS}, got {tuple(signals)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size < 1 or (vocab_chunk_size is not None and vocab_chunk_size < 1):
+        raise ValueError(f"chunk sizes must be >= 1, got chunk_size={chunk_size}, vocab_chunk_size={vocab_chunk_size}")
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be (V, H), got shape {tuple(weight.shape)}")
+    head_rows, hidden_size = weight.shape
+    if hidden.shape[-1] != hidden_size or hidden.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"shapes disagree: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
+            f"targets {tuple(targets.shape)}; expected hidden (..., H), weight (V, H), targets (...)"
+        )
+    vocab = head_rows if vocab_size is None else int(vocab_size)
+    if not 1 <= vocab <= head_rows:
+        raise ValueError(f"vocab_size must be in [1, {head_rows}] (rows of the LM head), got {vocab_size}")
+    weight = weight[:vocab]
+    bias = None if bias is None else bias[:vocab]
+
+    flat_hidden = hidden.reshape(-1, hidden_size)
+    flat_targets = targets.reshape(-1).to(device=weight.device, dtype=torch.long)
+    n_tokens = flat_targets.numel()
+    if n_tokens == 0:
+        return {name: torch.zeros(targets.shape, dtype=torch.float32, device=weight.device) for name in wanted}
+    low, high = int(flat_targets.min()), int(flat_targets.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(f"target ids must be in [0, {vocab}) (vocab_size), got ids in [{low}, {high}]")
+
+    need_sc = "self_certainty" in wanted
+    need_entropy = "entropy" in wanted
+    outputs = (("entropy",) if need_entropy else ()) + (("mean_logits",) if need_sc else ())
+    tile_cols = vocab if vocab_chunk_size is None else min(vocab_chunk_size, vocab)
+    chunked_logprob = _chunked_logprob()
+    log_vocab = math.log(vocab)
+
+    pieces: dict[str, list[torch.Tensor]] = {name: [] for name in wanted}
+    with torch.autocast(weight.device.type, enabled=False):
+        for start in range(0, n_tokens, chunk_size):
+            end = min(start + chunk_size, n_tokens)
+            h = flat_hidden[start:end].to(device=weight.device, dtype=torch.float32)
+            y = flat_targets[start:end]
+            logps, entropy, _, mean_logits, _ = chunked_logprob.apply(
+                h, weight, bias, y, temperature, tile_cols, final_logit_softcapping, logit_scale, outputs
+            )
+            if "logps" in wanted:
+                pieces["logps"].append(logps)
+            if need_entropy:
+                pieces["entropy"].append(entropy)
+            if need_sc:
+                # logsumexp(z) = z[y] - log p[y]: one dot product per token instead of a second pass over V.
+                raw = (h * weight[y].float()).sum(-1)
+                if bias is not None:
+                    raw = raw + bias[y].float()
+                target_logit = _transform(raw, temperature, logit_scale, final_logit_softcapping)
+                pieces["self_certainty"].append(target_logit - logps - mean_logits - log_vocab)
+    return {name: torch.cat(parts).view(targets.shape) for name, parts in pieces.items()}
+
+
+def completion_hidden_states(
+    hidden: torch.Tensor, prompt_length: int, completion_length: int | None = None
+) -> torch.Tensor:
+    """Rows of full-sequence hidden states that predict the completion tokens.
+
+    For ``input_ids = cat([prompt_ids, completion_ids], dim=1)`` (TRL: prompts left-padded to ``P``,
+    completions right-padded to ``C``), position ``i`` predicts token ``i + 1``, so completion token
+    ``t`` (at index ``P + t``) is predicted by ``hidden[:, P - 1 + t]``::
+
+        completion_hidden_states(hidden, P, C) == hidden[:, P - 1 : P - 1 + C]
+
+    This is what TRL keeps with ``logits_to_keep = C`` (``logits[:, -C - 1 : -1]``) when ``P + C`` is
+    the full length. ``completion_length=None`` means ``C = L - P``.
+
+    Args:
+        hidden: ``(B, L, ...)`` per-position states (hidden states, or logits).
+        prompt_length: ``P >= 1``, the padded prompt length (index of the first completion token).
+        completion_length: ``C``; ``None`` for ``L - P``.
+
+    Returns:
+        ``(B, C, ...)`` view of ``hidden``.
+    """
+    length = hidden.shape[1]
+    if completion_length is None:
+        completion_length = length - prompt_length
+    if prompt_length < 1 or completion_length < 0 or prompt_length + completion_length > length:
+        raise ValueError(
+            f"need 1 <= prompt_length and prompt_length + completion_length <= sequence length {length}, "
+            f"got prompt_length={prompt_length}, completion_length={completion_length}"
+        )
+    return hidden[:, prompt_length - 1 : prompt_length - 1 + completion_length]
+
+
+def completion_signals(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    input_ids: torch.Tensor,
+    prompt_length: int,
+    *,
+    completion_length: int | None = None,
+    **kwargs,
+) -> dict[str, torch.Tensor]:
+    """:func:`token_signals` for the completion part of full-sequence hidden states.
+
+    ``targets = input_ids[:, P : P + C]`` and ``hidden = hidden[:, P - 1 : P - 1 + C]``
+    (:func:`completion_hidden_states`); ``kwargs`` go to :func:`token_signals`.
+
+    Returns:
+        ``{name: (B, C) fp32 tensor}``; completion padding positions hold values for the pad id,
+        mask them with the completion mask.
+    """
+    states = completion_hidden_states(hidden, prompt_length, completion_length)
+    targets = input_ids[:, prompt_length : prompt_length + states.shape[1]]
+    return token_signals(states, weight, targets, **kwargs)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, empty: float = float("nan")) -> torch.Tensor:
+    """Per-sequence mean over the last dimension: ``sum_t m_t v_t / sum_t m_t``.
+
+    Masked-out entries never contribute, even when they are NaN or inf. A row with no unmasked
+    entry gets ``empty`` (NaN by default: TRL treats a NaN reward as "no reward for this
+    completion" and leaves it out of the group baseline, instead of scoring it 0).
+
+    Args:
+        values: ``(..., L)`` float tensor.
+        mask: ``(..., L)`` bool or 0/1 tensor.
+        empty: value for rows whose mask is all zero.
+
+    Returns:
+        ``(...)`` fp32 tensor.
+    """
+    keep = mask.bool()
+    total = torch.where(keep, values.float(), 0.0).sum(-1)
+    count = keep.sum(-1)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, empty))
+
+
+def tail_mask(mask: torch.Tensor, last_k: int | None = None, last_fraction: float | None = None) -> torch.Tensor:
+    """Restrict a token mask to the last real tokens of each row (RENT's "last part of the response").
+
+    With ``n`` real tokens in a row (``n = sum_t m_t``) and ``r_t = sum_{s >= t} m_s`` the number of
+    real tokens at or after ``t``, the result is ``m_t * 1[r_t <= k]`` with
+
+    - ``k = last_k`` (rows shorter than ``k`` keep every real token), or
+    - ``k = ceil(last_fraction * n)`` (so a non-empty row always keeps at least one token).
+
+    Padding may sit anywhere (right-padded completions, left-padded prompts); only real tokens
+    are counted. Give exactly one of ``last_k`` / ``last_fraction``.
+
+    Args:
+        mask: ``(..., L)`` bool or 0/1 tensor.
+        last_k: ``k >= 1`` tokens to keep per row.
+        last_fraction: fraction in ``(0, 1]`` of each row's real tokens to keep.
+
+    Returns:
+        Tensor like ``mask`` (same dtype), a subset of it.
+    """
+    if (last_k is None) == (last_fraction is None):
+        raise ValueError("give exactly one of last_k and last_fraction")
+    keep = mask.bool()
+    counts = keep.long()
+    at_or_after = counts.flip(-1).cumsum(-1).flip(-1)
+    if last_k is not None:
+        if int(last_k) != last_k or last_k < 1:
+            raise ValueError(f"last_k must be an integer >= 1, got {last_k}")
+        limit = torch.full_like(at_or_after[..., :1], int(last_k))
+    else:
+        if not 0.0 < last_fraction <= 1.0:
+            raise ValueError(f"last_fraction must be in (0, 1], got {last_fraction}")
+        real = counts.sum(-1, keepdim=True).double()
+        # the small epsilon keeps e.g. 0.28 * 25 = 7.000000000000001 from rounding up to 8
+        limit = torch.ceil(real * float(last_fraction) - 1e-9).long()
+    return (keep & (at_or_after <= limit)).to(mask.dtype)
