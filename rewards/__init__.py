@@ -6,10 +6,21 @@ Depends on nothing else in this project.
 from .accuracy import MathAccuracy
 from .answers import answers_match, extract_answer, find_answer
 from .base import REGISTRY, Reward, UnknownRewardError, build_reward, completion_text, get_reward_class
+from .format import Format
+from .group import MajorityVote, plurality
+from .internal import SIGNALS, InternalReward, NegativeEntropy, SelfCertainty, SequenceLogProb
 
 __all__ = [
     "REGISTRY",
+    "SIGNALS",
+    "Format",
+    "InternalReward",
+    "MajorityVote",
     "MathAccuracy",
+    "NegativeEntropy",
+    "SelfCertainty",
+    "SequenceLogProb",
+    "plurality",
     "Reward",
     "UnknownRewardError",
     "answers_match",

@@ -2,3 +2,7 @@
 
 Depends on ``rewards`` only.
 """
+
+from .rlif import RLIFConfig, RLIFTrainer
+
+__all__ = ["RLIFConfig", "RLIFTrainer"]

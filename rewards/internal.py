@@ -1,0 +1,117 @@
+"""Internal rewards: read the policy's own per-token signals on its completions.
+
+An :class:`InternalReward` declares the signals it needs (``signals``); the RLIF trainer
+computes all of them in one no-grad pass of the current policy and hands each reward the
+keyword argument ``token_signals``: one dict per completion mapping a signal name to a 1-D
+tensor over that completion's tokens (up to and including EOS, temperature-scaled with the
+sampling temperature). The reward turns them into one float per completion.
+
+Signals: ``logps`` (log-prob of the sampled token), ``entropy`` (``H(softmax(z/T))``),
+``self_certainty`` (``KL(U || softmax(z/T))``). A completion whose value is not finite (or that
+has no token) gets ``None``: TRL then leaves it out of the group baseline, with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, ClassVar
+
+from .base import Reward
+
+logger = logging.getLogger("intrinsic")
+
+SIGNALS = ("logps", "entropy", "self_certainty")
+
+
+class InternalReward(Reward):
+    """Base of rewards that read signals; subclasses set ``signals`` and implement :meth:`reduce`."""
+
+    abstract = True
+    signals: ClassVar[tuple[str, ...]] = ()
+
+    def reduce(self, signals: dict[str, Any]) -> float:
+        """One completion's per-token signals (1-D tensors) -> its reward."""
+        raise NotImplementedError
+
+    def __call__(self, prompts: list, completions: list, token_signals: list[dict] | None = None, **columns):
+        if token_signals is None:
+            raise RuntimeError(
+                f"reward {self.name!r} reads the policy's internal signals: train it with "
+                "trainers.RLIFTrainer (or pass token_signals=...)"
+            )
+        if len(token_signals) != len(completions):
+            raise ValueError(f"{self.name}: {len(token_signals)} token_signals for {len(completions)} completions")
+        out: list[float | None] = []
+        for i, signals in enumerate(token_signals):
+            value = self.reduce(signals) if all(s in signals for s in self.signals) else None
+            if value is None or not math.isfinite(value):
+                logger.warning("%s: completion %d has no finite value (%s); skipped", self.name, i, value)
+                value = None
+            out.append(value)
+        return out
+
+
+def _tail(values, last_k: int | None, last_fraction: float | None):
+    """The last ``last_k`` tokens, or the last ``ceil(last_fraction * n)`` tokens (at least one)."""
+    n = values.shape[0]
+    if last_k is not None:
+        return values[max(n - last_k, 0) :]
+    if last_fraction is not None:
+        return values[n - max(1, min(n, math.ceil(round(last_fraction * n, 9)))) :] if n else values
+    return values
+
+
+def _mean(values) -> float | None:
+    return float(values.float().mean()) if values.numel() else None
+
+
+class SelfCertainty(InternalReward):
+    """Intuitor: ``mean_t KL(U || softmax(z_t / T))`` over the completion's tokens.
+
+    >>> import torch
+    >>> SelfCertainty()(prompts=["p"], completions=["c"], token_signals=[{"self_certainty": torch.tensor([1.0, 3.0])}])
+    [2.0]
+    """
+
+    name = "self_certainty"
+    signals = ("self_certainty",)
+
+    def reduce(self, signals):
+        return _mean(signals["self_certainty"])
+
+
+class NegativeEntropy(InternalReward):
+    """RENT / EM-RL: ``-mean_t H(softmax(z_t / T))``, optionally over the last tokens only.
+
+    >>> import torch
+    >>> h = {"entropy": torch.tensor([4.0, 2.0, 1.0])}
+    >>> NegativeEntropy()(["p"], ["c"], token_signals=[h]), NegativeEntropy(last_k=2)(["p"], ["c"], token_signals=[h])
+    ([-2.3333332538604736], [-1.5])
+    """
+
+    name = "negative_entropy"
+    signals = ("entropy",)
+
+    def __init__(self, last_k: int | None = None, last_fraction: float | None = None):
+        if last_k is not None and last_fraction is not None:
+            raise ValueError("negative_entropy: give last_k or last_fraction, not both")
+        if last_k is not None and last_k < 1:
+            raise ValueError("negative_entropy: last_k must be >= 1")
+        if last_fraction is not None and not 0 < last_fraction <= 1:
+            raise ValueError("negative_entropy: last_fraction must be in (0, 1]")
+        self.last_k, self.last_fraction = last_k, last_fraction
+
+    def reduce(self, signals):
+        mean = _mean(_tail(signals["entropy"], self.last_k, self.last_fraction))
+        return None if mean is None else -mean
+
+
+class SequenceLogProb(InternalReward):
+    """Mean log-probability of the sampled tokens (a length-normalised sequence likelihood)."""
+
+    name = "sequence_logprob"
+    signals = ("logps",)
+
+    def reduce(self, signals):
+        return _mean(signals["logps"])

@@ -1,0 +1,183 @@
+"""RLIF: GRPO whose rewards may read the policy's own internal signals on its completions.
+
+:class:`RLIFTrainer` is a ``trl.GRPOTrainer`` whose reward functions can be
+:class:`rewards.InternalReward` instances. Every signal they declare (``logps``, ``entropy``,
+``self_certainty``) is computed for the whole generated batch in **one** no-grad pass of the
+*current* policy (online, as Intuitor requires), aligned like TRL's per-token log-probs and
+temperature-scaled with the sampling temperature:
+
+* when TRL itself runs a no-grad policy pass before scoring (old log-probs, when generation and
+  optimisation are misaligned or vLLM importance sampling is on), the signals ride on it: a hook
+  on the backbone takes the final hidden states TRL's fused head sees and projects only the
+  completion positions through :func:`trainers.signals.token_signals` (chunked; no
+  ``(batch, length, vocab)`` tensor);
+* otherwise :meth:`_calculate_rewards` runs that same pass once itself, through TRL's own
+  ``_get_per_token_logps_and_entropies`` (same padding, micro-batching, fused head).
+
+The signals reach rewards as TRL reward kwargs (``token_signals``: one dict of 1-D tensors per
+completion, EOS included). Four overrides, each calling ``super()``; no TRL body is copied.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import maybe_gather_lm_head_ctx, pad
+
+from rewards import SIGNALS, InternalReward
+
+from .signals import token_signals
+
+logger = logging.getLogger("intrinsic")
+
+
+@dataclass
+class RLIFConfig(GRPOConfig):
+    """``GRPOConfig`` plus the options of the internal-signal pass."""
+
+    signal_chunk_size: int = field(default=512, metadata={"help": "tokens per chunk of the signal head projection"})
+    log_signals: bool = field(
+        default=True,
+        metadata={"help": "log mean self-certainty/entropy every step even if no reward reads them (may add a pass)"},
+    )
+
+
+class RLIFTrainer(GRPOTrainer):
+    """``GRPOTrainer`` that feeds internal rewards the current policy's per-token signals."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        needed = {s for f in self.reward_funcs if isinstance(f, InternalReward) for s in f.signals}
+        unknown = needed - set(SIGNALS)
+        if unknown:
+            raise ValueError(f"unknown internal signals {sorted(unknown)}; available: {list(SIGNALS)}")
+        # all three come out of the same chunked projection, and every step logs them
+        self.signal_names = SIGNALS if needed or getattr(self.args, "log_signals", False) else ()
+        self._signals: dict[str, torch.Tensor] | None = None
+        self._signal_parts: list[dict[str, torch.Tensor]] | None = None
+        self._prompt_ids_list: list | None = None
+        if self.signal_names:
+            self._transformers_model().base_model.register_forward_hook(self._capture, with_kwargs=True)
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _transformers_model(self):
+        model = self.accelerator.unwrap_model(self.model)
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def _policy_adapters_active(self) -> bool:
+        """False inside TRL's reference pass on a PEFT model (adapters disabled or the "ref" adapter)."""
+        model = self.accelerator.unwrap_model(self.model)
+        if not hasattr(model, "peft_config"):
+            return True
+        if getattr(model, "active_adapter", "default") == "ref":
+            return False
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layer = next((m for m in model.modules() if isinstance(m, BaseTunerLayer)), None)
+        return layer is None or not layer.disable_adapters
+
+    def _capture(self, module, args, kwargs, output):
+        """Backbone hook: signals of one micro-batch's completion positions (armed passes only)."""
+        if self._signal_parts is None or torch.is_grad_enabled():
+            return
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        c = self._completion_length
+        hidden = output.last_hidden_state[:, -c - 1 : -1]  # position t-1 predicts completion token t
+        head = self._transformers_model().get_output_embeddings()
+        vocab = len(self._tokenizer)
+        with maybe_gather_lm_head_ctx(head.weight, head.bias):
+            weight = head.weight
+            vocab = vocab if vocab < weight.shape[0] else None  # Qwen pads its head past the tokenizer
+            part = token_signals(hidden, weight, input_ids[:, -c:], bias=head.bias, temperature=self.temperature,
+                                 signals=self.signal_names, chunk_size=self.args.signal_chunk_size, vocab_size=vocab)
+        self._signal_parts.append(part)
+
+    # -- overrides (each calls super) -----------------------------------------------------------
+
+    def _generate(self, prompts: list):
+        out = super()._generate(prompts)
+        self._prompt_ids_list, self._signals = out[0], None  # a new batch: signals not computed yet
+        return out
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        armed = (bool(self.signal_names) and self._signals is None and self._prompt_ids_list is not None
+                 and not torch.is_grad_enabled() and model is self.model and self._policy_adapters_active())
+        if armed:
+            self._signal_parts, self._completion_length = [], logits_to_keep
+        try:
+            result = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                                 *args, **kwargs)
+        finally:
+            parts, self._signal_parts = self._signal_parts, None
+        if armed:
+            self._signals = {name: torch.cat([p[name] for p in parts]) for name in self.signal_names}
+        return result
+
+    def _policy_pass(self, completion_ids_list: list) -> None:
+        """Run TRL's own no-grad policy pass over the batch when TRL did not (our hook collects)."""
+        device = self.accelerator.device
+        pad_id = self._tokenizer.pad_token_id
+
+        def padded(seqs, value, side):
+            return pad([torch.as_tensor(s) for s in seqs], padding_value=value, padding_side=side,
+                       pad_to_multiple_of=self.pad_to_multiple_of).to(device)
+
+        prompts, completions = self._prompt_ids_list, completion_ids_list
+        ids = torch.cat([padded(prompts, pad_id, "left"), padded(completions, pad_id, "right")], dim=1)
+        mask = torch.cat([padded([[1] * len(p) for p in prompts], 0, "left"),
+                          padded([[1] * len(c) for c in completions], 0, "right")], dim=1)
+        mode = "train" if self.model.training else "eval"
+        batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        logits_to_keep = ids.shape[1] - padded(prompts, pad_id, "left").shape[1]
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            self._get_per_token_logps_and_entropies(self.model, ids, mask, logits_to_keep, batch_size=batch_size)
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        if not self.signal_names:
+            return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        if self._signals is None:
+            self._policy_pass(completion_ids_list)
+        per_completion = [{name: values[i, : len(ids)].cpu() for name, values in self._signals.items()}
+                          for i, ids in enumerate(completion_ids_list)]
+        self._log_signals(per_completion)
+        for example, signals in zip(inputs, per_completion):
+            example["token_signals"] = signals  # TRL passes every extra key to rewards as a list kwarg
+        try:
+            rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        finally:
+            for example in inputs:
+                example.pop("token_signals", None)
+        return self._skip_unscorable(rewards)
+
+    # -- metrics and NaN handling ---------------------------------------------------------------
+
+    def _log_signals(self, per_completion: list[dict]) -> None:
+        mode = "train" if self.model.training else "eval"
+        for name in self.signal_names:
+            means = [s[name].float().mean() for s in per_completion if s[name].numel()]
+            local = torch.stack(means).to(self.accelerator.device) if means else torch.zeros(0, device=self.accelerator.device)
+            gathered = self.accelerator.gather_for_metrics(torch.nan_to_num(local.nanmean(), nan=0.0).reshape(1))
+            self._metrics[mode][f"signals/{name}/mean"].append(gathered.mean().item())
+
+    def _skip_unscorable(self, rewards: torch.Tensor) -> torch.Tensor:
+        """A completion whose every weighted reward is NaN gets NaN throughout (advantage 0).
+
+        TRL sums weighted rewards with ``nansum``, so a NaN internal reward next to a weight-0
+        logging reward (accuracy) would silently become a reward of 0; we refuse that number.
+        """
+        weighted = self.reward_weights.to(rewards.device) != 0
+        if not weighted.any():
+            return rewards
+        unscorable = torch.isnan(rewards[:, weighted]).all(dim=1)
+        if unscorable.any():
+            logger.warning("%d completion(s) without a finite weighted reward: left out of their group", int(unscorable.sum()))
+            rewards = rewards.clone()
+            rewards[unscorable] = torch.nan
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["signals/skipped"].append(float(unscorable.sum()))
+        return rewards
