@@ -9,15 +9,20 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 from .config import ConfigError, RecipeConfig, load_config
+from .dry_run import dry_run_overrides
 
 
 def parse_args(prog: str, argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"python -m recipes.{prog}", description=__doc__)
     parser.add_argument("--config", required=True, help="recipe YAML file")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for config errors")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="2 steps on a tiny model of the same family and a few generated rows (CPU, seconds)")
     parser.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, e.g. trainer.learning_rate=1e-6")
     return parser.parse_args(argv)
 
@@ -28,7 +33,12 @@ def main(prog: str, schema: type[RecipeConfig], run: Callable[[RecipeConfig], ob
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        cfg = load_config(schema, args.config, args.overrides)
+        overrides = list(args.overrides)
+        if args.dry_run:
+            workdir = tempfile.mkdtemp(prefix=f"intrinsic-dry-run-{prog}-")
+            overrides += dry_run_overrides(schema, args.config, overrides, Path(workdir))
+            print(f"dry run of {args.config} in {workdir}", flush=True)
+        cfg = load_config(schema, args.config, overrides)
         return run(cfg)
     except ConfigError as err:
         if args.debug:

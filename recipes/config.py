@@ -103,6 +103,9 @@ class EvalConfig:
     temperature: float = field(default=0.9, metadata={"help": "sampling temperature for sampled accuracy"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling for sampled accuracy"})
     num_samples: int = field(default=1, metadata={"help": "samples per prompt for sampled accuracy"})
+    self_certainty: bool = field(
+        default=False, metadata={"help": "report self-certainty of correct vs incorrect sampled answers"}
+    )
     before_training: bool = field(default=True, metadata={"help": "also evaluate the starting model"})
     seed: int = field(default=1234, metadata={"help": "sampling seed"})
 
@@ -119,6 +122,7 @@ class RecipeConfig:
     peft: LoraConfigSection | None = field(default=None, metadata={"help": "LoRA adapter (null: full fine-tune)"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "held-out evaluation"})
     trainer: Any = field(default_factory=dict, metadata={"help": "fields of the recipe's TRL config class"})
+    launch: str | None = field(default=None, metadata={"help": "accelerate config the run is meant for (launch/...)"})
     vars: dict[str, Any] = field(default_factory=dict, metadata={"help": "free values for ${vars.x} interpolation"})
     source: str = field(default="", metadata={"help": "the YAML file this came from (set by the loader)"})
 

@@ -10,21 +10,24 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from rewards import answers_match, extract_answer
+from trainers.signals import completion_signals, masked_mean
 
 from .config import EvalConfig
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, *, max_new_tokens: int, batch_size: int, do_sample: bool,
-             temperature: float = 1.0, top_p: float = 1.0, num_return_sequences: int = 1, desc: str = "generate") -> list[str]:
-    """Completions (``num_return_sequences`` per prompt, grouped by prompt) as decoded text."""
+             temperature: float = 1.0, top_p: float = 1.0, num_return_sequences: int = 1,
+             desc: str = "generate") -> tuple[list[str], list[list[int]]]:
+    """Completions (``num_return_sequences`` per prompt, grouped by prompt): texts and token ids
+    (cut after the first EOS, which is kept, as TRL does)."""
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"
-    texts = [p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-             for p in prompts]
+    texts = prompt_texts(tokenizer, prompts)
     encoder_decoder = getattr(model.config, "is_encoder_decoder", False)
-    out: list[str] = []
+    decoded: list[str] = []
+    ids_out: list[list[int]] = []
     try:
         for i in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False):
             batch = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
@@ -32,12 +35,52 @@ def generate(model, tokenizer, prompts: list, *, max_new_tokens: int, batch_size
             sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
             ids = model.generate(**batch, max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
                                  pad_token_id=tokenizer.pad_token_id, top_k=None, **sampling)
-            new = ids if encoder_decoder else ids[:, batch["input_ids"].shape[1] :]
-            out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+            new = ids[:, 1:] if encoder_decoder else ids[:, batch["input_ids"].shape[1] :]
+            for row in new.tolist():  # rows that stop early are padded after their EOS
+                ids_out.append(row[: row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row)
+            decoded.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
         model.train(was_training)
         tokenizer.padding_side = side
+    return decoded, ids_out
+
+
+def prompt_texts(tokenizer, prompts: list) -> list[str]:
+    """Prompt strings; chat prompts go through the tokenizer's chat template."""
+    return [p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+            for p in prompts]
+
+
+@torch.no_grad()
+def self_certainty(model, tokenizer, prompts: list, completion_ids: list[list[int]], temperature: float,
+                   batch_size: int = 64) -> list[float]:
+    """Mean per-token self-certainty ``KL(U || softmax(z/T))`` of each completion under ``model``
+    (decoder-only), computed chunked like the RLIF trainer (no full-vocabulary tensor)."""
+    texts = prompt_texts(tokenizer, prompts)
+    head = model.get_output_embeddings()
+    out: list[float] = []
+    for i in range(0, len(texts), batch_size):
+        prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[i : i + batch_size]]
+        comps = completion_ids[i : i + batch_size]
+        p, c = max(map(len, prompt_ids)), max(max(map(len, comps)), 1)
+        pad = tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (p - len(a)) + a + b + [pad] * (c - len(b)) for a, b in zip(prompt_ids, comps)])
+        mask = torch.tensor([[0] * (p - len(a)) + [1] * (len(a) + len(b)) + [0] * (c - len(b))
+                             for a, b in zip(prompt_ids, comps)])
+        hidden = model.base_model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).last_hidden_state
+        sc = completion_signals(hidden, head.weight, ids.to(model.device), p, completion_length=c, bias=head.bias,
+                                temperature=temperature, signals=("self_certainty",))["self_certainty"]
+        out.extend(masked_mean(sc, mask[:, p:].to(sc.device)).tolist())
     return out
+
+
+def mann_whitney_auc(positive: list[float], negative: list[float]) -> float:
+    """P(a random ``positive`` value exceeds a random ``negative`` one), ties counting 1/2 (U / n1 n2)."""
+    if not positive or not negative:
+        return float("nan")
+    pos, neg = torch.tensor(positive), torch.tensor(negative)
+    greater = (pos[:, None] > neg[None, :]).float().sum() + 0.5 * (pos[:, None] == neg[None, :]).float().sum()
+    return float(greater / (len(positive) * len(negative)))
 
 
 def accuracy(completions: list[str], answers: list[str]) -> float:
@@ -45,19 +88,31 @@ def accuracy(completions: list[str], answers: list[str]) -> float:
 
 
 def evaluate_model(model, tokenizer, data: Dataset, cfg: EvalConfig, desc: str = "eval") -> dict:
-    """``greedy_accuracy`` and/or ``sampled_accuracy`` (at ``cfg.temperature``) on ``data``."""
+    """Greedy and/or sampled accuracy on ``data``; with ``cfg.self_certainty`` also the mean
+    self-certainty of correct vs incorrect sampled answers and its Mann-Whitney AUC."""
     if "answer" not in data.column_names:
         raise ValueError("evaluation needs an 'answer' column (map one in data.columns)")
     prompts, answers = data["prompt"], data["answer"]
     common = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     report: dict = {"rows": len(prompts)}
     if cfg.greedy:
-        report["greedy_accuracy"] = accuracy(generate(model, tokenizer, prompts, do_sample=False, desc=f"{desc} greedy", **common), answers)
+        texts, _ = generate(model, tokenizer, prompts, do_sample=False, desc=f"{desc} greedy", **common)
+        report["greedy_accuracy"] = accuracy(texts, answers)
     if cfg.sampled:
         torch.manual_seed(cfg.seed)
-        texts = generate(model, tokenizer, prompts, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
-                         num_return_sequences=cfg.num_samples, desc=f"{desc} sampled", **common)
-        report["sampled_accuracy"] = accuracy(texts, [a for a in answers for _ in range(cfg.num_samples)])
+        texts, ids = generate(model, tokenizer, prompts, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
+                              num_return_sequences=cfg.num_samples, desc=f"{desc} sampled", **common)
+        gold = [a for a in answers for _ in range(cfg.num_samples)]
+        correct = [answers_match(extract_answer(t), a) for t, a in zip(texts, gold)]
+        report["sampled_accuracy"] = sum(correct) / max(len(correct), 1)
+        if cfg.self_certainty:
+            repeated = [p for p in prompts for _ in range(cfg.num_samples)]
+            sc = self_certainty(model, tokenizer, repeated, ids, cfg.temperature, cfg.batch_size)
+            right = [s for s, ok in zip(sc, correct) if ok]
+            wrong = [s for s, ok in zip(sc, correct) if not ok]
+            report["sc_correct"] = sum(right) / len(right) if right else float("nan")
+            report["sc_incorrect"] = sum(wrong) / len(wrong) if wrong else float("nan")
+            report["sc_auc"] = mann_whitney_auc(right, wrong)
     return report
 
 

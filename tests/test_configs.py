@@ -5,7 +5,8 @@ import importlib
 import pytest
 
 from recipes.__main__ import CONFIGS, config_files, recipe_names
-from recipes.config import RecipeConfig, load_config
+from recipes.cli import main
+from recipes.config import RecipeConfig, load_config, load_raw
 from tests.conftest import run_module
 
 ALL = [(recipe, path) for recipe, paths in config_files().items() for path in paths]
@@ -13,10 +14,13 @@ ALL = [(recipe, path) for recipe, paths in config_files().items() for path in pa
 
 def schema_of(recipe: str) -> type[RecipeConfig]:
     module = importlib.import_module(f"recipes.{recipe}")
-    schemas = [v for v in vars(module).values()
-               if isinstance(v, type) and issubclass(v, RecipeConfig) and v.__module__ == module.__name__]
-    assert len(schemas) == 1, f"recipes.{recipe} must define exactly one RecipeConfig subclass"
-    return schemas[0]
+    schemas = {v for v in vars(module).values()
+               if isinstance(v, type) and issubclass(v, RecipeConfig) and v is not RecipeConfig}
+    assert len(schemas) == 1, f"recipes.{recipe} must use exactly one RecipeConfig subclass"
+    return schemas.pop()
+
+
+PAPER = [(recipe, path) for recipe, path in ALL if not load_raw(path)[0]["model"]["name_or_path"].startswith("tiny://")]
 
 
 def test_every_config_directory_is_a_recipe():
@@ -28,6 +32,23 @@ def test_every_config_directory_is_a_recipe():
 def test_config_validates(recipe, path):
     cfg = load_config(schema_of(recipe), path)
     assert cfg.description, f"{path} needs a one-line description"
+    if cfg.launch:
+        assert (CONFIGS.parent / cfg.launch).is_file(), cfg.launch
+
+
+def test_paper_configs_declare_their_launch():
+    assert len(PAPER) >= 5
+    for recipe, path in PAPER:
+        assert load_config(schema_of(recipe), path).launch, path
+
+
+@pytest.mark.parametrize("recipe, path", PAPER, ids=[str(p.relative_to(CONFIGS)) for _, p in PAPER])
+def test_dry_run(recipe, path, capsys):
+    """Every paper config runs its real recipe for 2 steps on a tiny stand-in (a test per config)."""
+    module = importlib.import_module(f"recipes.{recipe}")
+    main(recipe, schema_of(recipe), module.run, ["--config", str(path), "--dry-run"])
+    out = capsys.readouterr().out
+    assert f"dry run of {path}" in out
 
 
 def test_list_shows_every_recipe_and_config():

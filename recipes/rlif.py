@@ -1,0 +1,71 @@
+"""GRPO with internal and verifiable rewards mixed freely (Intuitor, RENT, TTRL, GRPO-gold).
+
+    python -m recipes.rlif --config configs/rlif/tiny_arithmetic_gold.yaml
+    accelerate launch --config_file launch/accelerate/zero2.yaml -m recipes.rlif --config FILE
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rewards import MathAccuracy, build_reward
+from trainers import RLIFConfig, RLIFTrainer
+
+from .cli import main
+from .config import RecipeConfig, RewardSpec, save_config
+from .data import load_split
+from .evaluation import evaluate_model, format_table, write_report
+from .modeling import load_tokenizer, lora_config, model_init_kwargs, resolve_model_path
+from .training import resume_argument
+
+
+@dataclass
+class RLIFRecipeConfig(RecipeConfig):
+    """Sections of the RLIF recipes; ``trainer:`` takes any field of ``RLIFConfig`` (``GRPOConfig`` +)."""
+
+    trainer_class = RLIFConfig
+
+    rewards: list[RewardSpec] = field(default_factory=list, metadata={"help": "rewards and their weights"})
+    log_accuracy: bool = field(
+        default=True, metadata={"help": "add math_accuracy at weight 0 when the data have gold answers"}
+    )
+
+
+def build_rewards(cfg: RLIFRecipeConfig, columns: list[str]) -> tuple[list, list[float]]:
+    """Reward callables and weights; accuracy is logged (weight 0) whenever gold answers exist."""
+    if not cfg.rewards:
+        raise ValueError(f"{cfg.source}: rewards: at least one reward is needed")
+    funcs = [build_reward(spec.name, **spec.kwargs) for spec in cfg.rewards]
+    weights = [spec.weight for spec in cfg.rewards]
+    if cfg.log_accuracy and "answer" in columns and not any(isinstance(f, MathAccuracy) for f in funcs):
+        funcs.append(MathAccuracy())
+        weights.append(0.0)
+    return funcs, weights
+
+
+def run(cfg: RLIFRecipeConfig) -> dict:
+    args: RLIFConfig = cfg.trainer
+    train = load_split(cfg.data, cfg.data.split, cfg.data.max_rows, cfg.source)
+    train = train.remove_columns([c for c in ("completion",) if c in train.column_names])
+    test = load_split(cfg.data, cfg.data.eval_split, cfg.eval.max_rows, cfg.source) if cfg.data.eval_split else None
+    funcs, args.reward_weights = build_rewards(cfg, train.column_names)
+    args.model_init_kwargs = {**model_init_kwargs(cfg.model), **(args.model_init_kwargs or {})}
+    tokenizer = load_tokenizer(cfg.model)
+    trainer = RLIFTrainer(model=resolve_model_path(cfg.model.name_or_path), reward_funcs=funcs, args=args,
+                          train_dataset=train, processing_class=tokenizer, peft_config=lora_config(cfg.peft))
+    reports = {}
+    if test is not None and cfg.eval.before_training and trainer.is_world_process_zero():
+        reports["before"] = evaluate_model(trainer.model, tokenizer, test, cfg.eval, desc="before")
+    if trainer.is_world_process_zero():
+        save_config(cfg, args.output_dir)
+    trainer.train(resume_from_checkpoint=resume_argument(args))
+    trainer.save_model(args.output_dir)
+    if test is not None and trainer.is_world_process_zero():
+        reports["after"] = evaluate_model(trainer.model, tokenizer, test, cfg.eval, desc="after")
+        write_report(reports, args.output_dir)
+        print(format_table(reports), flush=True)
+    return reports
+
+
+if __name__ == "__main__":
+    main("rlif", RLIFRecipeConfig, run)
