@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/python -m recipes.evaluate --config configs/evaluate/tiny_arithmetic.yaml
+	$(BIN)/python -m recipes.intuitor --config configs/intuitor/tiny_arithmetic.yaml
+	$(BIN)/python -m recipes.rlif --config configs/rlif/tiny_arithmetic_gold.yaml
+	$(BIN)/python -m recipes.evaluate --config configs/evaluate/tiny_rlif.yaml
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

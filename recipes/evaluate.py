@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .cli import main
-from .config import RecipeConfig, save_config
+from .config import ConfigError, RecipeConfig, save_config
 from .data import load_split
 from .evaluation import evaluate_model, format_table, write_report
 from .modeling import load_model, load_tokenizer
@@ -27,6 +27,11 @@ class EvaluateRecipeConfig(RecipeConfig):
 def run(cfg: EvaluateRecipeConfig) -> dict:
     test = load_split(cfg.data, cfg.data.eval_split or cfg.data.split, cfg.eval.max_rows, cfg.source)
     models = {**{label: replace(cfg.model, name_or_path=path) for label, path in cfg.compare.items()}, cfg.label: cfg.model}
+    for label, model_cfg in models.items():  # run outputs named here must exist before anything loads
+        name = model_cfg.name_or_path
+        if name.startswith(("outputs/", "./", "/")) and not Path(name).exists():
+            key = "model.name_or_path" if label == cfg.label else f"compare.{label}"
+            raise ConfigError(cfg.source, key, f"no model at {name} (train it first; `make demo` does)")
     reports = {}
     for label, model_cfg in models.items():
         model, tokenizer = load_model(model_cfg), load_tokenizer(model_cfg)

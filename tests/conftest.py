@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 # A small, fast warm-up shared by the tests that need a partly competent model.
-TEST_WARMUP = "tiny://qwen2-arith?layers=2&hidden=64&heads=4&kv_heads=2&intermediate=256&steps=1000&lr=3e-3"
+TEST_WARMUP = "tiny://qwen2-arith?layers=2&hidden=64&heads=4&kv_heads=2&intermediate=256&steps=1000&lr=3e-3&schedule=cosine"
 
 
 @pytest.fixture(scope="session", autouse=True)

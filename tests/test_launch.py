@@ -23,3 +23,24 @@ def test_sft_under_two_process_accelerate_launch(tmp_path, tiny_model_dir):
     assert abs(state["epoch"] - 4 * 8 * 2 / 20000) < 1e-6, state["epoch"]
     assert (out / "model.safetensors").exists() and (out / "config.yaml").exists()
     assert (out / "eval.json").exists()
+
+
+def test_rlif_under_two_process_accelerate_launch(tmp_path, tiny_model_dir):
+    """Signals are computed on each rank for its own completions; TRL gathers the rewards."""
+    out = tmp_path / "ddp_rlif"
+    result = run_module(
+        "accelerate.commands.launch", "--config_file", str(ROOT / "launch/accelerate/ddp.yaml"),
+        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "29518",
+        "-m", "recipes.intuitor", "--config", str(ROOT / "configs/intuitor/tiny_arithmetic.yaml"),
+        f"model.name_or_path={tiny_model_dir}", "trainer.max_steps=2", "trainer.logging_steps=1",
+        "trainer.per_device_train_batch_size=8", "trainer.num_generations=4", f"trainer.output_dir={out}",
+        "eval.max_rows=8", "trainer.save_strategy=steps", "trainer.save_steps=2",
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    logs = [h for h in state["log_history"] if "rewards/self_certainty/mean" in h]
+    assert len(logs) == 2
+    # 8 completions per rank per step, gathered over both ranks
+    assert all(h["num_tokens"] > 0 and "signals/self_certainty/mean" in h for h in logs)
+    assert (out / "eval.json").exists()

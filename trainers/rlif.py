@@ -60,26 +60,27 @@ class RLIFTrainer(GRPOTrainer):
         self._signals: dict[str, torch.Tensor] | None = None
         self._signal_parts: list[dict[str, torch.Tensor]] | None = None
         self._prompt_ids_list: list | None = None
+        # looked up once: wrappers (DDP, DeepSpeed) keep these module objects inside them
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        self._policy = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        self._peft = unwrapped if hasattr(unwrapped, "peft_config") else None
+        self._tuner_layer = None
+        if self._peft is not None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            self._tuner_layer = next((m for m in self._peft.modules() if isinstance(m, BaseTunerLayer)), None)
         if self.signal_names:
-            self._transformers_model().base_model.register_forward_hook(self._capture, with_kwargs=True)
+            self._policy.base_model.register_forward_hook(self._capture, with_kwargs=True)
 
     # -- plumbing -------------------------------------------------------------------------------
 
-    def _transformers_model(self):
-        model = self.accelerator.unwrap_model(self.model)
-        return model.get_base_model() if hasattr(model, "get_base_model") else model
-
     def _policy_adapters_active(self) -> bool:
         """False inside TRL's reference pass on a PEFT model (adapters disabled or the "ref" adapter)."""
-        model = self.accelerator.unwrap_model(self.model)
-        if not hasattr(model, "peft_config"):
+        if self._peft is None:
             return True
-        if getattr(model, "active_adapter", "default") == "ref":
+        if getattr(self._peft, "active_adapter", "default") == "ref":
             return False
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        layer = next((m for m in model.modules() if isinstance(m, BaseTunerLayer)), None)
-        return layer is None or not layer.disable_adapters
+        return self._tuner_layer is None or not self._tuner_layer.disable_adapters
 
     def _capture(self, module, args, kwargs, output):
         """Backbone hook: signals of one micro-batch's completion positions (armed passes only)."""
@@ -88,7 +89,7 @@ class RLIFTrainer(GRPOTrainer):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         c = self._completion_length
         hidden = output.last_hidden_state[:, -c - 1 : -1]  # position t-1 predicts completion token t
-        head = self._transformers_model().get_output_embeddings()
+        head = self._policy.get_output_embeddings()
         vocab = len(self._tokenizer)
         with maybe_gather_lm_head_ctx(head.weight, head.bias):
             weight = head.weight
@@ -128,12 +129,13 @@ class RLIFTrainer(GRPOTrainer):
                        pad_to_multiple_of=self.pad_to_multiple_of).to(device)
 
         prompts, completions = self._prompt_ids_list, completion_ids_list
-        ids = torch.cat([padded(prompts, pad_id, "left"), padded(completions, pad_id, "right")], dim=1)
+        prompt_ids, completion_ids = padded(prompts, pad_id, "left"), padded(completions, pad_id, "right")
+        ids = torch.cat([prompt_ids, completion_ids], dim=1)
         mask = torch.cat([padded([[1] * len(p) for p in prompts], 0, "left"),
                           padded([[1] * len(c) for c in completions], 0, "right")], dim=1)
         mode = "train" if self.model.training else "eval"
         batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
-        logits_to_keep = ids.shape[1] - padded(prompts, pad_id, "left").shape[1]
+        logits_to_keep = completion_ids.shape[1]
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             self._get_per_token_logps_and_entropies(self.model, ids, mask, logits_to_keep, batch_size=batch_size)
 
@@ -157,12 +159,15 @@ class RLIFTrainer(GRPOTrainer):
     # -- metrics and NaN handling ---------------------------------------------------------------
 
     def _log_signals(self, per_completion: list[dict]) -> None:
+        """``signals/<name>/mean``: mean over completions of each completion's mean (one gather)."""
         mode = "train" if self.model.training else "eval"
-        for name in self.signal_names:
-            means = [s[name].float().mean() for s in per_completion if s[name].numel()]
-            local = torch.stack(means).to(self.accelerator.device) if means else torch.zeros(0, device=self.accelerator.device)
-            gathered = self.accelerator.gather_for_metrics(torch.nan_to_num(local.nanmean(), nan=0.0).reshape(1))
-            self._metrics[mode][f"signals/{name}/mean"].append(gathered.mean().item())
+        nan = torch.tensor(float("nan"))
+        table = torch.stack([torch.stack([s[n].float().mean() if s[n].numel() else nan for n in self.signal_names])
+                             for s in per_completion])
+        local = table.nanmean(0).to(self.accelerator.device)
+        means = self.accelerator.gather_for_metrics(local[None]).nanmean(0)
+        for name, value in zip(self.signal_names, means.tolist()):
+            self._metrics[mode][f"signals/{name}/mean"].append(value)
 
     def _skip_unscorable(self, rewards: torch.Tensor) -> torch.Tensor:
         """A completion whose every weighted reward is NaN gets NaN throughout (advantage 0).
