@@ -12,11 +12,10 @@ from rewards import MathAccuracy, build_reward
 from trainers import RLIFConfig, RLIFTrainer
 
 from .cli import main
-from .config import RecipeConfig, RewardSpec, save_config
+from .config import RecipeConfig, RewardSpec
 from .data import load_split
-from .evaluation import evaluate_model, format_table, write_report
 from .modeling import load_tokenizer, lora_config, model_init_kwargs, resolve_model_path
-from .training import resume_argument
+from .training import held_out, train_and_evaluate
 
 
 @dataclass
@@ -47,25 +46,13 @@ def run(cfg: RLIFRecipeConfig) -> dict:
     args: RLIFConfig = cfg.trainer
     train = load_split(cfg.data, cfg.data.split, cfg.data.max_rows, cfg.source)
     train = train.remove_columns([c for c in ("completion",) if c in train.column_names])
-    test = load_split(cfg.data, cfg.data.eval_split, cfg.eval.max_rows, cfg.source) if cfg.data.eval_split else None
+    test = held_out(cfg)
     funcs, args.reward_weights = build_rewards(cfg, train.column_names)
     args.model_init_kwargs = {**model_init_kwargs(cfg.model), **(args.model_init_kwargs or {})}
     tokenizer = load_tokenizer(cfg.model)
     trainer = RLIFTrainer(model=resolve_model_path(cfg.model.name_or_path), reward_funcs=funcs, args=args,
                           train_dataset=train, processing_class=tokenizer, peft_config=lora_config(cfg.peft))
-    reports = {}
-    if test is not None and cfg.eval.before_training and trainer.is_world_process_zero():
-        reports["before"] = evaluate_model(trainer.model, tokenizer, test, cfg.eval, desc="before")
-    if trainer.is_world_process_zero():
-        save_config(cfg, args.output_dir)
-    trainer.train(resume_from_checkpoint=resume_argument(args))
-    trainer.save_model(args.output_dir)
-    if test is not None and trainer.is_world_process_zero():
-        reports["after"] = evaluate_model(trainer.model, tokenizer, test, cfg.eval, desc="after")
-        write_report(reports, args.output_dir)
-        print(format_table(reports), flush=True)
-    return reports
-
+    return train_and_evaluate(cfg, trainer, tokenizer, test)
 
 if __name__ == "__main__":
     main("rlif", RLIFRecipeConfig, run)

@@ -8,7 +8,7 @@ from recipes.cli import main
 from recipes.config import ConfigError, load_config, load_raw, save_config
 from recipes.evaluate import EvaluateRecipeConfig
 from recipes.sft import SFTRecipeConfig, run as run_sft
-from tests.conftest import ROOT, run_module
+from tests.conftest import run_module
 
 
 def write(path, text):
