@@ -27,6 +27,16 @@ def parse_args(prog: str, argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _finish_distributed() -> None:
+    """Ranks wait for the main process (which evaluates last), then close the process group, so
+    no rank exits while a collective is still open (gloo aborts such a process on shutdown)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(prog: str, schema: type[RecipeConfig], run: Callable[[RecipeConfig], object], argv: list[str] | None = None):
     """Load and validate the config, then ``run`` it; config errors exit with code 2."""
     args = parse_args(prog, argv)
@@ -39,7 +49,9 @@ def main(prog: str, schema: type[RecipeConfig], run: Callable[[RecipeConfig], ob
             overrides += dry_run_overrides(schema, args.config, overrides, Path(workdir))
             print(f"dry run of {args.config} in {workdir}", flush=True)
         cfg = load_config(schema, args.config, overrides)
-        return run(cfg)
+        result = run(cfg)
+        _finish_distributed()
+        return result
     except ConfigError as err:
         if args.debug:
             raise
