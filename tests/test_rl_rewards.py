@@ -41,6 +41,19 @@ def test_negative_entropy_tails():
     assert call(NegativeEntropy(last_fraction=0.1)) == pytest.approx(-1.0)  # at least one token
     with pytest.raises(ValueError, match="not both"):
         NegativeEntropy(last_k=1, last_fraction=0.5)
+    with pytest.raises(ValueError, match="last_k"):
+        NegativeEntropy(last_k=0)
+    with pytest.raises(ValueError, match="last_fraction"):
+        NegativeEntropy(last_fraction=0.0)
+
+
+@pytest.mark.parametrize("n, fraction, kept", [(7, 0.5, 4), (3, 0.5, 2), (7, 1.0, 7), (7, 0.01, 1), (3, 0.01, 1),
+                                               (25, 0.28, 7)])  # 0.28 * 25 = 7.000000000000001 keeps 7, not 8
+def test_negative_entropy_last_fraction_counts(n, fraction, kept):
+    """ceil(fraction * n) tokens, at least one for a non-empty completion."""
+    entropy = torch.arange(n, dtype=torch.float32)
+    got = NegativeEntropy(last_fraction=fraction)(["p"], ["c"], token_signals=[{"entropy": entropy}])[0]
+    assert got == pytest.approx(-float(entropy[n - kept :].mean()))
 
 
 def test_internal_rewards_skip_empty_and_nan():

@@ -200,59 +200,6 @@ def test_masked_mean_with_padding():
     )
 
 
-def test_tail_mask_last_k():
-    mask = _right_padded_mask()
-    got = S.tail_mask(mask, last_k=2)
-    expected = torch.tensor(
-        [
-            [0, 0, 0, 0, 0, 1, 1],
-            [0, 1, 1, 0, 0, 0, 0],
-            [0, 0, 0, 0, 0, 0, 0],
-        ]
-    )
-    assert got.dtype == mask.dtype
-    assert torch.equal(got, expected)
-    assert torch.equal(S.tail_mask(mask, last_k=10), mask)  # shorter rows keep everything
-    # left padding and holes: only real tokens count
-    holes = torch.tensor([[0, 0, 1, 1, 0, 1, 1]], dtype=torch.bool)
-    assert S.tail_mask(holes, last_k=3).tolist() == [[False, False, False, True, False, True, True]]
-
-
-def test_tail_mask_last_fraction():
-    mask = _right_padded_mask()
-    # ceil(0.5 * 7) = 4, ceil(0.5 * 3) = 2
-    expected = torch.tensor(
-        [
-            [0, 0, 0, 1, 1, 1, 1],
-            [0, 1, 1, 0, 0, 0, 0],
-            [0, 0, 0, 0, 0, 0, 0],
-        ]
-    )
-    assert torch.equal(S.tail_mask(mask, last_fraction=0.5), expected)
-    assert torch.equal(S.tail_mask(mask, last_fraction=1.0), mask)
-    # a non-empty row always keeps at least one token; 0.28 * 25 (= 7.000000000000001 in floats) keeps 7, not 8
-    assert S.tail_mask(mask, last_fraction=0.01).sum(-1).tolist() == [1, 1, 0]
-    assert S.tail_mask(torch.ones(1, 25), last_fraction=0.28).sum().item() == 7
-    with pytest.raises(ValueError):
-        S.tail_mask(mask, last_k=2, last_fraction=0.5)
-    with pytest.raises(ValueError):
-        S.tail_mask(mask)
-    with pytest.raises(ValueError):
-        S.tail_mask(mask, last_fraction=0.0)
-    with pytest.raises(ValueError):
-        S.tail_mask(mask, last_k=0)
-
-
-def test_tail_mask_feeds_rent_reward():
-    hidden, weight, bias, targets = _inputs(seed=8)
-    mask = _right_padded_mask()
-    entropy = S.token_signals(hidden, weight, targets, bias=bias, signals=["entropy"])["entropy"]
-    ref = _reference(hidden, weight, bias, targets)["entropy"]
-    got = -S.masked_mean(entropy, S.tail_mask(mask, last_k=2))
-    expected = -torch.stack([ref[0, 5:].mean(), ref[1, 1:3].mean()])
-    torch.testing.assert_close(got[:2].double(), expected, atol=ATOL, rtol=0)
-
-
 # ----------------------------------------------------------------------------- alignment with a real model
 
 

@@ -79,7 +79,6 @@ __all__ = [
     "completion_hidden_states",
     "completion_signals",
     "masked_mean",
-    "tail_mask",
     "token_signals",
 ]
 
@@ -284,41 +283,3 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, empty: float = float("
     total = torch.where(keep, values.float(), 0.0).sum(-1)
     count = keep.sum(-1)
     return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, empty))
-
-
-def tail_mask(mask: torch.Tensor, last_k: int | None = None, last_fraction: float | None = None) -> torch.Tensor:
-    """Restrict a token mask to the last real tokens of each row (RENT's "last part of the response").
-
-    With ``n`` real tokens in a row (``n = sum_t m_t``) and ``r_t = sum_{s >= t} m_s`` the number of
-    real tokens at or after ``t``, the result is ``m_t * 1[r_t <= k]`` with
-
-    - ``k = last_k`` (rows shorter than ``k`` keep every real token), or
-    - ``k = ceil(last_fraction * n)`` (so a non-empty row always keeps at least one token).
-
-    Padding may sit anywhere (right-padded completions, left-padded prompts); only real tokens
-    are counted. Give exactly one of ``last_k`` / ``last_fraction``.
-
-    Args:
-        mask: ``(..., L)`` bool or 0/1 tensor.
-        last_k: ``k >= 1`` tokens to keep per row.
-        last_fraction: fraction in ``(0, 1]`` of each row's real tokens to keep.
-
-    Returns:
-        Tensor like ``mask`` (same dtype), a subset of it.
-    """
-    if (last_k is None) == (last_fraction is None):
-        raise ValueError("give exactly one of last_k and last_fraction")
-    keep = mask.bool()
-    counts = keep.long()
-    at_or_after = counts.flip(-1).cumsum(-1).flip(-1)
-    if last_k is not None:
-        if int(last_k) != last_k or last_k < 1:
-            raise ValueError(f"last_k must be an integer >= 1, got {last_k}")
-        limit = torch.full_like(at_or_after[..., :1], int(last_k))
-    else:
-        if not 0.0 < last_fraction <= 1.0:
-            raise ValueError(f"last_fraction must be in (0, 1], got {last_fraction}")
-        real = counts.sum(-1, keepdim=True).double()
-        # the small epsilon keeps e.g. 0.28 * 25 = 7.000000000000001 from rounding up to 8
-        limit = torch.ceil(real * float(last_fraction) - 1e-9).long()
-    return (keep & (at_or_after <= limit)).to(mask.dtype)
