@@ -10,7 +10,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from rewards import answers_match, extract_answer
-from trainers.signals import completion_signals, masked_mean
+from trainers.signals import completion_signals, masked_mean, pack_prompt_completion
 
 from .config import EvalConfig
 
@@ -61,12 +61,8 @@ def self_certainty(model, tokenizer, prompts: list, completion_ids: list[list[in
     out: list[float] = []
     for i in range(0, len(texts), batch_size):
         prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[i : i + batch_size]]
-        comps = completion_ids[i : i + batch_size]
-        p, c = max(map(len, prompt_ids)), max(max(map(len, comps)), 1)
-        pad = tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (p - len(a)) + a + b + [pad] * (c - len(b)) for a, b in zip(prompt_ids, comps)])
-        mask = torch.tensor([[0] * (p - len(a)) + [1] * (len(a) + len(b)) + [0] * (c - len(b))
-                             for a, b in zip(prompt_ids, comps)])
+        ids, mask, p = pack_prompt_completion(prompt_ids, completion_ids[i : i + batch_size], tokenizer.pad_token_id)
+        c = ids.shape[1] - p
         hidden = model.base_model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).last_hidden_state
         sc = completion_signals(hidden, head.weight, ids.to(model.device), p, completion_length=c, bias=head.bias,
                                 temperature=temperature, signals=("self_certainty",))["self_certainty"]

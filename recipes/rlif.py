@@ -54,5 +54,6 @@ def run(cfg: RLIFRecipeConfig) -> dict:
                           train_dataset=train, processing_class=tokenizer, peft_config=lora_config(cfg.peft))
     return train_and_evaluate(cfg, trainer, tokenizer, test)
 
+
 if __name__ == "__main__":
     main("rlif", RLIFRecipeConfig, run)

@@ -35,5 +35,6 @@ def run(cfg: SFTRecipeConfig) -> dict:
                          peft_config=lora_config(cfg.peft, model))
     return train_and_evaluate(cfg, trainer, tokenizer, test)
 
+
 if __name__ == "__main__":
     main("sft", SFTRecipeConfig, run)

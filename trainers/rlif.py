@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 import torch
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import maybe_gather_lm_head_ctx, pad
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from rewards import SIGNALS, InternalReward
 
-from .signals import token_signals
+from .signals import pack_prompt_completion, token_signals
 
 logger = logging.getLogger("intrinsic")
 
@@ -121,21 +121,12 @@ class RLIFTrainer(GRPOTrainer):
 
     def _policy_pass(self, completion_ids_list: list) -> None:
         """Run TRL's own no-grad policy pass over the batch when TRL did not (our hook collects)."""
-        device = self.accelerator.device
-        pad_id = self._tokenizer.pad_token_id
-
-        def padded(seqs, value, side):
-            return pad([torch.as_tensor(s) for s in seqs], padding_value=value, padding_side=side,
-                       pad_to_multiple_of=self.pad_to_multiple_of).to(device)
-
-        prompts, completions = self._prompt_ids_list, completion_ids_list
-        prompt_ids, completion_ids = padded(prompts, pad_id, "left"), padded(completions, pad_id, "right")
-        ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        mask = torch.cat([padded([[1] * len(p) for p in prompts], 0, "left"),
-                          padded([[1] * len(c) for c in completions], 0, "right")], dim=1)
+        ids, mask, prompt_length = pack_prompt_completion(self._prompt_ids_list, completion_ids_list,
+                                                          self._tokenizer.pad_token_id, self.pad_to_multiple_of)
+        ids, mask = ids.to(self.accelerator.device), mask.to(self.accelerator.device)
         mode = "train" if self.model.training else "eval"
         batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
-        logits_to_keep = completion_ids.shape[1]
+        logits_to_keep = ids.shape[1] - prompt_length
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             self._get_per_token_logps_and_entropies(self.model, ids, mask, logits_to_keep, batch_size=batch_size)
 

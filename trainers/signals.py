@@ -79,6 +79,7 @@ __all__ = [
     "completion_hidden_states",
     "completion_signals",
     "masked_mean",
+    "pack_prompt_completion",
     "token_signals",
 ]
 
@@ -283,3 +284,27 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, empty: float = float("
     total = torch.where(keep, values.float(), 0.0).sum(-1)
     count = keep.sum(-1)
     return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, empty))
+
+
+def pack_prompt_completion(
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    pad_id: int,
+    pad_to_multiple_of: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """TRL's scoring layout: prompts left-padded, completions right-padded, concatenated.
+
+    Returns ``(input_ids, attention_mask, P)`` with ``P`` the padded prompt length, so
+    ``attention_mask[:, P:]`` is the completion mask (see :func:`completion_signals`).
+    """
+    from trl.trainer.utils import pad
+
+    def padded(seqs, value, side):
+        tensors = [torch.as_tensor(list(s), dtype=torch.long) for s in seqs]
+        return pad(tensors, padding_value=value, padding_side=side, pad_to_multiple_of=pad_to_multiple_of)
+
+    prompts = padded(prompt_ids, pad_id, "left")
+    ids = torch.cat([prompts, padded(completion_ids, pad_id, "right")], dim=1)
+    mask = torch.cat([padded([[1] * len(p) for p in prompt_ids], 0, "left"),
+                      padded([[1] * len(c) for c in completion_ids], 0, "right")], dim=1)
+    return ids, mask, prompts.shape[1]
