@@ -7,12 +7,18 @@ from .accuracy import MathAccuracy
 from .answers import answers_match, extract_answer, find_answer
 from .base import REGISTRY, Reward, UnknownRewardError, build_reward, completion_text, get_reward_class
 from .format import Format
-from .group import MajorityVote, plurality
+from .consistency import LENS_SIGNALS, ConsistencyVote, InternalConsistency, default_layers
+from .group import MajorityVote, group_rows, plurality
 from .internal import SIGNALS, InternalReward, NegativeEntropy, SelfCertainty, SequenceLogProb
 
 __all__ = [
+    "LENS_SIGNALS",
     "REGISTRY",
     "SIGNALS",
+    "ConsistencyVote",
+    "InternalConsistency",
+    "default_layers",
+    "group_rows",
     "Format",
     "InternalReward",
     "MajorityVote",

@@ -16,18 +16,29 @@ from .answers import extract_answer, normalize_answer
 from .base import Reward, completion_text
 
 
-def _groups(prompts: list) -> list[list[int]]:
+def group_rows(prompts: list) -> list[list[int]]:
+    """Row indices of each group: runs of identical consecutive prompts.
+
+    >>> group_rows(["a", "a", "b", "a"])
+    [[0, 1], [2], [3]]
+    """
     rows = range(len(prompts))
     return [list(g) for _, g in groupby(rows, key=lambda i: repr(prompts[i]))]
 
 
-def plurality(answers: list[str | None]) -> str | None:
-    """The most frequent parsed answer; ties go to the answer seen first; ``None`` never wins.
+def plurality(answers: list[str | None], weights: list[float] | None = None) -> str | None:
+    """The answer with the most votes (each answer's vote weighs ``weights[i]``, default 1); ties
+    go to the answer seen first; ``None`` never wins.
 
     >>> plurality(["3", None, None, "4", "4", "3"]), plurality([None, None])
     ('3', None)
+    >>> plurality(["3", "4", "4"], weights=[0.9, 0.3, 0.4])
+    '3'
     """
-    counts = Counter(a for a in answers if a is not None)
+    counts: Counter = Counter()
+    for i, answer in enumerate(answers):
+        if answer is not None:
+            counts[answer] += 1.0 if weights is None else weights[i]
     if not counts:
         return None
     best = max(counts.values())
@@ -50,7 +61,7 @@ class MajorityVote(Reward):
         answers = [extract_answer(completion_text(c)) for c in completions]
         answers = [None if a is None else normalize_answer(a) for a in answers]
         rewards = [0.0] * len(completions)
-        for rows in _groups(prompts):
+        for rows in group_rows(prompts):
             label = plurality([answers[i] for i in rows])
             for i in rows:
                 rewards[i] = float(label is not None and answers[i] == label)

@@ -28,8 +28,9 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from rewards import SIGNALS, InternalReward
+from rewards import LENS_SIGNALS, SIGNALS, InternalReward, default_layers
 
+from .lens import LogitLens, answer_token_indices, lens_modules
 from .signals import pack_prompt_completion, token_signals
 
 logger = logging.getLogger("intrinsic")
@@ -44,6 +45,14 @@ class RLIFConfig(GRPOConfig):
         default=True,
         metadata={"help": "log mean self-certainty/entropy every step even if no reward reads them (may add a pass)"},
     )
+    ic_fallback_last_k: int | None = field(
+        default=4,
+        metadata={"help": "internal consistency: tokens read at the end of a completion whose answer does not parse "
+                          "(null: none, the completion is skipped)"},
+    )
+    ic_quantile: float = field(
+        default=0.5, metadata={"help": "internal consistency 'candidates' mode: per-layer threshold quantile"}
+    )
 
 
 class RLIFTrainer(GRPOTrainer):
@@ -51,12 +60,14 @@ class RLIFTrainer(GRPOTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        needed = {s for f in self.reward_funcs if isinstance(f, InternalReward) for s in f.signals}
-        unknown = needed - set(SIGNALS)
+        internal = [f for f in self.reward_funcs if isinstance(f, InternalReward)]
+        needed = {s for f in internal for s in f.signals} - {"ic_layers", "ic_answer_found"}
+        unknown = needed - set(SIGNALS) - set(LENS_SIGNALS)
         if unknown:
-            raise ValueError(f"unknown internal signals {sorted(unknown)}; available: {list(SIGNALS)}")
+            raise ValueError(f"unknown internal signals {sorted(unknown)}; available: {list(SIGNALS + LENS_SIGNALS)}")
         # all three come out of the same chunked projection, and every step logs them
-        self.signal_names = SIGNALS if needed or getattr(self.args, "log_signals", False) else ()
+        self.signal_names = SIGNALS if needed & set(SIGNALS) or getattr(self.args, "log_signals", False) else ()
+        self.lens_modes = tuple(m[3:] for m in LENS_SIGNALS if m in needed)
         self._signals: dict[str, torch.Tensor] | None = None
         self._signal_parts: list[dict[str, torch.Tensor]] | None = None
         self._prompt_ids_list: list | None = None
@@ -71,6 +82,13 @@ class RLIFTrainer(GRPOTrainer):
             self._tuner_layer = next((m for m in self._peft.modules() if isinstance(m, BaseTunerLayer)), None)
         if self.signal_names:
             self._policy.base_model.register_forward_hook(self._capture, with_kwargs=True)
+        self._lens: LogitLens | None = None
+        if self.lens_modes:  # hooks on the union of the layers the rewards read (``None``: their default)
+            n_layers = len(lens_modules(self._policy)[0])
+            layers = {layer for f in internal if set(f.signals) & set(LENS_SIGNALS)
+                      for layer in (getattr(f, "layers", None) or default_layers(n_layers))}
+            self._lens = LogitLens(self._policy, sorted(layers), vocab_size=len(self._tokenizer))
+        self._pass_done = False
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -102,21 +120,35 @@ class RLIFTrainer(GRPOTrainer):
 
     def _generate(self, prompts: list):
         out = super()._generate(prompts)
-        self._prompt_ids_list, self._signals = out[0], None  # a new batch: signals not computed yet
+        self._prompt_ids_list, self._signals, self._lens_states = out[0], None, None  # a new batch: no signals yet
+        if self._lens is not None:  # where each completion's answer is: known before any pass runs
+            located = [answer_token_indices(self._tokenizer, ids, self.args.ic_fallback_last_k) for ids in out[1]]
+            self._lens_indices = [indices for indices, _ in located]
+            self._lens_found = [found for _, found in located]
+            self._lens_answer_ids = [[ids[t] for t in indices] for ids, (indices, _) in zip(out[1], located)]
         return out
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        armed = (bool(self.signal_names) and self._signals is None and self._prompt_ids_list is not None
-                 and not torch.is_grad_enabled() and model is self.model and self._policy_adapters_active())
+        armed = ((bool(self.signal_names) or self._lens is not None) and self._signals is None
+                 and self._prompt_ids_list is not None and not torch.is_grad_enabled() and model is self.model
+                 and self._policy_adapters_active())
         if armed:
-            self._signal_parts, self._completion_length = [], logits_to_keep
+            self._signal_parts, self._completion_length = [] if self.signal_names else None, logits_to_keep
+            if self._lens is not None:
+                self._lens.arm(self._lens_indices, logits_to_keep)
         try:
             result = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                                  *args, **kwargs)
+        except BaseException:
+            if armed and self._lens is not None:
+                self._lens.disarm()
+            raise
         finally:
             parts, self._signal_parts = self._signal_parts, None
         if armed:
             self._signals = {name: torch.cat([p[name] for p in parts]) for name in self.signal_names}
+            if self._lens is not None:
+                self._lens_states = self._lens.collect()
         return result
 
     def _policy_pass(self, completion_ids_list: list) -> None:
@@ -131,13 +163,20 @@ class RLIFTrainer(GRPOTrainer):
             self._get_per_token_logps_and_entropies(self.model, ids, mask, logits_to_keep, batch_size=batch_size)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        if not self.signal_names:
+        if not self.signal_names and self._lens is None:
             return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         if self._signals is None:
             self._policy_pass(completion_ids_list)
         per_completion = [{name: values[i, : len(ids)].cpu() for name, values in self._signals.items()}
                           for i, ids in enumerate(completion_ids_list)]
-        self._log_signals(per_completion)
+        if self.signal_names:
+            self._log_signals(per_completion)
+        if self._lens is not None:
+            lens = self._lens.signals(*self._lens_states, self._lens_answer_ids, self._lens_found, self.lens_modes,
+                                      prompts=prompts, quantile=self.args.ic_quantile)
+            for signals, extra in zip(per_completion, lens):
+                signals.update(extra)
+            self._log_metric("signals/ic_answer_found", sum(self._lens_found) / max(len(self._lens_found), 1))
         for example, signals in zip(inputs, per_completion):
             example["token_signals"] = signals  # TRL passes every extra key to rewards as a list kwarg
         try:
@@ -174,6 +213,11 @@ class RLIFTrainer(GRPOTrainer):
             logger.warning("%d completion(s) without a finite weighted reward: left out of their group", int(unscorable.sum()))
             rewards = rewards.clone()
             rewards[unscorable] = torch.nan
-        mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["signals/skipped"].append(float(unscorable.sum()))
+        self._log_metric("signals/skipped", float(unscorable.sum()))
         return rewards
+
+    def _log_metric(self, name: str, local_value: float) -> None:
+        """Mean over processes of a per-process value, appended to this step's metrics."""
+        mode = "train" if self.model.training else "eval"
+        value = torch.tensor([local_value], dtype=torch.float32, device=self.accelerator.device)
+        self._metrics[mode][name].append(self.accelerator.gather(value).mean().item())

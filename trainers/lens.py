@@ -1,0 +1,331 @@
+"""Logit lens at the answer tokens: internal consistency (Xie et al.) without ``(B, L, V)`` tensors.
+
+For a decoder layer ``l`` (``1..L``, the index of ``hidden_states[l]`` in transformers, whose
+entry ``L`` is already final-normed) the lens logits are ``z^l = head(norm(h^l))`` with the
+model's own final norm and output embeddings; the last layer's lens is the model's own logits.
+At each position that predicts an answer token ``y`` (teacher forcing on the completion):
+
+=================  ================================================================================
+mode               agreement of layer ``l``
+=================  ================================================================================
+``hard``           ``1[argmax z^l = argmax z^L]`` (argmax over the first ``vocab_size`` rows only)
+``soft``           ``softmax(z^l)[y]``
+``candidates``     ``1[vote_l = y]``: ``vote_l = argmax_c softmax(z^l[C])_c - tau_l(c)`` over the
+                   candidate tokens ``C`` (what the group's distinct answers emit at this answer
+                   index), ``tau_l(c)`` the batch quantile of layer ``l``'s restricted probability
+                   of ``c`` (the online stand-in for the paper's dataset-level calibration)
+=================  ================================================================================
+
+Internal consistency = weighted mean over the chosen layers, mean over the answer tokens.
+
+How it stays cheap (:class:`LogitLens`): forward hooks on the chosen decoder layers copy out only
+the rows at the gathered positions (``K x N x H`` for ``K`` layers and ``N`` answer tokens in the
+batch) during a no-grad pass that runs anyway; :func:`lens_readout` then projects them through
+norm and head in token x vocabulary tiles, keeping running max / argmax / logsumexp, so no
+``(N, V)`` tensor larger than one tile exists. Under ZeRO-3 the norm and head parameters are
+gathered for the readout (``maybe_gather_lm_head_ctx``).
+
+>>> import torch
+>>> from transformers import Qwen2Config, Qwen2ForCausalLM
+>>> model = Qwen2ForCausalLM(Qwen2Config(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+...                                      num_attention_heads=2, num_key_value_heads=1)).eval()
+>>> lens = LogitLens(model)               # default: the upper half of the layers (+ the last one)
+>>> lens.layers
+[2, 3, 4]
+>>> ids = torch.randint(0, 40, (2, 7))   # prompt of 4 tokens, completion of 3
+>>> lens.arm([[1, 2], [0]], completion_length=3)
+>>> with torch.no_grad():
+...     _ = model(ids)
+>>> states, counts = lens.collect()
+>>> states.shape, counts
+(torch.Size([3, 3, 16]), [2, 1])
+>>> out = lens.readout(states, emitted=torch.tensor([ids[0, 5], ids[0, 6], ids[1, 4]]), modes=("hard", "soft"))
+>>> out["hard"].shape, bool((out["hard"][:, -1] == 1).all())
+(torch.Size([3, 3]), True)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from rewards import default_layers, find_answer, group_rows
+
+__all__ = ["MODES", "LogitLens", "answer_token_indices", "calibrated_votes", "group_candidates", "lens_modules",
+           "lens_readout"]
+
+MODES = ("hard", "soft", "candidates")
+
+_LAYER_LISTS = ("layers", "h", "blocks", "block")
+_NORMS = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f")
+
+
+def lens_modules(model: nn.Module) -> tuple[nn.ModuleList, nn.Module, nn.Module]:
+    """``(decoder layers, final norm, output embeddings)`` of a causal LM (PEFT-wrapped or not).
+
+    Qwen2, Llama and any model whose backbone (``model.<base_model_prefix>``) holds a layer list
+    (``layers``/``h``/``blocks``) and a final norm (``norm``/``ln_f``/``final_layernorm``) work.
+    Anything else raises a ``TypeError`` naming what is missing.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(base, getattr(base, "base_model_prefix", "model"), None) or base
+    layers = next((getattr(backbone, n) for n in _LAYER_LISTS if isinstance(getattr(backbone, n, None), nn.ModuleList)),
+                  None)
+    norm = next((getattr(backbone, n) for n in _NORMS if isinstance(getattr(backbone, n, None), nn.Module)), None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    missing = [what for what, found in (("a decoder layer list (backbone." + "/".join(_LAYER_LISTS) + ")", layers),
+                                        ("a final norm (backbone." + "/".join(_NORMS) + ")", norm),
+                                        ("output embeddings (get_output_embeddings())", head)) if found is None]
+    if missing:
+        raise TypeError(f"the logit lens does not support {type(base).__name__}: missing {'; '.join(missing)}")
+    return layers, norm, head
+
+
+def answer_token_indices(tokenizer, completion_ids: Sequence[int], fallback_last_k: int | None = 4
+                         ) -> tuple[list[int], bool]:
+    """Indices (within the completion) of the tokens of the answer's first emission, and whether it parsed.
+
+    The answer is what :func:`rewards.find_answer` extracts (last ``\\boxed{}``, else last number);
+    its first emission is the first occurrence of that text standing on its own (not inside a
+    longer number or word), at or before the extracted span. Every token overlapping those
+    characters counts. When no answer parses, the last ``fallback_last_k`` tokens that decode to
+    text (``[]`` when ``None``).
+
+    >>> class Chars:  # any tokenizer with ``batch_decode``; here one character per token
+    ...     def batch_decode(self, ids, skip_special_tokens=True):
+    ...         return [chr(i[0]) for i in ids]
+    >>> answer_token_indices(Chars(), [ord(c) for c in "12+34=46. So \\\\boxed{46}"])
+    ([6, 7], True)
+    >>> answer_token_indices(Chars(), [ord(c) for c in "no idea"], fallback_last_k=2)
+    ([5, 6], False)
+    """
+    ids = list(completion_ids)
+    pieces = tokenizer.batch_decode([[t] for t in ids], skip_special_tokens=True)
+    text = "".join(pieces)
+    answer = find_answer(text)
+    if answer is None or not answer.text:
+        content = [i for i, p in enumerate(pieces) if p]
+        return (content[-fallback_last_k:] if fallback_last_k else []), False
+    pattern = r"(?<![\w.])" + re.escape(answer.text) + r"(?!\w)"
+    first = re.search(pattern, text[: answer.end])
+    start, end = (first.start(), first.end()) if first else (answer.start, answer.end)
+    out, position = [], 0
+    for i, piece in enumerate(pieces):
+        if piece and position < end and position + len(piece) > start:
+            out.append(i)
+        position += len(piece)
+    return out, True
+
+
+def group_candidates(prompts: Sequence, answer_ids: Sequence[Sequence[int]], found: Sequence[bool]) -> torch.Tensor:
+    """Candidate tokens of every answer position (rows in completion order), ``-1``-padded ``(N, M)``.
+
+    At answer index ``j`` of completion ``i``: its own token, then token ``j`` of every parsed
+    answer in its group (consecutive identical prompts), each distinct token once.
+
+    >>> group_candidates(["q", "q", "q"], [[5, 7], [5, 8], [9]], [True, True, False]).tolist()
+    [[5, -1], [7, 8], [5, -1], [8, 7], [9, 5]]
+    """
+    rows_out = []
+    for rows in group_rows(list(prompts)):
+        for i in rows:
+            for j, own in enumerate(answer_ids[i]):
+                tokens = [own] + [answer_ids[k][j] for k in rows if found[k] and len(answer_ids[k]) > j]
+                rows_out.append(list(dict.fromkeys(tokens)))
+    width = max(map(len, rows_out), default=1)
+    return torch.tensor([r + [-1] * (width - len(r)) for r in rows_out], dtype=torch.long).view(-1, width)
+
+
+class LogitLens:
+    """Forward hooks that keep the chosen layers' states at the positions predicting given tokens.
+
+    ``layers`` are 1-based ``hidden_states`` indices (``None``: :func:`default_layers`); the last
+    layer is always added (its lens is the model's prediction, the reference of ``hard``).
+    :meth:`arm` before a no-grad forward (or several consecutive micro-batch forwards over the
+    rows in order), :meth:`collect` after. Batches are TRL's layout: each row ends with its
+    completion of ``completion_length`` tokens (right-padded), so completion token ``t`` of a row
+    of length ``S`` is predicted by position ``S - completion_length - 1 + t``.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[int] | None = None, vocab_size: int | None = None):
+        self.modules, self.norm, self.head = lens_modules(model)
+        n = len(self.modules)
+        chosen = default_layers(n) if layers is None else list(layers)
+        bad = [layer for layer in chosen if not 1 <= int(layer) <= n]
+        if bad:
+            raise ValueError(f"logit lens layers must be in 1..{n} (the model has {n} decoder layers), got {bad}")
+        self.layers = sorted({int(layer) for layer in chosen} | {n})
+        self.vocab_size = vocab_size
+        self._indices: list[list[int]] | None = None
+        self._handles = [self.modules[layer - 1].register_forward_hook(self._hook(layer)) for layer in self.layers]
+
+    def arm(self, indices: Sequence[Sequence[int]], completion_length: int) -> None:
+        """Capture, for each following row ``r``, the positions predicting completion tokens ``indices[r]``."""
+        self._indices, self._completion_length, self._row = [list(i) for i in indices], completion_length, 0
+        self._parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
+
+    @property
+    def armed(self) -> bool:
+        return self._indices is not None
+
+    def collect(self) -> tuple[torch.Tensor, list[int]]:
+        """Disarm; return ``(states (K, N, H), counts)``, rows' positions concatenated in order."""
+        if self._indices is None:
+            raise RuntimeError("LogitLens.collect() without arm()")
+        if self._row != len(self._indices):
+            raise RuntimeError(f"logit lens saw {self._row} rows, expected {len(self._indices)}")
+        counts = [len(i) for i in self._indices]
+        states = torch.stack([torch.cat(self._parts[layer]) for layer in self.layers])
+        self._indices, self._parts = None, {}
+        return states, counts
+
+    def disarm(self) -> None:
+        self._indices, self._parts = None, {}
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _hook(self, layer: int):
+        def hook(module, args, output):
+            if self._indices is None or torch.is_grad_enabled():
+                return
+            hidden = output[0] if isinstance(output, tuple) else output
+            batch, length = hidden.shape[:2]
+            rows = self._indices[self._row : self._row + batch]
+            offset = length - self._completion_length - 1
+            r = torch.tensor([i for i, idx in enumerate(rows) for _ in idx], dtype=torch.long, device=hidden.device)
+            c = torch.tensor([offset + t for idx in rows for t in idx], dtype=torch.long, device=hidden.device)
+            self._parts[layer].append(hidden[r, c].detach().clone())
+            if layer == self.layers[-1]:
+                self._row += batch
+
+        return hook
+
+    def signals(self, states: torch.Tensor, counts: Sequence[int], answer_ids: Sequence[Sequence[int]],
+                found: Sequence[bool], modes: Sequence[str], prompts: Sequence | None = None,
+                quantile: float = 0.5) -> list[dict]:
+        """Per-completion reward signals (``rewards.consistency``) from :meth:`collect`'s output.
+
+        ``answer_ids[i]`` are the tokens completion ``i`` emitted at its captured positions;
+        ``prompts`` (needed by ``candidates``) define the groups, as for every group reward.
+        """
+        emitted = torch.tensor([t for ids in answer_ids for t in ids], dtype=torch.long)
+        candidates = group_candidates(prompts, answer_ids, found) if "candidates" in modes else None
+        out = {mode: values.cpu().split(list(counts))
+               for mode, values in self.readout(states, emitted, modes, candidates, quantile).items()}
+        return [{**{f"ic_{mode}": out[mode][i] for mode in modes}, "ic_layers": self.layers,
+                 "ic_answer_found": bool(found[i])} for i in range(len(counts))]
+
+    def readout(self, states: torch.Tensor, emitted: torch.Tensor, modes: Sequence[str] = ("hard",),
+                candidates: torch.Tensor | None = None, quantile: float = 0.5, **kwargs) -> dict[str, torch.Tensor]:
+        """Per-token, per-layer agreement ``{mode: (N, K)}`` for ``states`` from :meth:`collect`."""
+        from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+        unknown = set(modes) - set(MODES)
+        if unknown:
+            raise ValueError(f"unknown logit-lens modes {sorted(unknown)}; choose from {MODES}")
+        if "candidates" in modes and candidates is None:
+            raise ValueError("mode 'candidates' needs the candidate tokens of every answer position")
+        params = [*self.norm.parameters(), self.head.weight, getattr(self.head, "bias", None)]
+        with maybe_gather_lm_head_ctx(*params):
+            stats = lens_readout(states, self.norm, self.head.weight, getattr(self.head, "bias", None), emitted,
+                                 vocab_size=self.vocab_size, candidates=candidates if "candidates" in modes else None,
+                                 **kwargs)
+        out = {}
+        if "hard" in modes:
+            out["hard"] = (stats["argmax"] == stats["argmax"][:, -1:]).float()
+        if "soft" in modes:
+            out["soft"] = stats["logp"].exp()
+        if "candidates" in modes:
+            votes = calibrated_votes(stats["candidate_logits"], candidates, quantile)
+            out["candidates"] = (votes == emitted.to(votes.device)[:, None]).float()
+        return out
+
+
+@torch.no_grad()
+def lens_readout(states: torch.Tensor, norm: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None,
+                 emitted: torch.Tensor, *, vocab_size: int | None = None, candidates: torch.Tensor | None = None,
+                 token_chunk: int = 256, vocab_chunk: int = 8192) -> dict[str, torch.Tensor]:
+    """Lens statistics of ``K`` layers at ``N`` positions: ``z^k = W[:V] norm(states[k]) + b``.
+
+    Returns fp32 ``logp (N, K) = log softmax(z^k)[emitted]``, ``argmax (N, K)`` over the first
+    ``V = vocab_size`` rows (padding rows of the head never win), and with ``candidates``
+    (``(N, M)`` token ids, ``-1`` = none) ``candidate_logits (N, K, M)`` (``-inf`` where ``-1``).
+    Peak extra memory: one ``token_chunk x vocab_chunk`` fp32 tile.
+    """
+    layers, n_tokens, _ = states.shape
+    vocab = weight.shape[0] if vocab_size is None else min(int(vocab_size), weight.shape[0])
+    weight, bias = weight[:vocab], None if bias is None else bias[:vocab]
+    device = weight.device
+    emitted = emitted.to(device=device, dtype=torch.long)
+    logp = torch.empty(n_tokens, layers, device=device)
+    argmax = torch.empty(n_tokens, layers, dtype=torch.long, device=device)
+    cand = None
+    if candidates is not None:
+        candidates = candidates.to(device=device, dtype=torch.long)
+        cand = torch.full((n_tokens, layers, candidates.shape[1]), float("-inf"), device=device)
+    norm_dtype = next(norm.parameters(), weight).dtype
+
+    def logits_at(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:  # z[ids] for x (n, H), ids (n, ...)
+        z = torch.einsum("nh,n...h->n...", x, weight[ids].float())
+        return z if bias is None else z + bias[ids].float()
+
+    with torch.autocast(device.type, enabled=False):
+        for k in range(layers):
+            for start in range(0, n_tokens, token_chunk):
+                end = min(start + token_chunk, n_tokens)
+                x = norm(states[k, start:end].to(device=device, dtype=norm_dtype)).float()
+                best = torch.full((end - start,), float("-inf"), device=device)
+                best_id = torch.zeros(end - start, dtype=torch.long, device=device)
+                total = torch.zeros(end - start, device=device)
+                for v0 in range(0, vocab, vocab_chunk):
+                    z = x @ weight[v0 : v0 + vocab_chunk].float().T
+                    if bias is not None:
+                        z = z + bias[v0 : v0 + vocab_chunk].float()
+                    tile_max, tile_id = z.max(-1)
+                    new_best = torch.maximum(best, tile_max)
+                    total = total * torch.exp(best - new_best) + torch.exp(z - new_best[:, None]).sum(-1)
+                    best_id = torch.where(tile_max > best, tile_id + v0, best_id)
+                    best = new_best
+                logp[start:end, k] = logits_at(x, emitted[start:end]) - (best + total.log())
+                argmax[start:end, k] = best_id
+                if cand is not None:
+                    ids = candidates[start:end]
+                    z = logits_at(x, ids.clamp(min=0))
+                    cand[start:end, k] = torch.where(ids >= 0, z, float("-inf"))
+    out = {"logp": logp, "argmax": argmax}
+    if cand is not None:
+        out["candidate_logits"] = cand
+    return out
+
+
+def calibrated_votes(candidate_logits: torch.Tensor, candidates: torch.Tensor, quantile: float = 0.5) -> torch.Tensor:
+    """Each layer's calibrated vote among the candidate tokens: ``(N, K)`` token ids.
+
+    ``p = softmax`` of the candidate logits (``(N, K, M)``, ``-inf`` for absent candidates);
+    ``tau_k(c)`` = the ``quantile`` of ``p[n, k, m]`` over every position ``n`` where candidate
+    ``m`` is token ``c``; the vote is ``candidates[n, argmax_m p[n, k, m] - tau_k(c_m)]``. A layer that
+    leans towards a token everywhere (a bias the paper removes with its dataset-level threshold)
+    has that lean subtracted. A position with one candidate always votes for it.
+
+    >>> logits = torch.tensor([[[2.0, 0.0]], [[2.0, 1.0]], [[2.0, 1.5]], [[2.0, 3.0]]])  # 4 positions, 1 layer
+    >>> cands = torch.tensor([[5, 7]] * 4)
+    >>> logits.argmax(-1).squeeze(1).tolist(), calibrated_votes(logits, cands).squeeze(1).tolist()
+    ([0, 0, 0, 1], [5, 5, 7, 7])
+    """
+    present = candidates >= 0
+    probs = torch.softmax(candidate_logits, dim=-1).nan_to_num(0.0)
+    tokens = candidates[:, None, :].expand_as(probs)
+    mask = present[:, None, :].expand_as(probs)
+    thresholds = torch.zeros_like(probs)
+    for k in range(probs.shape[1]):
+        p_k, t_k, m_k = probs[:, k], tokens[:, k], mask[:, k]
+        for token in torch.unique(t_k[m_k]).tolist():
+            where = m_k & (t_k == token)
+            thresholds[:, k][where] = torch.quantile(p_k[where], quantile)
+    score = torch.where(mask, probs - thresholds, float("-inf"))
+    return torch.gather(tokens, 2, score.argmax(-1, keepdim=True)).squeeze(-1)
