@@ -93,7 +93,7 @@ class RewardSpec:
 
 @dataclass
 class EvalConfig:
-    """Held-out evaluation: greedy and sampled accuracy."""
+    """Held-out evaluation: greedy and sampled accuracy, self-consistency, internal signals."""
 
     max_rows: int | None = field(default=200, metadata={"help": "held-out rows to evaluate (null: all)"})
     batch_size: int = field(default=64, metadata={"help": "prompts per generation batch"})
@@ -105,6 +105,15 @@ class EvalConfig:
     num_samples: int = field(default=1, metadata={"help": "samples per prompt for sampled accuracy"})
     self_certainty: bool = field(
         default=False, metadata={"help": "report self-certainty of correct vs incorrect sampled answers"}
+    )
+    internal_consistency: bool = field(
+        default=False,
+        metadata={"help": "logit-lens internal consistency of sampled answers: its AUC and, with num_samples > 1, "
+                          "IC-weighted self-consistency (SC+IC)"},
+    )
+    ic_mode: str = field(default="hard", metadata={"help": "internal consistency: hard, soft or candidates"})
+    ic_layers: list[int] | None = field(
+        default=None, metadata={"help": "internal consistency: 1-based decoder layers (null: upper half)"}
     )
     before_training: bool = field(default=True, metadata={"help": "also evaluate the starting model"})
     seed: int = field(default=1234, metadata={"help": "sampling seed"})

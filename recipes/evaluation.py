@@ -9,7 +9,8 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from rewards import answers_match, extract_answer
+from rewards import InternalConsistency, answers_match, extract_answer, normalize_answer, plurality
+from trainers.lens import LogitLens, agreement, group_candidates, locate_answers, per_completion
 from trainers.signals import completion_signals, masked_mean, pack_prompt_completion
 
 from .config import EvalConfig
@@ -52,21 +53,52 @@ def prompt_texts(tokenizer, prompts: list) -> list[str]:
 
 
 @torch.no_grad()
-def self_certainty(model, tokenizer, prompts: list, completion_ids: list[list[int]], temperature: float,
-                   batch_size: int = 64) -> list[float]:
-    """Mean per-token self-certainty ``KL(U || softmax(z/T))`` of each completion under ``model``
-    (decoder-only), computed chunked like the RLIF trainer (no full-vocabulary tensor)."""
+def internal_signals(model, tokenizer, prompts: list, completion_ids: list[list[int]], *, temperature: float,
+                     batch_size: int = 64, certainty: bool = True, consistency: InternalConsistency | None = None,
+                     fallback_last_k: int | None = 4) -> dict[str, list]:
+    """Per completion, in one no-grad pass per batch of a decoder-only ``model`` (as the RLIF trainer reads them):
+
+    * ``self_certainty``: mean ``KL(U || softmax(z/T))`` over the completion (chunked, no ``(B, L, V)``);
+    * ``internal_consistency`` (with ``consistency``): its reward value from the logit lens at the
+      answer tokens; consecutive identical prompts form the groups of the ``candidates`` mode, whose
+      thresholds are estimated over the whole set (the paper's dataset-level calibration).
+    """
     texts = prompt_texts(tokenizer, prompts)
     head = model.get_output_embeddings()
-    out: list[float] = []
-    for i in range(0, len(texts), batch_size):
-        prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[i : i + batch_size]]
-        ids, mask, p = pack_prompt_completion(prompt_ids, completion_ids[i : i + batch_size], tokenizer.pad_token_id)
-        c = ids.shape[1] - p
-        hidden = model.base_model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).last_hidden_state
-        sc = completion_signals(hidden, head.weight, ids.to(model.device), p, completion_length=c, bias=head.bias,
-                                temperature=temperature, signals=("self_certainty",))["self_certainty"]
-        out.extend(masked_mean(sc, mask[:, p:].to(sc.device)).tolist())
+    out: dict[str, list] = {"self_certainty": [], "internal_consistency": []}
+    lens = None
+    if consistency is not None:
+        lens = LogitLens(model, consistency.layers, vocab_size=len(tokenizer))
+        indices, found, answer_ids = locate_answers(tokenizer, completion_ids, fallback_last_k)
+        emitted = torch.tensor([t for ids in answer_ids for t in ids], dtype=torch.long)
+        candidates = group_candidates(prompts, answer_ids, found) if consistency.mode == "candidates" else None
+        stats, position = [], 0
+    try:
+        for i in range(0, len(texts), batch_size):
+            prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[i : i + batch_size]]
+            ids, mask, p = pack_prompt_completion(prompt_ids, completion_ids[i : i + batch_size], tokenizer.pad_token_id)
+            ids, mask = ids.to(model.device), mask.to(model.device)
+            if lens is not None:
+                lens.arm(indices[i : i + batch_size], ids.shape[1] - p)
+            hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            if certainty:
+                sc = completion_signals(hidden, head.weight, ids, p, bias=head.bias, temperature=temperature,
+                                        signals=("self_certainty",))["self_certainty"]
+                out["self_certainty"].extend(masked_mean(sc, mask[:, p:]).tolist())
+            if lens is not None:
+                states, counts = lens.collect()
+                n = sum(counts)
+                window = slice(position, position + n)
+                stats.append(lens.statistics(states, emitted[window], None if candidates is None else candidates[window]))
+                position += n
+    finally:
+        if lens is not None:
+            lens.remove()
+    if lens is not None:
+        merged = {key: torch.cat([s[key] for s in stats]) for key in stats[0]} if stats else {}
+        signals = per_completion(agreement(merged, emitted, (consistency.mode,), candidates), [len(x) for x in indices],
+                                 lens.layers, found)
+        out["internal_consistency"] = [consistency.reduce(s) for s in signals]
     return out
 
 
@@ -83,9 +115,41 @@ def accuracy(completions: list[str], answers: list[str]) -> float:
     return sum(answers_match(extract_answer(c), a) for c, a in zip(completions, answers)) / max(len(completions), 1)
 
 
+def vote_accuracy(completions: list[str], answers: list[str], num_samples: int,
+                  weights: list[float | None] | None = None) -> float:
+    """Self-consistency: fraction of questions whose plurality answer over its ``num_samples``
+    consecutive samples is right; with ``weights`` each sample's vote weighs that much (SC+IC;
+    ``None`` weight = no vote).
+
+    >>> vote_accuracy(["4", "5", "5", "7"], ["4", "7"], 2)    # ties go to the first sample: 4 (right), 5 (wrong)
+    0.5
+    >>> vote_accuracy(["4", "5", "5"], ["4"], 3), vote_accuracy(["4", "5", "5"], ["4"], 3, [0.9, 0.2, 0.3])
+    (0.0, 1.0)
+    """
+    votes = [None if (a := extract_answer(c)) is None else normalize_answer(a) for c in completions]
+    weights = [1.0] * len(votes) if weights is None else [0.0 if w is None else w for w in weights]
+    right = 0
+    for q, gold in enumerate(answers):
+        rows = range(q * num_samples, (q + 1) * num_samples)
+        label = plurality([votes[i] if weights[i] > 0 else None for i in rows], [weights[i] for i in rows])
+        right += label is not None and answers_match(label, gold)
+    return right / max(len(answers), 1)
+
+
+def separation(values: list[float | None], correct: list[bool], prefix: str) -> dict:
+    """Mean of a signal over correct and incorrect answers, and its Mann-Whitney AUC (correct > incorrect)."""
+    right = [v for v, ok in zip(values, correct) if ok and v is not None]
+    wrong = [v for v, ok in zip(values, correct) if not ok and v is not None]
+    return {f"{prefix}_correct": sum(right) / len(right) if right else float("nan"),
+            f"{prefix}_incorrect": sum(wrong) / len(wrong) if wrong else float("nan"),
+            f"{prefix}_auc": mann_whitney_auc(right, wrong)}
+
+
 def evaluate_model(model, tokenizer, data: Dataset, cfg: EvalConfig, desc: str = "eval") -> dict:
-    """Greedy and/or sampled accuracy on ``data``; with ``cfg.self_certainty`` also the mean
-    self-certainty of correct vs incorrect sampled answers and its Mann-Whitney AUC."""
+    """Greedy and/or sampled accuracy on ``data``. With ``num_samples > 1`` also self-consistency
+    (``vote_accuracy``); with ``cfg.self_certainty`` / ``cfg.internal_consistency`` the signal's
+    mean over correct vs incorrect sampled answers and its AUC, and for IC the IC-weighted vote
+    (``ic_vote_accuracy``, the paper's SC+IC)."""
     if "answer" not in data.column_names:
         raise ValueError("evaluation needs an 'answer' column (map one in data.columns)")
     prompts, answers = data["prompt"], data["answer"]
@@ -101,14 +165,20 @@ def evaluate_model(model, tokenizer, data: Dataset, cfg: EvalConfig, desc: str =
         gold = [a for a in answers for _ in range(cfg.num_samples)]
         correct = [answers_match(extract_answer(t), a) for t, a in zip(texts, gold)]
         report["sampled_accuracy"] = sum(correct) / max(len(correct), 1)
-        if cfg.self_certainty:
+        if cfg.num_samples > 1:
+            report["vote_accuracy"] = vote_accuracy(texts, answers, cfg.num_samples)
+        if cfg.self_certainty or cfg.internal_consistency:
+            ic = InternalConsistency(cfg.ic_mode, cfg.ic_layers) if cfg.internal_consistency else None
             repeated = [p for p in prompts for _ in range(cfg.num_samples)]
-            sc = self_certainty(model, tokenizer, repeated, ids, cfg.temperature, cfg.batch_size)
-            right = [s for s, ok in zip(sc, correct) if ok]
-            wrong = [s for s, ok in zip(sc, correct) if not ok]
-            report["sc_correct"] = sum(right) / len(right) if right else float("nan")
-            report["sc_incorrect"] = sum(wrong) / len(wrong) if wrong else float("nan")
-            report["sc_auc"] = mann_whitney_auc(right, wrong)
+            signals = internal_signals(model, tokenizer, repeated, ids, temperature=cfg.temperature,
+                                       batch_size=cfg.batch_size, certainty=cfg.self_certainty, consistency=ic)
+            if cfg.self_certainty:
+                report.update(separation(signals["self_certainty"], correct, "sc"))
+            if ic is not None:
+                report.update(separation(signals["internal_consistency"], correct, "ic"))
+                if cfg.num_samples > 1:
+                    report["ic_vote_accuracy"] = vote_accuracy(texts, answers, cfg.num_samples,
+                                                               signals["internal_consistency"])
     return report
 
 

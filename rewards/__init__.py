@@ -4,7 +4,7 @@ Depends on nothing else in this project.
 """
 
 from .accuracy import MathAccuracy
-from .answers import answers_match, extract_answer, find_answer
+from .answers import answers_match, extract_answer, find_answer, normalize_answer
 from .base import REGISTRY, Reward, UnknownRewardError, build_reward, completion_text, get_reward_class
 from .format import Format
 from .consistency import LENS_SIGNALS, ConsistencyVote, InternalConsistency, default_layers
@@ -34,5 +34,6 @@ __all__ = [
     "completion_text",
     "extract_answer",
     "find_answer",
+    "normalize_answer",
     "get_reward_class",
 ]

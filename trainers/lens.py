@@ -54,8 +54,8 @@ from torch import nn
 
 from rewards import default_layers, find_answer, group_rows
 
-__all__ = ["MODES", "LogitLens", "answer_token_indices", "calibrated_votes", "group_candidates", "lens_modules",
-           "lens_readout"]
+__all__ = ["MODES", "LogitLens", "agreement", "answer_token_indices", "calibrated_votes", "group_candidates",
+           "lens_modules", "lens_readout", "locate_answers", "per_completion"]
 
 MODES = ("hard", "soft", "candidates")
 
@@ -118,6 +118,14 @@ def answer_token_indices(tokenizer, completion_ids: Sequence[int], fallback_last
             out.append(i)
         position += len(piece)
     return out, True
+
+
+def locate_answers(tokenizer, completion_ids: Sequence[Sequence[int]], fallback_last_k: int | None = 4
+                   ) -> tuple[list[list[int]], list[bool], list[list[int]]]:
+    """:func:`answer_token_indices` of every completion: ``(indices, found, answer token ids)``."""
+    located = [answer_token_indices(tokenizer, ids, fallback_last_k) for ids in completion_ids]
+    return ([indices for indices, _ in located], [found for _, found in located],
+            [[ids[t] for t in indices] for ids, (indices, _) in zip(completion_ids, located)])
 
 
 def group_candidates(prompts: Sequence, answer_ids: Sequence[Sequence[int]], found: Sequence[bool]) -> torch.Tensor:
@@ -215,35 +223,51 @@ class LogitLens:
         """
         emitted = torch.tensor([t for ids in answer_ids for t in ids], dtype=torch.long)
         candidates = group_candidates(prompts, answer_ids, found) if "candidates" in modes else None
-        out = {mode: values.cpu().split(list(counts))
-               for mode, values in self.readout(states, emitted, modes, candidates, quantile).items()}
-        return [{**{f"ic_{mode}": out[mode][i] for mode in modes}, "ic_layers": self.layers,
-                 "ic_answer_found": bool(found[i])} for i in range(len(counts))]
+        stats = self.statistics(states, emitted, candidates)
+        return per_completion(agreement(stats, emitted, modes, candidates, quantile), counts, self.layers, found)
+
+    def statistics(self, states: torch.Tensor, emitted: torch.Tensor, candidates: torch.Tensor | None = None,
+                   **kwargs) -> dict[str, torch.Tensor]:
+        """:func:`lens_readout` with this model's norm and head (gathered under ZeRO-3)."""
+        from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+        bias = getattr(self.head, "bias", None)
+        with maybe_gather_lm_head_ctx(*self.norm.parameters(), self.head.weight, bias):
+            return lens_readout(states, self.norm, self.head.weight, bias, emitted, vocab_size=self.vocab_size,
+                                candidates=candidates, **kwargs)
 
     def readout(self, states: torch.Tensor, emitted: torch.Tensor, modes: Sequence[str] = ("hard",),
                 candidates: torch.Tensor | None = None, quantile: float = 0.5, **kwargs) -> dict[str, torch.Tensor]:
         """Per-token, per-layer agreement ``{mode: (N, K)}`` for ``states`` from :meth:`collect`."""
-        from trl.trainer.utils import maybe_gather_lm_head_ctx
+        return agreement(self.statistics(states, emitted, candidates if "candidates" in modes else None, **kwargs),
+                         emitted, modes, candidates, quantile)
 
-        unknown = set(modes) - set(MODES)
-        if unknown:
-            raise ValueError(f"unknown logit-lens modes {sorted(unknown)}; choose from {MODES}")
-        if "candidates" in modes and candidates is None:
+
+def agreement(stats: dict[str, torch.Tensor], emitted: torch.Tensor, modes: Sequence[str],
+              candidates: torch.Tensor | None = None, quantile: float = 0.5) -> dict[str, torch.Tensor]:
+    """``{mode: (N, K)}`` per-layer agreement (module docstring) from :func:`lens_readout` statistics."""
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise ValueError(f"unknown logit-lens modes {sorted(unknown)}; choose from {MODES}")
+    out = {}
+    if "hard" in modes:
+        out["hard"] = (stats["argmax"] == stats["argmax"][:, -1:]).float()
+    if "soft" in modes:
+        out["soft"] = stats["logp"].exp()
+    if "candidates" in modes:
+        if candidates is None or "candidate_logits" not in stats:
             raise ValueError("mode 'candidates' needs the candidate tokens of every answer position")
-        params = [*self.norm.parameters(), self.head.weight, getattr(self.head, "bias", None)]
-        with maybe_gather_lm_head_ctx(*params):
-            stats = lens_readout(states, self.norm, self.head.weight, getattr(self.head, "bias", None), emitted,
-                                 vocab_size=self.vocab_size, candidates=candidates if "candidates" in modes else None,
-                                 **kwargs)
-        out = {}
-        if "hard" in modes:
-            out["hard"] = (stats["argmax"] == stats["argmax"][:, -1:]).float()
-        if "soft" in modes:
-            out["soft"] = stats["logp"].exp()
-        if "candidates" in modes:
-            votes = calibrated_votes(stats["candidate_logits"], candidates, quantile)
-            out["candidates"] = (votes == emitted.to(votes.device)[:, None]).float()
-        return out
+        votes = calibrated_votes(stats["candidate_logits"], candidates.to(stats["candidate_logits"].device), quantile)
+        out["candidates"] = (votes == emitted.to(votes.device)[:, None]).float()
+    return out
+
+
+def per_completion(agreements: dict[str, torch.Tensor], counts: Sequence[int], layers: Sequence[int],
+                   found: Sequence[bool]) -> list[dict]:
+    """Split ``{mode: (N, K)}`` into one signal dict per completion (``ic_<mode>``, ``ic_layers``, ``ic_answer_found``)."""
+    split = {mode: values.cpu().split(list(counts)) for mode, values in agreements.items()}
+    return [{**{f"ic_{mode}": split[mode][i] for mode in agreements}, "ic_layers": list(layers),
+             "ic_answer_found": bool(found[i])} for i in range(len(counts))]
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from rewards import LENS_SIGNALS, SIGNALS, InternalReward, default_layers
 
-from .lens import LogitLens, answer_token_indices, lens_modules
+from .lens import LogitLens, lens_modules, locate_answers
 from .signals import pack_prompt_completion, token_signals
 
 logger = logging.getLogger("intrinsic")
@@ -122,10 +122,8 @@ class RLIFTrainer(GRPOTrainer):
         out = super()._generate(prompts)
         self._prompt_ids_list, self._signals, self._lens_states = out[0], None, None  # a new batch: no signals yet
         if self._lens is not None:  # where each completion's answer is: known before any pass runs
-            located = [answer_token_indices(self._tokenizer, ids, self.args.ic_fallback_last_k) for ids in out[1]]
-            self._lens_indices = [indices for indices, _ in located]
-            self._lens_found = [found for _, found in located]
-            self._lens_answer_ids = [[ids[t] for t in indices] for ids, (indices, _) in zip(out[1], located)]
+            self._lens_indices, self._lens_found, self._lens_answer_ids = locate_answers(
+                self._tokenizer, out[1], self.args.ic_fallback_last_k)
         return out
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):

@@ -1,0 +1,76 @@
+"""The evaluator: self-consistency, IC-weighted self-consistency and signal separation."""
+
+import math
+
+import torch
+
+from recipes.config import DataConfig, EvalConfig, ModelConfig
+from recipes.data import load_split
+from recipes.evaluation import evaluate_model, internal_signals, separation, vote_accuracy
+from recipes.modeling import load_model, load_tokenizer
+from rewards import InternalConsistency
+from trainers.lens import LogitLens, locate_answers
+from trainers.signals import pack_prompt_completion
+
+
+def test_sc_and_sc_ic_voting_on_a_hand_built_example():
+    # 2 questions x 4 samples. Q1: the plurality (5) is wrong, the IC-weighted vote (4) is right.
+    # Q2: right by plurality and by IC. Unparseable answers never vote.
+    texts = ["4", "5", "5", "no answer", "\\boxed{7}", "7.0", "8", "x"]
+    gold = ["4", "7"]
+    ic = [0.9, 0.3, 0.4, 1.0, 0.5, 0.5, 0.9, None]
+    assert vote_accuracy(texts, gold, 4) == 0.5
+    assert vote_accuracy(texts, gold, 4, ic) == 1.0
+    assert vote_accuracy(texts, gold, 4, [0.1, 0.3, 0.4, 1.0, 0.4, 0.4, 0.9, None]) == 0.0  # 0.8 < 0.9 for 8
+
+
+def test_separation_skips_unscored_answers():
+    out = separation([0.9, None, 0.2, 0.4], [True, True, False, False], "ic")
+    assert out == {"ic_correct": 0.9, "ic_incorrect": 0.30000000000000004, "ic_auc": 1.0}
+    assert math.isnan(separation([0.1], [True], "sc")["sc_auc"])
+
+
+def test_internal_signals_across_batches_equal_one_pass(warm_model_dir):
+    cfg = ModelConfig(name_or_path=warm_model_dir, dtype="float32")
+    model, tok = load_model(cfg).eval(), load_tokenizer(cfg)
+    prompts = [p for p in ("12+34=", "7+5=", "40+2=") for _ in range(3)]
+    torch.manual_seed(0)
+    completion_ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                      for t in ("46", "45", "46", "12", "12", "x", "42", "24", "4")]
+    for mode in ("hard", "soft", "candidates"):
+        ic = InternalConsistency(mode, layers=[1, 2])
+        batched = internal_signals(model, tok, prompts, completion_ids, temperature=1.0, batch_size=2, consistency=ic)
+        # reference: one forward over everything, through the trainer's path (LogitLens.signals)
+        lens = LogitLens(model, [1, 2], vocab_size=len(tok))
+        indices, found, answer_ids = locate_answers(tok, completion_ids)
+        ids, mask, p = pack_prompt_completion([tok(x, add_special_tokens=False)["input_ids"] for x in prompts],
+                                              completion_ids, tok.pad_token_id)
+        lens.arm(indices, ids.shape[1] - p)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+        states, counts = lens.collect()
+        lens.remove()
+        signals = lens.signals(states, counts, answer_ids, found, (mode,), prompts=prompts)
+        expected = [ic.reduce(s) for s in signals]
+        assert batched["internal_consistency"] == pytest_approx(expected), mode
+        assert len(batched["self_certainty"]) == 9
+
+
+def pytest_approx(values):
+    import pytest
+
+    return pytest.approx(values, abs=1e-5)
+
+
+def test_tiny_world_evaluation_is_deterministic_and_reports_sc_ic(warm_model_dir):
+    cfg = ModelConfig(name_or_path=warm_model_dir, dtype="float32")
+    model, tok = load_model(cfg), load_tokenizer(cfg)
+    data = load_split(DataConfig(path="tiny://arithmetic?ops=add&digits=2"), "test", max_rows=24)
+    ev = EvalConfig(max_rows=24, batch_size=24, max_new_tokens=6, num_samples=5, self_certainty=True,
+                    internal_consistency=True, ic_layers=[1, 2])
+    first, second = evaluate_model(model, tok, data, ev), evaluate_model(model, tok, data, ev)
+    assert first == second
+    for key in ("greedy_accuracy", "sampled_accuracy", "vote_accuracy", "ic_vote_accuracy", "ic_auc", "sc_auc",
+                "ic_correct", "ic_incorrect"):
+        assert key in first, key
+    assert 0 <= first["ic_correct"] <= 1 and 0 <= first["vote_accuracy"] <= 1
