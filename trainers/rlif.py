@@ -16,6 +16,12 @@ temperature-scaled with the sampling temperature:
 
 The signals reach rewards as TRL reward kwargs (``token_signals``: one dict of 1-D tensors per
 completion, EOS included). Four overrides, each calling ``super()``; no TRL body is copied.
+
+Internal consistency (``ic_hard`` / ``ic_soft`` / ``ic_candidates``, :mod:`rewards.consistency`)
+rides on the same pass: the answer tokens of every completion are located right after generation,
+forward hooks on the decoder layers the rewards read (:class:`trainers.lens.LogitLens`) keep only
+the states at the positions predicting them, and the logit lens reads them out once the group
+structure is known (in :meth:`_calculate_rewards`).
 """
 
 from __future__ import annotations
@@ -172,6 +178,7 @@ class RLIFTrainer(GRPOTrainer):
         if self._lens is not None:
             lens = self._lens.signals(*self._lens_states, self._lens_answer_ids, self._lens_found, self.lens_modes,
                                       prompts=prompts, quantile=self.args.ic_quantile)
+            self._lens_states = None  # (K, N, H) rows: freed once read
             for signals, extra in zip(per_completion, lens):
                 signals.update(extra)
             self._log_metric("signals/ic_answer_found", sum(self._lens_found) / max(len(self._lens_found), 1))
