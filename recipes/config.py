@@ -183,7 +183,8 @@ def load_raw(path: str | os.PathLike, overrides: list[str] = ()) -> tuple[dict, 
             raise ConfigError(COMMAND_LINE, override, "expected an override of the form key.path=value")
         try:
             parsed = OmegaConf.from_dotlist([f"_={value}"])["_"]  # YAML typing: 1e-6, true, [a, b], {k: v}
-            OmegaConf.update(cfg, key, parsed, merge=True, force_add=True)
+            clear = isinstance(parsed, DictConfig) and not parsed  # `key={}` empties a mapping (a merge would keep it)
+            OmegaConf.update(cfg, key, parsed, merge=not clear, force_add=True)
         except (OmegaConfBaseException, TypeError, ValueError) as err:
             raise ConfigError(COMMAND_LINE, key, f"cannot apply override: {str(err).splitlines()[0]}") from None
         _record_origins(OmegaConf.select(cfg, key), COMMAND_LINE, origins, _key_tuple(key))

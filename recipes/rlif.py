@@ -12,7 +12,7 @@ from rewards import MathAccuracy, build_reward
 from trainers import RLIFConfig, RLIFTrainer
 
 from .cli import main
-from .config import RecipeConfig, RewardSpec
+from .config import ConfigError, RecipeConfig, RewardSpec
 from .data import load_split
 from .modeling import load_tokenizer, lora_config, model_init_kwargs, resolve_model_path
 from .training import held_out, train_and_evaluate
@@ -34,7 +34,12 @@ def build_rewards(cfg: RLIFRecipeConfig, columns: list[str]) -> tuple[list, list
     """Reward callables and weights; accuracy is logged (weight 0) whenever gold answers exist."""
     if not cfg.rewards:
         raise ValueError(f"{cfg.source}: rewards: at least one reward is needed")
-    funcs = [build_reward(spec.name, **spec.kwargs) for spec in cfg.rewards]
+    funcs = []
+    for i, spec in enumerate(cfg.rewards):
+        try:
+            funcs.append(build_reward(spec.name, **spec.kwargs))
+        except (TypeError, ValueError) as err:  # bad keyword arguments: a config error, before any model loads
+            raise ConfigError(cfg.source, f"rewards.{i}.kwargs", f"{spec.name}: {err}") from None
     weights = [spec.weight for spec in cfg.rewards]
     if cfg.log_accuracy and "answer" in columns and not any(isinstance(f, MathAccuracy) for f in funcs):
         funcs.append(MathAccuracy())

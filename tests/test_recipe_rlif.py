@@ -67,3 +67,19 @@ def test_accuracy_is_logged_at_weight_zero_when_gold_exists(tmp_path):
     cfg.rewards = []
     with pytest.raises(ValueError, match="at least one reward"):
         build_rewards(cfg, ["prompt"])
+
+
+def test_bad_reward_kwargs_are_a_config_error_and_empty_override_clears_them(tmp_path):
+    from recipes.config import ConfigError, load_config
+    from recipes.rlif import build_rewards
+
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {name_or_path: tiny://qwen2}\ndata: {path: 'tiny://arithmetic'}\n"
+                      "rewards: [{name: consistency_vote, kwargs: {mode: hard}}]\n"
+                      "trainer: {num_generations: 4, per_device_train_batch_size: 4}\n")
+    cfg = load_config(RLIFRecipeConfig, config, ["rewards.0.kwargs.mode=sideways"])
+    with pytest.raises(ConfigError, match=r"rewards\.0\.kwargs.*consistency_vote: .*mode must be one of"):
+        build_rewards(cfg, ["prompt"])
+    cfg = load_config(RLIFRecipeConfig, config, ["rewards.0.name=majority_vote", "rewards.0.kwargs={}"])
+    assert cfg.rewards[0].kwargs == {}
+    assert [f.__name__ for f in build_rewards(cfg, ["prompt"])[0]] == ["majority_vote"]
