@@ -17,7 +17,8 @@ from fractions import Fraction
 from typing import NamedTuple
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-_FRAC = re.compile(r"^\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}$")
+_FRAC = re.compile(r"^(-?)\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}$")
+_UNIT = re.compile(r"^(-?[\d,]*\.?\d+)(?:[a-zA-Z]{2,}\.?)+(?:\^\{?\d\}?)?$")  # a number, then a unit word
 
 
 class Answer(NamedTuple):
@@ -60,13 +61,16 @@ def extract_answer(text: str) -> str | None:
 
 def normalize_answer(answer: str) -> str:
     """Canonical string form: numbers as reduced fractions/integers, LaTeX noise removed."""
-    s = answer.strip().strip("$").strip()
+    s = answer.replace("\\$", "").strip().strip("$").strip()
     s = re.sub(r"\\(?:text|mathrm|textbf)\{([^{}]*)\}", r"\1", s)
     s = re.sub(r"\\[,!;:]|\\left|\\right|\s+", "", s).rstrip(".")
     s = s.replace("\\%", "").replace("%", "").replace("^\\circ", "").replace("^{\\circ}", "")
+    unit = _UNIT.match(s)  # "12cm", "5\\text{ apples}" (already unwrapped), "3m^2": the number
+    if unit:
+        s = unit.group(1)
     frac = _FRAC.match(s)
     if frac:
-        s = f"{frac.group(1)}/{frac.group(2)}"
+        s = f"{frac.group(1)}{frac.group(2)}/{frac.group(3)}"
     num = s.replace(",", "") if re.fullmatch(r"-?[\d,]*\.?\d+(?:/-?\d+)?", s) else None
     if num is not None:
         try:
@@ -78,7 +82,14 @@ def normalize_answer(answer: str) -> str:
 
 
 def gold_answer(gold: str) -> str | None:
-    """The answer inside a gold label: a full solution with a ``\\boxed{}`` gives its box."""
+    """The answer inside a gold label: a full solution with a ``\\boxed{}`` gives its box, a
+    GSM8K solution (``... #### 72``) what follows its last ``####``.
+
+    >>> gold_answer("She pays 3 * 24 = <<3*24=72>>72 dollars.\\n#### 72"), gold_answer("so \\\\boxed{\\\\frac{1}{2}}")
+    ('72', '\\\\frac{1}{2}')
+    """
+    if "####" in gold:
+        return gold.rsplit("####", 1)[1].strip()
     return extract_answer(gold) if "\\boxed" in gold or "\\fbox" in gold else gold
 
 

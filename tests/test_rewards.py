@@ -53,6 +53,10 @@ def test_math_accuracy_reads_columns_and_chat_completions():
         ("-3.5", "-3.5"),
         ("nothing here", None),
         ("\\boxed{12", "12"),  # unclosed box: fall back to the last number
+        ("\\boxed{\\frac{\\sqrt{2}}{2}} done", "\\frac{\\sqrt{2}}{2}"),  # nested braces inside the box
+        ("first \\boxed{1}, then \\boxed{\\boxed{2}}", "2"),  # the innermost of the last boxes
+        ("It costs $1,250.", "1,250"),
+        ("The temperature fell to -12 degrees", "-12"),
     ],
 )
 def test_extract_answer(text, answer):
@@ -79,6 +83,17 @@ def test_find_answer_span_points_at_the_answer():
         ("x + 1", "x+1", True),
         (None, "1", False),
         ("1", "\\boxed{1}", True),  # a gold solution with a box gives its box
+        ("72", "Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 72", True),  # GSM8K gold
+        ("72", "#### 1,072", False),
+        ("1,250", "1250", True),
+        ("-\\frac{3}{4}", "-0.75", True),
+        ("\\frac{-3}{4}", "-0.75", True),
+        ("12 cm", "12", True),  # trailing units
+        ("5\\text{ apples}", "5", True),
+        ("\\$18", "18", True),
+        ("3m^2", "3", False),  # one letter is a variable, not a unit
+        ("2x", "2", False),
+        ("-7", "-7.0", True),
     ],
 )
 def test_answers_match(a, b, same):
