@@ -80,6 +80,10 @@ class DataConfig:
     system_prompt: str | None = field(default=None, metadata={"help": "system message; makes prompts conversational"})
     conversational: bool = field(default=False, metadata={"help": "wrap prompts as chat messages"})
     max_rows: int | None = field(default=None, metadata={"help": "keep at most this many training rows"})
+    revision: str | None = field(default=None, metadata={"help": "Hub dataset revision (commit, tag or branch)"})
+    fallback: str | None = field(
+        default=None, metadata={"help": "local directory or file to read when the Hub dataset cannot be loaded"}
+    )
 
 
 @dataclass
@@ -103,8 +107,14 @@ class EvalConfig:
     temperature: float = field(default=0.9, metadata={"help": "sampling temperature for sampled accuracy"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling for sampled accuracy"})
     num_samples: int = field(default=1, metadata={"help": "samples per prompt for sampled accuracy"})
+    pass_k: list[int] = field(
+        default_factory=list, metadata={"help": "k values of the unbiased pass@k (empty: 1 and num_samples)"}
+    )
     self_certainty: bool = field(
         default=False, metadata={"help": "report self-certainty of correct vs incorrect sampled answers"}
+    )
+    negative_entropy: bool = field(
+        default=False, metadata={"help": "report negative entropy of correct vs incorrect sampled answers"}
     )
     internal_consistency: bool = field(
         default=False,

@@ -9,7 +9,9 @@ or chat messages when ``data.system_prompt`` is set or ``data.conversational`` i
 from __future__ import annotations
 
 import difflib
+import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
@@ -28,6 +30,7 @@ PROMPTS = {
 }
 COLUMNS = ("question", "answer", "completion")
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+logger = logging.getLogger("intrinsic")
 
 
 def prompt_template(name_or_template: str) -> str:
@@ -57,7 +60,14 @@ def _load_split(cfg: DataConfig, split: str) -> Dataset:
     if local.is_dir() and ((local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists()):
         data = load_from_disk(str(local))
         return data[split] if isinstance(data, DatasetDict) else data
-    return load_dataset(path, cfg.name, split=split)
+    try:
+        return load_dataset(path, cfg.name, split=split, revision=cfg.revision)
+    except Exception as err:  # offline, unknown name, no access: the configured local copy, if any
+        if not cfg.fallback:
+            raise
+        logger.warning("data: cannot load %s from the Hub (%s); reading the fallback %s",
+                       path, str(err).splitlines()[0] if str(err) else type(err).__name__, cfg.fallback)
+        return _load_split(replace(cfg, path=cfg.fallback, fallback=None), split)
 
 
 def load_split(cfg: DataConfig, split: str, max_rows: int | None = None, source: str = "config") -> Dataset:

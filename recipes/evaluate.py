@@ -1,17 +1,20 @@
-"""Evaluate one or more models on held-out data: greedy and sampled accuracy in one table.
+"""Evaluate one or more models on held-out data: accuracy, self-consistency and signal calibration in one table.
 
     python -m recipes.evaluate --config configs/evaluate/tiny_arithmetic.yaml
+    python -m recipes.evaluate --compare outputs/evaluate/a outputs/rlif/b ...   # eval.json files side by side
 """
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .cli import main
 from .config import ConfigError, RecipeConfig, save_config
 from .data import load_split
-from .evaluation import evaluate_model, format_table, write_report
+from .evaluation import evaluate_model, format_table, read_reports, write_report
 from .modeling import load_model, load_tokenizer
 
 
@@ -40,9 +43,28 @@ def run(cfg: EvaluateRecipeConfig) -> dict:
     print(f"held-out: {cfg.data.path} split={cfg.data.eval_split} rows={len(test)} "
           f"sampling T={cfg.eval.temperature} x{cfg.eval.num_samples}")
     print(format_table(reports), flush=True)
-    print(f"report: {write_report(reports, Path(cfg.output_dir))}")
+    meta = {"models": {label: m.name_or_path for label, m in models.items()},
+            "data": {**dataclasses.asdict(cfg.data), "fingerprint": getattr(test, "_fingerprint", None),
+                     "rows": len(test)},
+            "config": dataclasses.asdict(replace(cfg, trainer={}))}
+    print(f"report: {write_report(reports, Path(cfg.output_dir), meta)}")
     return reports
 
 
+def compare(paths: list[str]) -> str:
+    """One table from several ``eval.json`` files (or run directories): rows ``<run>/<label>``."""
+    if not paths:
+        raise SystemExit("usage: python -m recipes.evaluate --compare RUN_DIR_OR_EVAL_JSON [...]")
+    rows = {}
+    for path in paths:
+        run = Path(path).parent.name if Path(path).suffix == ".json" else Path(path).name
+        for label, report in read_reports(path).items():
+            rows[f"{run}/{label}"] = report
+    return format_table(rows)
+
+
 if __name__ == "__main__":
-    main("evaluate", EvaluateRecipeConfig, run)
+    if sys.argv[1:2] == ["--compare"]:
+        print(compare(sys.argv[2:]))
+    else:
+        main("evaluate", EvaluateRecipeConfig, run)

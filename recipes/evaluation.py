@@ -1,8 +1,15 @@
-"""Held-out evaluation: greedy and sampled accuracy of a model's final answers."""
+"""Held-out evaluation: accuracy of a model's final answers, and how well its internal signals know.
+
+Greedy accuracy; sampled accuracy, pass@k (unbiased) and self-consistency over ``num_samples``
+samples; for self-certainty, negative entropy and internal consistency the separation of right
+from wrong sampled answers (Mann-Whitney AUROC and rank-biserial effect size) with a
+reliability table (accuracy per signal quantile); IC-weighted self-consistency (SC+IC).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -54,18 +61,21 @@ def prompt_texts(tokenizer, prompts: list) -> list[str]:
 
 @torch.no_grad()
 def internal_signals(model, tokenizer, prompts: list, completion_ids: list[list[int]], *, temperature: float,
-                     batch_size: int = 64, certainty: bool = True, consistency: InternalConsistency | None = None,
-                     fallback_last_k: int | None = 4) -> dict[str, list]:
+                     batch_size: int = 64, certainty: bool = True, entropy: bool = False,
+                     consistency: InternalConsistency | None = None, fallback_last_k: int | None = 4
+                     ) -> dict[str, list]:
     """Per completion, in one no-grad pass per batch of a decoder-only ``model`` (as the RLIF trainer reads them):
 
     * ``self_certainty``: mean ``KL(U || softmax(z/T))`` over the completion (chunked, no ``(B, L, V)``);
+    * ``negative_entropy`` (with ``entropy``): ``-mean_t H(softmax(z_t/T))``;
     * ``internal_consistency`` (with ``consistency``): its reward value from the logit lens at the
       answer tokens; consecutive identical prompts form the groups of the ``candidates`` mode, whose
       thresholds are estimated over the whole set (the paper's dataset-level calibration).
     """
     texts = prompt_texts(tokenizer, prompts)
     head = model.get_output_embeddings()
-    out: dict[str, list] = {"self_certainty": [], "internal_consistency": []}
+    out: dict[str, list] = {"self_certainty": [], "negative_entropy": [], "internal_consistency": []}
+    token_names = ("self_certainty",) * certainty + ("entropy",) * entropy
     lens = None
     if consistency is not None:
         lens = LogitLens(model, consistency.layers, vocab_size=len(tokenizer))
@@ -81,10 +91,13 @@ def internal_signals(model, tokenizer, prompts: list, completion_ids: list[list[
             if lens is not None:
                 lens.arm(indices[i : i + batch_size], ids.shape[1] - p)
             hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-            if certainty:
-                sc = completion_signals(hidden, head.weight, ids, p, bias=head.bias, temperature=temperature,
-                                        signals=("self_certainty",))["self_certainty"]
-                out["self_certainty"].extend(masked_mean(sc, mask[:, p:]).tolist())
+            if token_names:
+                values = completion_signals(hidden, head.weight, ids, p, bias=head.bias, temperature=temperature,
+                                            signals=token_names)
+                if certainty:
+                    out["self_certainty"].extend(masked_mean(values["self_certainty"], mask[:, p:]).tolist())
+                if entropy:
+                    out["negative_entropy"].extend((-masked_mean(values["entropy"], mask[:, p:])).tolist())
             if lens is not None:
                 states, counts = lens.collect()
                 n = sum(counts)
@@ -103,12 +116,27 @@ def internal_signals(model, tokenizer, prompts: list, completion_ids: list[list[
 
 
 def mann_whitney_auc(positive: list[float], negative: list[float]) -> float:
-    """P(a random ``positive`` value exceeds a random ``negative`` one), ties counting 1/2 (U / n1 n2)."""
+    """P(a random ``positive`` value exceeds a random ``negative`` one), ties counting 1/2 (U / n1 n2).
+
+    >>> mann_whitney_auc([3.0, 2.0], [1.0, 2.0])      # (1 + 1 + 1 + 0.5) / 4
+    0.875
+    """
     if not positive or not negative:
         return float("nan")
-    pos, neg = torch.tensor(positive), torch.tensor(negative)
-    greater = (pos[:, None] > neg[None, :]).float().sum() + 0.5 * (pos[:, None] == neg[None, :]).float().sum()
-    return float(greater / (len(positive) * len(negative)))
+    pos, neg = torch.tensor(positive, dtype=torch.float64), torch.tensor(negative, dtype=torch.float64)
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater) / (len(positive) * len(negative))
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``n`` samples of which ``c`` are right: ``1 - C(n-c, k) / C(n, k)``.
+
+    >>> pass_at_k(4, 1, 1), pass_at_k(4, 1, 2), pass_at_k(4, 0, 4), pass_at_k(4, 3, 2)
+    (0.25, 0.5, 0.0, 1.0)
+    """
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 1 <= k <= n, got k={k}, n={n}")
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 def accuracy(completions: list[str], answers: list[str]) -> float:
@@ -137,12 +165,42 @@ def vote_accuracy(completions: list[str], answers: list[str], num_samples: int,
 
 
 def separation(values: list[float | None], correct: list[bool], prefix: str) -> dict:
-    """Mean of a signal over correct and incorrect answers, and its Mann-Whitney AUC (correct > incorrect)."""
+    """Mean of a signal over correct and incorrect answers, its Mann-Whitney AUC (correct > incorrect)
+    and rank-biserial effect size ``2 AUC - 1`` (answers without a value are left out)."""
     right = [v for v, ok in zip(values, correct) if ok and v is not None]
     wrong = [v for v, ok in zip(values, correct) if not ok and v is not None]
+    auc = mann_whitney_auc(right, wrong)
     return {f"{prefix}_correct": sum(right) / len(right) if right else float("nan"),
             f"{prefix}_incorrect": sum(wrong) / len(wrong) if wrong else float("nan"),
-            f"{prefix}_auc": mann_whitney_auc(right, wrong)}
+            f"{prefix}_auc": auc, f"{prefix}_effect": 2 * auc - 1}
+
+
+def reliability(values: list[float | None], correct: list[bool], bins: int = 5, hist_bins: int = 20) -> dict:
+    """Accuracy per signal quantile bin (a reliability table) and a histogram of the signal for right and
+    wrong answers (what ``recipes.plot`` draws).
+
+    >>> table = reliability([0.1, 0.2, 0.3, 0.9], [False, False, True, True], bins=2)["reliability"]
+    >>> [(row["count"], row["accuracy"]) for row in table]
+    [(2, 0.0), (2, 1.0)]
+    """
+    pairs = sorted((v, ok) for v, ok in zip(values, correct) if v is not None and math.isfinite(v))
+    rows = []
+    for b in range(bins):
+        chunk = pairs[b * len(pairs) // bins : (b + 1) * len(pairs) // bins]
+        if chunk:
+            rows.append({"low": chunk[0][0], "high": chunk[-1][0], "count": len(chunk),
+                         "mean": sum(v for v, _ in chunk) / len(chunk),
+                         "accuracy": sum(ok for _, ok in chunk) / len(chunk)})
+    out: dict = {"reliability": rows}
+    if pairs:
+        low, high = pairs[0][0], pairs[-1][0]
+        width = (high - low) / hist_bins or 1.0
+        counts = {True: [0] * hist_bins, False: [0] * hist_bins}
+        for v, ok in pairs:
+            counts[ok][min(int((v - low) / width), hist_bins - 1)] += 1
+        out["histogram"] = {"edges": [low + i * width for i in range(hist_bins + 1)], "correct": counts[True],
+                            "incorrect": counts[False]}
+    return out
 
 
 def evaluate_model(model, tokenizer, data: Dataset, cfg: EvalConfig, desc: str = "eval") -> dict:
@@ -165,26 +223,36 @@ def evaluate_model(model, tokenizer, data: Dataset, cfg: EvalConfig, desc: str =
         gold = [a for a in answers for _ in range(cfg.num_samples)]
         correct = [answers_match(extract_answer(t), a) for t, a in zip(texts, gold)]
         report["sampled_accuracy"] = sum(correct) / max(len(correct), 1)
-        if cfg.num_samples > 1:
-            report["vote_accuracy"] = vote_accuracy(texts, answers, cfg.num_samples)
-        if cfg.self_certainty or cfg.internal_consistency:
+        n = cfg.num_samples
+        for k in sorted(set(cfg.pass_k or [1, n])):
+            if k <= n:
+                report[f"pass@{k}"] = sum(pass_at_k(n, sum(correct[q * n : (q + 1) * n]), k)
+                                          for q in range(len(answers))) / max(len(answers), 1)
+        if n > 1:
+            report["vote_accuracy"] = vote_accuracy(texts, answers, n)
+        if cfg.self_certainty or cfg.negative_entropy or cfg.internal_consistency:
             ic = InternalConsistency(cfg.ic_mode, cfg.ic_layers) if cfg.internal_consistency else None
-            repeated = [p for p in prompts for _ in range(cfg.num_samples)]
+            repeated = [p for p in prompts for _ in range(n)]
             signals = internal_signals(model, tokenizer, repeated, ids, temperature=cfg.temperature,
-                                       batch_size=cfg.batch_size, certainty=cfg.self_certainty, consistency=ic)
-            if cfg.self_certainty:
-                report.update(separation(signals["self_certainty"], correct, "sc"))
+                                       batch_size=cfg.batch_size, certainty=cfg.self_certainty,
+                                       entropy=cfg.negative_entropy, consistency=ic)
+            report["calibration"] = {}
+            for name, prefix, wanted in (("self_certainty", "sc", cfg.self_certainty),
+                                         ("negative_entropy", "ne", cfg.negative_entropy),
+                                         ("internal_consistency", "ic", ic is not None)):
+                if wanted:
+                    report.update(separation(signals[name], correct, prefix))
+                    report["calibration"][name] = reliability(signals[name], correct)
             if ic is not None:
-                report.update(separation(signals["internal_consistency"], correct, "ic"))
-                if cfg.num_samples > 1:
+                if n > 1:
                     report["ic_vote_accuracy"] = vote_accuracy(texts, answers, cfg.num_samples,
                                                                signals["internal_consistency"])
     return report
 
 
 def format_table(reports: dict[str, dict]) -> str:
-    """A plain-text table: one row per model, one column per metric."""
-    metrics = sorted({k for r in reports.values() for k in r if k != "rows"})
+    """A plain-text table: one row per model, one column per scalar metric."""
+    metrics = sorted({k for r in reports.values() for k, v in r.items() if k != "rows" and isinstance(v, (int, float))})
     width = max(len(name) for name in reports) + 2
     lines = ["model".ljust(width) + "".join(m.rjust(20) for m in metrics)]
     for name, report in reports.items():
@@ -193,8 +261,16 @@ def format_table(reports: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def write_report(reports: dict[str, dict], directory: str | Path) -> Path:
+def write_report(reports: dict[str, dict], directory: str | Path, meta: dict | None = None) -> Path:
+    """``<directory>/eval.json``: one entry per model label, plus ``_meta`` (config, model ids, data)."""
     path = Path(directory) / "eval.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(reports, indent=2))
+    path.write_text(json.dumps({**reports, **({"_meta": meta} if meta else {})}, indent=2, default=str))
     return path
+
+
+def read_reports(path: str | Path) -> dict[str, dict]:
+    """The model reports of an ``eval.json`` (or of a run directory holding one), without ``_meta``."""
+    path = Path(path)
+    path = path / "eval.json" if path.is_dir() else path
+    return {label: report for label, report in json.loads(path.read_text()).items() if not label.startswith("_")}

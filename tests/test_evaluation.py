@@ -26,7 +26,7 @@ def test_sc_and_sc_ic_voting_on_a_hand_built_example():
 
 def test_separation_skips_unscored_answers():
     out = separation([0.9, None, 0.2, 0.4], [True, True, False, False], "ic")
-    assert out == {"ic_correct": 0.9, "ic_incorrect": 0.30000000000000004, "ic_auc": 1.0}
+    assert out == {"ic_correct": 0.9, "ic_incorrect": 0.30000000000000004, "ic_auc": 1.0, "ic_effect": 1.0}
     assert math.isnan(separation([0.1], [True], "sc")["sc_auc"])
 
 
@@ -74,3 +74,77 @@ def test_tiny_world_evaluation_is_deterministic_and_reports_sc_ic(warm_model_dir
                 "ic_correct", "ic_incorrect"):
         assert key in first, key
     assert 0 <= first["ic_correct"] <= 1 and 0 <= first["vote_accuracy"] <= 1
+
+
+def test_pass_at_k_equals_the_subset_probability():
+    from itertools import combinations
+
+    from recipes.evaluation import pass_at_k
+
+    for n in range(1, 7):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                flags = [True] * c + [False] * (n - c)
+                subsets = list(combinations(range(n), k))
+                exact = sum(any(flags[i] for i in s) for s in subsets) / len(subsets)
+                assert abs(pass_at_k(n, c, k) - exact) < 1e-12, (n, c, k)
+
+
+def test_auroc_and_effect_size_by_hand():
+    from recipes.evaluation import mann_whitney_auc
+
+    right, wrong = [0.9, 0.5, 0.5], [0.5, 0.1]
+    # pairs: (0.9>0.5, 0.9>0.1, 0.5=0.5, 0.5>0.1, 0.5=0.5, 0.5>0.1) = 4 wins + 2 ties of 6
+    assert mann_whitney_auc(right, wrong) == (4 + 0.5 * 2) / 6
+    out = separation(right + wrong, [True] * 3 + [False] * 2, "ne")
+    assert out["ne_auc"] == 5 / 6 and abs(out["ne_effect"] - (2 * 5 / 6 - 1)) < 1e-12
+
+
+def test_reliability_table_and_histogram():
+    from recipes.evaluation import reliability
+
+    values = [0.1 * i for i in range(10)] + [None]
+    correct = [i >= 5 for i in range(10)] + [True]
+    out = reliability(values, correct, bins=2, hist_bins=5)
+    assert [r["accuracy"] for r in out["reliability"]] == [0.0, 1.0]
+    assert sum(out["histogram"]["correct"]) == 5 and sum(out["histogram"]["incorrect"]) == 5
+    assert out["histogram"]["incorrect"][:2] == [2, 2] and out["histogram"]["correct"][-1] == 2
+
+
+def test_compare_and_plots_from_recorded_runs(tmp_path, capsys):
+    import json
+
+    from recipes.evaluate import compare
+    from recipes.evaluation import write_report
+    from recipes.plot import main as plot_main
+
+    runs = []
+    for name, slope in (("run_a", 0.01), ("run_b", 0.02)):
+        run = tmp_path / name
+        (run / "checkpoint-4").mkdir(parents=True)
+        history = [{"step": s, "loss": 1.0 - slope * s, "rewards/math_accuracy/mean": 0.5 + slope * s,
+                    "rewards/self_certainty/mean": 6.0 + slope, "signals/self_certainty/mean": 6.0 + slope,
+                    "entropy": 0.3, "completions/mean_length": 4.0, "kl": 0.001 * s} for s in range(1, 5)]
+        (run / "checkpoint-4" / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+        runs.append(run)
+    report = {"greedy_accuracy": 0.5, "sc_auc": 0.6, "calibration": {"self_certainty": {
+        "histogram": {"edges": [0, 1, 2], "correct": [3, 4], "incorrect": [5, 1]}}}}
+    write_report({"model": report}, runs[0], meta={"models": {"model": "x"}})
+    written = plot_main([str(r) for r in runs] + ["--out", str(tmp_path / "plots")])
+    names = {p.name for p in written}
+    assert {"rewards.png", "accuracy.png", "self_certainty.png", "entropy.png", "completion_length.png", "kl.png",
+            "loss.png", "calibration_model_self_certainty.png"} <= names
+    assert all(p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG" for p in written)
+    table = compare([str(runs[0]), str(runs[0] / "eval.json")])
+    assert "run_a/model" in table and "greedy_accuracy" in table and "calibration" not in table
+
+
+def test_hub_dataset_falls_back_to_a_local_copy(tmp_path, caplog):
+    from recipes.config import DataConfig
+
+    local = tmp_path / "gsm8k_test.jsonl"
+    local.write_text('{"question": "1+1?", "answer": "so 2.\\n#### 2"}\n')
+    cfg = DataConfig(path="openai/gsm8k", name="main", split="test", fallback=str(local))
+    with caplog.at_level("WARNING", logger="intrinsic"):
+        data = load_split(cfg, "test")
+    assert data["answer"] == ["so 2.\n#### 2"] and "fallback" in caplog.text
