@@ -19,6 +19,8 @@ demo: setup
 	$(BIN)/python -m recipes.intuitor --config configs/intuitor/tiny_arithmetic.yaml
 	$(BIN)/python -m recipes.rlif --config configs/rlif/tiny_arithmetic_gold.yaml
 	$(BIN)/python -m recipes.evaluate --config configs/evaluate/tiny_rlif.yaml
+	$(BIN)/python -m recipes.plot outputs/rlif/tiny_arithmetic_gold outputs/intuitor/tiny_arithmetic \
+		outputs/evaluate/tiny_rlif --out outputs/plots
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from datasets import Dataset
 
 from .config import RecipeConfig, save_config
@@ -35,6 +37,8 @@ def train_and_evaluate(cfg: RecipeConfig, trainer, tokenizer, test: Dataset | No
         save_config(cfg, args.output_dir)
     trainer.train(resume_from_checkpoint=resume_argument(args))
     trainer.save_model(args.output_dir)
+    if main_process:  # the logged history beside the model, for `python -m recipes.plot`
+        trainer.state.save_to_json(str(Path(args.output_dir) / "trainer_state.json"))
     if test is not None and main_process:
         reports["after"] = evaluate_model(trainer.model, tokenizer, test, cfg.eval, desc="after")
         write_report(reports, args.output_dir)
