@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import torch
 from trl import SFTConfig
 
 from trainers.weighted_sft import WeightedSFTTrainer
@@ -134,6 +135,7 @@ def one_round(cfg, k, here, current, base, tokenizer, verifier, prompts, gold, v
     model = load_model(dataclasses.replace(cfg.model, name_or_path=current))
     samples = rounds.saved_samples(here)
     if samples is None or not (here / "sampled.json").is_file():
+        torch.manual_seed(cfg.trainer.seed + k)  # a resumed run samples what an uninterrupted one would
         rows = rounds.round_rows(len(prompts), imp.prompts_per_round, k)
         gold_k = None if gold is None else [gold[i] for i in rows]
         samples, metrics = rounds.score_round(model, tokenizer, verifier, [prompts[i]["prompt"] for i in rows], gold_k,
@@ -152,6 +154,8 @@ def one_round(cfg, k, here, current, base, tokenizer, verifier, prompts, gold, v
         args = rounds.round_args(cfg.trainer, here / "trainer", cfg.trainer.seed + k)
         trainer = WeightedSFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
                                      peft_config=lora_config(cfg.peft, model))
+        if len(trainer.train_dataset) == 0:
+            raise ValueError(f"round {k}: every kept sample lost its completion to trainer.max_length truncation")
         trainer.train()
         model = trainer.model.merge_and_unload() if cfg.peft is not None else trainer.model
         metrics["train_loss"] = trainer.state.log_history[-1].get("train_loss", float("nan"))

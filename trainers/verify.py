@@ -249,7 +249,7 @@ def ds_filter(weights: Sequence[float], ds: Sequence[float], keep_fraction: floa
 
     IWSI keeps the lowest-DS share of the self-consistency-filtered samples; the others get 0.
 
-    >>> ds_filter([1, 1, 0, 1], [1.1, 9.0, 1.0, 1.5], keep_fraction=0.67)
+    >>> ds_filter([1, 1, 0, 1], [1.1, 9.0, 1.0, 1.5], keep_fraction=0.6)  # ceil(0.6 * 3) = 2 of the 3 kept
     [1, 0.0, 0, 1]
     """
     if not 0 < keep_fraction <= 1:
