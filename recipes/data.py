@@ -83,9 +83,18 @@ def load_split(cfg: DataConfig, split: str, max_rows: int | None = None, source:
             raise ConfigError(source, f"data.columns.{ours}",
                               f"column {theirs!r} not in dataset {cfg.path} (columns: {data.column_names})",
                               close[0] if close else None)
-    rename = {theirs: ours for ours, theirs in cfg.columns.items() if theirs != ours}
-    clash = [ours for ours in rename.values() if ours in data.column_names]
+    rename, copies = {}, {}  # one dataset column may serve two roles (MATH's solution: answer and completion)
+    for ours, theirs in cfg.columns.items():
+        if theirs == ours:
+            continue
+        if theirs in rename or cfg.columns.get(theirs) == theirs:
+            copies[ours] = rename.get(theirs, theirs)
+        else:
+            rename[theirs] = ours
+    clash = [ours for ours in [*rename.values(), *copies] if ours in data.column_names]
     data = data.remove_columns(clash).rename_columns(rename)
+    for ours, source in copies.items():
+        data = data.add_column(ours, data[source])
     if "question" not in data.column_names:
         close = difflib.get_close_matches("question", data.column_names, n=1, cutoff=0.75)
         raise ConfigError(source, "data.columns.question",

@@ -65,4 +65,15 @@ def dry_run_overrides(schema: type[RecipeConfig], path: str | os.PathLike, overr
         out.append("trainer.per_device_train_batch_size=2")
     if "max_length" in fields:
         out.append("trainer.max_length=64")
+    if "improve" in {f.name for f in dataclasses.fields(schema)}:  # self-improvement: one small round
+        write_rows(raw.get("data", {}).get("columns") or {}, data_file, n=64)
+        ds = 3 if (raw.get("improve") or {}).get("ds_valid_rows") else 0  # <= 5% of the 61 prompts left
+        out += ["improve.iterations=1", "improve.num_samples=2", "improve.max_new_tokens=4", "improve.batch_size=8",
+                "improve.prompts_per_round=null", f"improve.ds_valid_rows={ds}"]
+        if "max_length" in fields:  # character-level prompts (system prompt included) need more than 64 tokens
+            out.append("trainer.max_length=512")
+        if raw.get("instructions"):
+            columns = raw["instructions"].get("columns") or {}
+            pairs = write_rows(columns, Path(workdir) / "pairs.jsonl", n=8)
+            out += [f"instructions.path={pairs}", "instructions.name=null", "instructions.max_rows=null"]
     return out

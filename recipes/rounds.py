@@ -1,0 +1,163 @@
+"""Plumbing of the self-improvement recipe: sample and self-verify one round, build its training
+set, keep per-round state on disk (samples as a dataset, a ``DONE`` marker with the metrics).
+
+Layout of a run (``trainer.output_dir``)::
+
+    round_0/DONE                 held-out metrics of the starting model
+    round_k/samples/             every sample of round k: prompt, completion, answer, score, weight, ...
+    round_k/model/               weights after round k (the next round samples from them)
+    round_k/DONE                 round k's metrics (JSON); a finished round is never redone
+    rounds.json                  every finished round's metrics
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from pathlib import Path
+
+from datasets import Dataset, load_from_disk
+
+from rewards import answers_match, build_reward, extract_answer
+from trainers.verify import Verifier, ds_filter, ds_weights, gap_metrics, nile_filter, select, token_signal_dicts
+
+from .config import ConfigError, RewardSpec
+from .data import to_sft_format
+from .evaluation import generate, prompt_texts
+
+logger = logging.getLogger("intrinsic")
+
+
+def build_verifier(specs: list[RewardSpec], source: str) -> Verifier:
+    """The verifier of the ``rewards:`` section (config errors name the reward)."""
+    if not specs:
+        raise ConfigError(source, "rewards", "the verifier needs at least one reward")
+    funcs = []
+    for i, spec in enumerate(specs):
+        try:
+            funcs.append(build_reward(spec.name, **spec.kwargs))
+        except (TypeError, ValueError) as err:
+            raise ConfigError(source, f"rewards.{i}.kwargs", f"{spec.name}: {err}") from None
+    if not any(spec.weight for spec in specs):
+        raise ConfigError(source, "rewards", "every verifier reward has weight 0")
+    return Verifier(funcs, [spec.weight for spec in specs])
+
+
+def sample(model, tokenizer, prompts: list, improve) -> tuple[list, list[str], list[list[int]]]:
+    """``num_samples`` completions per prompt: (prompt per row, texts, token ids), grouped by prompt."""
+    texts, ids = generate(model, tokenizer, prompts, max_new_tokens=improve.max_new_tokens,
+                          batch_size=improve.batch_size, do_sample=True, temperature=improve.temperature,
+                          top_p=improve.top_p, num_return_sequences=improve.num_samples, desc="sample")
+    return [p for p in prompts for _ in range(improve.num_samples)], texts, ids
+
+
+def mean_nll(model, tokenizer, prompts: list, completion_ids: list[list[int]], improve) -> list[float]:
+    """Mean per-token NLL of each completion under ``model`` (the ``logps`` signal)."""
+    prompt_ids = tokenizer(prompt_texts(tokenizer, prompts), add_special_tokens=False)["input_ids"]
+    dicts = token_signal_dicts(model, tokenizer, prompt_ids, completion_ids, list(range(len(prompts))),
+                               temperature=1.0, signals=("logps",), batch_size=improve.batch_size)
+    return [-float(d["logps"].mean()) if d["logps"].numel() else math.inf for d in dicts]
+
+
+def score_round(model, tokenizer, verifier: Verifier, prompts: list, gold: list | None, improve,
+                valid: Dataset | None = None) -> tuple[Dataset, dict]:
+    """Sample, score with the verifier, select (and DS-screen); the round's samples and metrics."""
+    rows, texts, ids = sample(model, tokenizer, prompts, improve)
+    groups = [q for q in range(len(prompts)) for _ in range(improve.num_samples)]
+    signals = None
+    if verifier.internal:
+        prompt_ids = tokenizer(prompt_texts(tokenizer, rows), add_special_tokens=False)["input_ids"]
+        signals = token_signal_dicts(model, tokenizer, prompt_ids, ids, groups, temperature=improve.temperature,
+                                     signals=verifier.signals, lens_modes=verifier.lens_modes,
+                                     lens_layers=verifier.lens_layers(model), batch_size=improve.batch_size)
+    scores = verifier.score(groups, texts, token_signals=signals)
+    answers = [extract_answer(t) for t in texts]
+    weights = select(scores, groups, answers, improve.selection, top_k=improve.top_k, threshold=improve.threshold,
+                     min_share=improve.min_share)
+    columns = {"prompt": rows, "completion": texts, "group": groups, "answer_pred": answers,
+               "score": [math.nan if s is None else s for s in scores], "weight": weights}
+    metrics = {}
+    if valid is not None:  # IWSI: drop the most shifted of the kept samples
+        ds = ds_weights(mean_nll(model, tokenizer, rows, ids, improve), valid_nll(model, tokenizer, valid, improve))
+        screened = ds_filter(weights, ds, improve.ds_keep_fraction)
+        metrics["ds_dropped"] = sum(1 for a, b in zip(weights, screened) if a > 0 and b <= 0)
+        columns.update(ds_weight=ds, weight=screened)
+        weights = screened
+    if gold is not None:
+        columns["gold"] = [g for g in gold for _ in range(improve.num_samples)]
+        metrics.update(gap_metrics(scores, groups, answers, columns["gold"], weights))
+        metrics["correct_kept"] = sum(w > 0 and answers_match(a, g) for w, a, g in zip(weights, answers, columns["gold"]))
+    else:
+        metrics["kept_fraction"] = sum(w > 0 for w in weights) / max(len(weights), 1)
+    metrics["kept"] = sum(w > 0 for w in weights)
+    return Dataset.from_dict(columns), metrics
+
+
+def round_rows(n: int, per_round: int | None, k: int) -> list[int]:
+    """Prompt rows of round ``k`` (1-based): all of them, or the ``k``-th slice of ``per_round`` (cycling).
+
+    >>> round_rows(5, None, 2), round_rows(5, 2, 1), round_rows(5, 2, 3), round_rows(5, 2, 4)
+    ([0, 1, 2, 3, 4], [0, 1], [4, 0], [1, 2])
+    """
+    if per_round is None:
+        return list(range(n))
+    return [((k - 1) * per_round + j) % n for j in range(per_round)]
+
+
+def valid_nll(model, tokenizer, valid: Dataset, improve) -> list[float]:
+    """Mean NLL of the valid set's reference completions (EOS appended, as in generation)."""
+    ids = [tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for c in valid["completion"]]
+    return mean_nll(model, tokenizer, list(valid["prompt"]), ids, improve)
+
+
+def nile_pairs(model, tokenizer, pairs: Dataset, improve) -> tuple[Dataset, float]:
+    """NILE: the instruction pairs whose answer the model's own plurality answer agrees with."""
+    rows, texts, _ = sample(model, tokenizer, list(pairs["prompt"]), improve)
+    groups = [q for q in range(len(pairs)) for _ in range(improve.num_samples)]
+    keep = nile_filter([extract_answer(c) for c in pairs["completion"]], [extract_answer(t) for t in texts], groups)
+    kept = pairs.select([i for i, k in enumerate(keep) if k])
+    return kept, len(kept) / max(len(pairs), 1)
+
+
+def training_set(samples: Dataset, weighted: bool, extra: Dataset | None = None) -> Dataset | None:
+    """Kept samples (and NILE-kept pairs) as SFT rows; a ``weight`` column when reweighting."""
+    kept = samples.filter(lambda row: row["weight"] > 0)
+    data = kept.select_columns(["prompt", "completion"])
+    weights = list(kept["weight"])
+    if extra is not None and len(extra):
+        from datasets import concatenate_datasets
+
+        data = concatenate_datasets([data, extra.select_columns(["prompt", "completion"])])
+        weights += [1.0] * len(extra)
+    if len(data) == 0:
+        return None
+    data = to_sft_format(data)
+    return data.add_column("weight", weights) if weighted else data
+
+
+def round_args(args, output_dir: Path, seed: int):
+    """The recipe's ``SFTConfig`` for one round (its own output dir and seed; no checkpoints kept)."""
+    return dataclasses.replace(args, output_dir=str(output_dir), seed=seed, data_seed=None)
+
+
+def finished(directory: Path) -> dict | None:
+    marker = directory / "DONE"
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def mark_done(directory: Path, metrics: dict) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / "DONE.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2))
+    tmp.replace(directory / "DONE")  # atomic: a killed run never leaves a half-written marker
+
+
+def saved_samples(directory: Path) -> Dataset | None:
+    path = directory / "samples"
+    return load_from_disk(str(path)) if (path / "dataset_info.json").is_file() else None
+
+
+def save_samples(samples: Dataset, directory: Path) -> None:
+    samples.save_to_disk(str(directory / "samples"))
