@@ -17,8 +17,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from rewards import InternalConsistency, answers_match, extract_answer, normalize_answer, plurality
-from trainers.lens import LogitLens, agreement, group_candidates, locate_answers, per_completion
-from trainers.signals import completion_signals, masked_mean, pack_prompt_completion
+from trainers.signals import token_signal_dicts
 
 from .config import EvalConfig
 
@@ -59,60 +58,34 @@ def prompt_texts(tokenizer, prompts: list) -> list[str]:
             for p in prompts]
 
 
-@torch.no_grad()
 def internal_signals(model, tokenizer, prompts: list, completion_ids: list[list[int]], *, temperature: float,
                      batch_size: int = 64, certainty: bool = True, entropy: bool = False,
                      consistency: InternalConsistency | None = None, fallback_last_k: int | None = 4
                      ) -> dict[str, list]:
-    """Per completion, in one no-grad pass per batch of a decoder-only ``model`` (as the RLIF trainer reads them):
+    """Per completion of a decoder-only ``model``, read as the RLIF trainer reads them
+    (:func:`trainers.signals.token_signal_dicts`, one no-grad pass per batch):
 
     * ``self_certainty``: mean ``KL(U || softmax(z/T))`` over the completion (chunked, no ``(B, L, V)``);
     * ``negative_entropy`` (with ``entropy``): ``-mean_t H(softmax(z_t/T))``;
     * ``internal_consistency`` (with ``consistency``): its reward value from the logit lens at the
       answer tokens; consecutive identical prompts form the groups of the ``candidates`` mode, whose
       thresholds are estimated over the whole set (the paper's dataset-level calibration).
+
+    A completion without tokens (or answer positions) gets ``None``.
     """
-    texts = prompt_texts(tokenizer, prompts)
-    head = model.get_output_embeddings()
-    out: dict[str, list] = {"self_certainty": [], "negative_entropy": [], "internal_consistency": []}
-    token_names = ("self_certainty",) * certainty + ("entropy",) * entropy
-    lens = None
-    if consistency is not None:
-        lens = LogitLens(model, consistency.layers, vocab_size=len(tokenizer))
-        indices, found, answer_ids = locate_answers(tokenizer, completion_ids, fallback_last_k)
-        emitted = torch.tensor([t for ids in answer_ids for t in ids], dtype=torch.long)
-        candidates = group_candidates(prompts, answer_ids, found) if consistency.mode == "candidates" else None
-        stats, position = [], 0
-    try:
-        for i in range(0, len(texts), batch_size):
-            prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[i : i + batch_size]]
-            ids, mask, p = pack_prompt_completion(prompt_ids, completion_ids[i : i + batch_size], tokenizer.pad_token_id)
-            ids, mask = ids.to(model.device), mask.to(model.device)
-            if lens is not None:
-                lens.arm(indices[i : i + batch_size], ids.shape[1] - p)
-            hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-            if token_names:
-                values = completion_signals(hidden, head.weight, ids, p, bias=head.bias, temperature=temperature,
-                                            signals=token_names)
-                if certainty:
-                    out["self_certainty"].extend(masked_mean(values["self_certainty"], mask[:, p:]).tolist())
-                if entropy:
-                    out["negative_entropy"].extend((-masked_mean(values["entropy"], mask[:, p:])).tolist())
-            if lens is not None:
-                states, counts = lens.collect()
-                n = sum(counts)
-                window = slice(position, position + n)
-                stats.append(lens.statistics(states, emitted[window], None if candidates is None else candidates[window]))
-                position += n
-    finally:
-        if lens is not None:
-            lens.remove()
-    if lens is not None:
-        merged = {key: torch.cat([s[key] for s in stats]) for key in stats[0]} if stats else {}
-        signals = per_completion(agreement(merged, emitted, (consistency.mode,), candidates), [len(x) for x in indices],
-                                 lens.layers, found)
-        out["internal_consistency"] = [consistency.reduce(s) for s in signals]
-    return out
+    prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts(tokenizer, prompts)]
+    names = ("self_certainty",) * certainty + ("entropy",) * entropy
+    dicts = token_signal_dicts(model, tokenizer, prompt_ids, completion_ids, prompts, temperature=temperature,
+                               signals=names, lens_modes=(consistency.mode,) if consistency else (),
+                               lens_layers=consistency.layers if consistency else None, batch_size=batch_size,
+                               fallback_last_k=fallback_last_k)
+
+    def mean(values: torch.Tensor, sign: float = 1.0) -> float | None:
+        return sign * float(values.mean()) if values.numel() else None
+
+    return {"self_certainty": [mean(d["self_certainty"]) for d in dicts] if certainty else [],
+            "negative_entropy": [mean(d["entropy"], -1.0) for d in dicts] if entropy else [],
+            "internal_consistency": [consistency.reduce(d) for d in dicts] if consistency else []}
 
 
 def mann_whitney_auc(positive: list[float], negative: list[float]) -> float:

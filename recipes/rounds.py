@@ -21,7 +21,8 @@ from pathlib import Path
 from datasets import Dataset, load_from_disk
 
 from rewards import answers_match, build_reward, extract_answer
-from trainers.verify import Verifier, ds_filter, ds_weights, gap_metrics, nile_filter, select, token_signal_dicts
+from trainers.signals import token_signal_dicts
+from trainers.verify import Verifier, ds_filter, ds_weights, gap_metrics, nile_filter, select
 
 from .config import ConfigError, RewardSpec
 from .data import to_sft_format

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from rewards import InternalConsistency, MajorityVote, SelfCertainty
-from trainers.verify import (Verifier, ds_filter, ds_weights, gap_metrics, nile_filter, select, token_signal_dicts,
-                             verifier_picks)
+from trainers.signals import token_signal_dicts
+from trainers.verify import Verifier, ds_filter, ds_weights, gap_metrics, nile_filter, select, verifier_picks
 from trainers.weighted_sft import weighted_sequence_loss
 
 from tests.conftest import ROOT

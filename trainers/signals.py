@@ -73,6 +73,9 @@ from collections.abc import Sequence
 
 import torch
 
+from rewards import LENS_SIGNALS
+
+from .lens import LogitLens, agreement, group_candidates, locate_answers, per_completion
 
 __all__ = [
     "SIGNALS",
@@ -80,6 +83,7 @@ __all__ = [
     "completion_signals",
     "masked_mean",
     "pack_prompt_completion",
+    "token_signal_dicts",
     "token_signals",
 ]
 
@@ -308,3 +312,62 @@ def pack_prompt_completion(
     mask = torch.cat([padded([[1] * len(p) for p in prompt_ids], 0, "left"),
                       padded([[1] * len(c) for c in completion_ids], 0, "right")], dim=1)
     return ids, mask, prompts.shape[1]
+
+
+@torch.no_grad()
+def token_signal_dicts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
+                       prompts: Sequence, *, temperature: float, signals: Sequence[str] = (),
+                       lens_modes: Sequence[str] = (), lens_layers: Sequence[int] | None = None, batch_size: int = 64,
+                       fallback_last_k: int | None = 4, quantile: float = 0.5) -> list[dict]:
+    """Internal signals of a decoder-only ``model`` on given completions, as ``RLIFTrainer`` hands them to rewards.
+
+    One no-grad pass per batch (TRL's layout, :func:`pack_prompt_completion`) yields, per completion,
+    1-D per-token tensors of ``signals`` (EOS included; vocabulary restricted to ``len(tokenizer)``)
+    and, with ``lens_modes``, the logit-lens agreement ``ic_<mode>`` at the answer tokens
+    (:mod:`trainers.lens`). ``prompts`` define the groups of the ``candidates`` mode, whose
+    per-layer thresholds are estimated over all the completions given (dataset-level calibration);
+    only the lens statistics of each batch are kept between batches, not its hidden states.
+    """
+    unknown = (set(signals) - set(SIGNALS)) | ({f"ic_{m}" for m in lens_modes} - set(LENS_SIGNALS))
+    if unknown:
+        raise ValueError(f"unknown signals {sorted(unknown)}; available: {list(SIGNALS + LENS_SIGNALS)}")
+    out: list[dict] = [{} for _ in completion_ids]
+    head = model.get_output_embeddings()
+    vocab = len(tokenizer) if len(tokenizer) < head.weight.shape[0] else None
+    lens = LogitLens(model, lens_layers, vocab_size=len(tokenizer)) if lens_modes else None
+    if lens is not None:
+        indices, found, answer_ids = locate_answers(tokenizer, completion_ids, fallback_last_k)
+        emitted = torch.tensor([t for ids in answer_ids for t in ids], dtype=torch.long)
+        candidates = group_candidates(prompts, answer_ids, found) if "candidates" in lens_modes else None
+        stats, position = [], 0
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(completion_ids), batch_size):
+            batch = list(completion_ids[i : i + batch_size])
+            ids, mask, p = pack_prompt_completion(prompt_ids[i : i + batch_size], batch, tokenizer.pad_token_id)
+            ids, mask = ids.to(head.weight.device), mask.to(head.weight.device)
+            if lens is not None:
+                lens.arm(indices[i : i + batch_size], ids.shape[1] - p)
+            hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            if signals:
+                values = completion_signals(hidden, head.weight, ids, p, bias=head.bias, temperature=temperature,
+                                            signals=tuple(signals), vocab_size=vocab)
+                for j, c in enumerate(batch):
+                    out[i + j].update({name: v[j, : len(c)].float().cpu() for name, v in values.items()})
+            if lens is not None:
+                states, counts = lens.collect()
+                window = slice(position, position + sum(counts))
+                stats.append(lens.statistics(states, emitted[window],
+                                             None if candidates is None else candidates[window]))
+                position = window.stop
+        if lens is not None:
+            merged = {key: torch.cat([s[key] for s in stats]) for key in stats[0]} if stats else {}
+            for extra, lensed in zip(out, per_completion(agreement(merged, emitted, tuple(lens_modes), candidates, quantile),
+                                                         [len(x) for x in indices], lens.layers, found)):
+                extra.update(lensed)
+    finally:
+        model.train(was_training)
+        if lens is not None:
+            lens.remove()
+    return out

@@ -3,10 +3,7 @@
 A round of self-improvement samples ``N`` completions per prompt; consecutive identical prompts
 form a group (as for every group reward). Pieces, each a small function:
 
-* :func:`token_signal_dicts` -- the per-token signals (``logps`` / ``entropy`` /
-  ``self_certainty``, and the logit lens at the answer tokens) every completion's internal
-  rewards read, in one no-grad pass of the model per batch, exactly as ``RLIFTrainer`` hands
-  them to rewards (``trainers.signals`` and ``trainers.lens`` do the math);
+* (the signals internal rewards read come from :func:`trainers.signals.token_signal_dicts`);
 * :class:`Verifier` -- a weighted sum of reward objects (``rewards``): ``score = sum_k w_k r_k``;
 * :func:`select` -- filter (``top_k`` per group, ``threshold``, ``plurality``) or ``reweight``;
 * :func:`ds_weights` / :func:`ds_filter` -- IWSI's distribution-shift screen against a valid set;
@@ -20,65 +17,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch
 
 from rewards import LENS_SIGNALS, SIGNALS, InternalReward, answers_match, default_layers, group_rows, plurality
 
-from .lens import LogitLens, lens_modules, locate_answers
-from .signals import completion_signals, pack_prompt_completion
+from .lens import lens_modules
 
 MODES = ("top_k", "threshold", "plurality", "reweight")
-
-
-@torch.no_grad()
-def token_signal_dicts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
-                       prompts: Sequence, *, temperature: float, signals: Sequence[str] = (),
-                       lens_modes: Sequence[str] = (), lens_layers: Sequence[int] | None = None, batch_size: int = 64,
-                       fallback_last_k: int | None = 4, quantile: float = 0.5) -> list[dict]:
-    """One dict per completion of 1-D per-token tensors (EOS included), as internal rewards read them.
-
-    ``prompts`` (any hashable-by-repr values) define the groups of the lens ``candidates`` mode.
-    Decoder-only models; ``vocab_size`` of the signals and the lens is ``len(tokenizer)``.
-    """
-    unknown = (set(signals) - set(SIGNALS)) | ({f"ic_{m}" for m in lens_modes} - set(LENS_SIGNALS))
-    if unknown:
-        raise ValueError(f"unknown signals {sorted(unknown)}; available: {list(SIGNALS + LENS_SIGNALS)}")
-    out: list[dict] = [{} for _ in completion_ids]
-    head = model.get_output_embeddings()
-    vocab = len(tokenizer) if len(tokenizer) < head.weight.shape[0] else None
-    lens = LogitLens(model, lens_layers, vocab_size=len(tokenizer)) if lens_modes else None
-    if lens is not None:
-        indices, found, answer_ids = locate_answers(tokenizer, completion_ids, fallback_last_k)
-        parts, counts = [], []
-    was_training = model.training
-    model.eval()
-    try:
-        for i in range(0, len(completion_ids), batch_size):
-            batch = list(completion_ids[i : i + batch_size])
-            ids, mask, p = pack_prompt_completion(prompt_ids[i : i + batch_size], batch, tokenizer.pad_token_id)
-            ids, mask = ids.to(head.weight.device), mask.to(head.weight.device)
-            if lens is not None:
-                lens.arm(indices[i : i + batch_size], ids.shape[1] - p)
-            hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-            if signals:
-                values = completion_signals(hidden, head.weight, ids, p, bias=head.bias, temperature=temperature,
-                                            signals=tuple(signals), vocab_size=vocab)
-                for j, c in enumerate(batch):
-                    out[i + j].update({name: v[j, : len(c)].float().cpu() for name, v in values.items()})
-            if lens is not None:
-                states, batch_counts = lens.collect()
-                parts.append(states)
-                counts += batch_counts
-        if lens is not None:
-            states = torch.cat(parts, dim=1) if parts else torch.empty(0)
-            for extra, lensed in zip(out, lens.signals(states, counts, answer_ids, found, tuple(lens_modes),
-                                                       prompts=list(prompts), quantile=quantile)):
-                extra.update(lensed)
-    finally:
-        model.train(was_training)
-        if lens is not None:
-            lens.remove()
-    return out
 
 
 class Verifier:
@@ -86,7 +30,7 @@ class Verifier:
 
     A completion whose weighted reward is ``None``/NaN for any reward with ``w_k != 0`` gets ``None``
     (it can be neither selected nor kept). :attr:`signals`, :attr:`lens_modes` and
-    :attr:`lens_layers` say what :func:`token_signal_dicts` must compute for the internal ones.
+    :attr:`lens_layers` say what :func:`trainers.signals.token_signal_dicts` must compute for the internal ones.
 
     >>> from rewards import MajorityVote
     >>> Verifier([MajorityVote()], [2.0]).score(["q"] * 3, ["7", "7", "8"])
