@@ -43,6 +43,16 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class QuantizationSection:
+    """4-bit bitsandbytes quantisation of the frozen base weights (QLoRA)."""
+
+    bits: Literal[4] = field(default=4, metadata={"help": "weight bits (4)"})
+    quant_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "4-bit data type"})
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = field(default="bfloat16", metadata={"help": "matmul dtype"})
+    double_quant: bool = field(default=True, metadata={"help": "quantise the quantisation constants too"})
+
+
+@dataclass
 class ModelConfig:
     """Which model to load and how."""
 
@@ -53,6 +63,12 @@ class ModelConfig:
     attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa, flash_attention_2, ..."})
     revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow custom modelling code from the Hub"})
+    quantization: QuantizationSection | None = field(
+        default=None, metadata={"help": "bitsandbytes 4-bit loading (QLoRA; needs a CUDA GPU); null: none"}
+    )
+    adapter: str | None = field(
+        default=None, metadata={"help": "PEFT adapter (Hub or directory) loaded onto the model and trained further"}
+    )
 
 
 @dataclass
@@ -80,6 +96,12 @@ class DataConfig:
     system_prompt: str | None = field(default=None, metadata={"help": "system message; makes prompts conversational"})
     conversational: bool = field(default=False, metadata={"help": "wrap prompts as chat messages"})
     max_rows: int | None = field(default=None, metadata={"help": "keep at most this many training rows"})
+    data_dir: str | None = field(default=None, metadata={"help": "Hub dataset sub-directory (e.g. hh-rlhf's helpful-base)"})
+    split_on: str | None = field(
+        default=None,
+        metadata={"help": "split each question at the last occurrence of this marker: the text up to and including it "
+                          "is the question, the rest the completion (e.g. '\\n\\nAssistant:' for Anthropic HH)"},
+    )
 
 
 @dataclass

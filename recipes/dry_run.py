@@ -50,7 +50,8 @@ def dry_run_overrides(schema: type[RecipeConfig], path: str | os.PathLike, overr
     fields = {f.name for f in dataclasses.fields(schema.trainer_class)} if schema.trainer_class else set()
     out = [
         f"model.name_or_path={TINY.format(family=family)}", "model.dtype=float32", "model.attn_implementation=null",
-        "model.revision=null", f"data.path={data_file}", "data.name=null", "data.max_rows=null",
+        "model.revision=null", "model.quantization=null", "model.adapter=null", f"data.path={data_file}", "data.name=null",
+        "data.data_dir=null", "data.split_on=null", "data.max_rows=null",
         "eval.max_rows=4", "eval.max_new_tokens=4", "eval.batch_size=4", "eval.num_samples=1",
         "eval.before_training=false", f"trainer.output_dir={Path(workdir) / 'out'}", "trainer.max_steps=2",
         "trainer.report_to=[]", "trainer.save_strategy='no'", "trainer.logging_steps=1", "trainer.bf16=false",
@@ -65,4 +66,11 @@ def dry_run_overrides(schema: type[RecipeConfig], path: str | os.PathLike, overr
         out.append("trainer.per_device_train_batch_size=2")
     if "max_length" in fields:
         out.append("trainer.max_length=64")
+    if "value_max_new_tokens" in fields:  # A-LoL: a short precompute in a throwaway cache
+        out += ["trainer.value_max_new_tokens=4", "trainer.precompute_batch_size=4", "trainer.value_epochs=1",
+                "trainer.max_prompt_length=null", "trainer.max_completion_length=null",
+                f"trainer.alol_cache_dir={Path(workdir) / 'alol-cache'}"]
+    own = {f.name for f in dataclasses.fields(schema)}
+    if "value_rows" in own:
+        out.append("value_rows=4")
     return out

@@ -9,6 +9,7 @@ from .base import REGISTRY, Reward, UnknownRewardError, build_reward, completion
 from .format import Format
 from .group import MajorityVote, plurality
 from .internal import SIGNALS, InternalReward, NegativeEntropy, SelfCertainty, SequenceLogProb
+from .model import RewardModel
 
 __all__ = [
     "REGISTRY",
@@ -22,6 +23,7 @@ __all__ = [
     "SequenceLogProb",
     "plurality",
     "Reward",
+    "RewardModel",
     "UnknownRewardError",
     "answers_match",
     "build_reward",
