@@ -375,17 +375,17 @@ def build_trainer_args(trainer_class: type, values: dict, source: str, output_di
         raise ConfigError(source, "trainer", str(err).splitlines()[0]) from None
 
 
-def validate_rewards(rewards: list, origins: dict[tuple, str]) -> list[RewardSpec]:
+def validate_rewards(rewards: list, origins: dict[tuple, str], section: str = "rewards") -> list[RewardSpec]:
     specs = []
     for i, raw in enumerate(rewards or []):
-        key = f"rewards[{i}]"
+        key = f"{section}[{i}]"
         if isinstance(raw, str):
             raw = {"name": raw}
         values = check_section(raw, RewardSpec, key, origins)
         try:
             get_reward_class(values["name"])
         except UnknownRewardError as err:
-            raise ConfigError(_origin(origins, f"rewards.{i}.name"), f"{key}.name", str(err)) from None
+            raise ConfigError(_origin(origins, f"{section}.{i}.name"), f"{key}.name", str(err)) from None
         specs.append(RewardSpec(**values))
     return specs
 
@@ -419,16 +419,18 @@ def check_paths(cfg: RecipeConfig, origins: dict[tuple, str]) -> None:
 def load_config(schema: type[RecipeConfig], path: str | os.PathLike, overrides: list[str] = ()) -> RecipeConfig:
     """Load, merge, validate and build a recipe config (raises :class:`ConfigError`)."""
     raw, origins = load_raw(path, overrides)
-    rewards_raw = raw.pop("rewards", None) if "rewards" in {f.name for f in dataclasses.fields(schema)} else _NO
+    hints = _hints(schema)
+    reward_lists = [f.name for f in dataclasses.fields(schema) if hints.get(f.name) == list[RewardSpec]]
+    rewards_raw = {name: raw.pop(name, None) for name in reward_lists}  # `rewards` and any other list of rewards
     trainer_raw = raw.pop("trainer", None) or {}
     if isinstance(trainer_raw, dict) and isinstance(trainer_raw.get("resume_from_checkpoint"), bool):  # `true`: the last checkpoint
         trainer_raw["resume_from_checkpoint"] = str(trainer_raw["resume_from_checkpoint"]).lower()
     values = check_section(raw, schema, "", origins)
     values["source"] = str(path)
-    if rewards_raw is not _NO:
-        if rewards_raw is not None and not isinstance(rewards_raw, list):
-            raise ConfigError(_origin(origins, "rewards"), "rewards", "expected a list of rewards")
-        values["rewards"] = validate_rewards(rewards_raw, origins)
+    for name, value in rewards_raw.items():
+        if value is not None and not isinstance(value, list):
+            raise ConfigError(_origin(origins, name), name, "expected a list of rewards")
+        values[name] = validate_rewards(value, origins, name)
     cfg = _build(schema, values)
     if schema.trainer_class is not None:
         trainer_values = check_section(trainer_raw, schema.trainer_class, "trainer", origins, strict_required=False)

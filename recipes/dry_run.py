@@ -69,8 +69,31 @@ def dry_run_overrides(schema: type[RecipeConfig], path: str | os.PathLike, overr
     if "value_max_new_tokens" in fields:  # A-LoL: a short precompute in a throwaway cache
         out += ["trainer.value_max_new_tokens=4", "trainer.precompute_batch_size=4", "trainer.value_epochs=1",
                 "trainer.max_prompt_length=null", "trainer.max_completion_length=null",
+                "trainer.drop_nonpositive=false",  # a random stand-in reward model may leave no A > 0
                 f"trainer.alol_cache_dir={Path(workdir) / 'alol-cache'}"]
     own = {f.name for f in dataclasses.fields(schema)}
     if "value_rows" in own:
         out.append("value_rows=4")
+    for section in ("rewards", "eval_rewards"):  # reward models: a tiny random one stands in
+        for i, spec in enumerate(raw.get(section) or []):
+            if isinstance(spec, dict) and spec.get("name") == "reward_model":
+                out += [f"{section}.{i}.kwargs.name_or_path={tiny_reward_model(Path(workdir) / 'reward_model')}",
+                        f"{section}.{i}.kwargs.dtype=float32", f"{section}.{i}.kwargs.revision=null"]
     return out
+
+
+def tiny_reward_model(directory: Path) -> str:
+    """A random 1-layer Qwen2 sequence classifier (one output) with the character tokenizer."""
+    if not (directory / "config.json").exists():
+        import torch
+        from transformers import AutoModelForSequenceClassification, Qwen2Config
+
+        from .tiny.tokenizer import build_char_tokenizer
+
+        tok = build_char_tokenizer()
+        config = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id)
+        torch.manual_seed(0)
+        AutoModelForSequenceClassification.from_config(config).save_pretrained(directory)
+        tok.save_pretrained(directory)
+    return str(directory)
