@@ -346,6 +346,8 @@ class ALoLTrainer(SFTTrainer):
                                 uniform=not self.args.priority_sampling)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "alol_advantage" not in inputs:  # an eval set without precomputed values: TRL's NLL
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
         reward, advantage = inputs.pop("alol_reward"), inputs.pop("alol_advantage")
         ref_flat = inputs.pop("alol_ref_logps")

@@ -275,7 +275,7 @@ def _compute(trainer, dataset: Dataset, reward_funcs, reward_weights, value_data
             if reward_funcs is None:
                 raise ValueError("the value head scores the reference's own answers: it needs reward_funcs "
                                  "(a reward_column alone cannot score new responses)")
-            prompt_ids, prepared = _value_prompts(trainer, value_dataset)
+            prompt_ids, prepared = value_dataset
             answers = _greedy(model, tokenizer, prompt_ids, args.value_max_new_tokens, args.precompute_batch_size)
             targets = score(reward_funcs, reward_weights, list(prepared["prompt"]),
                             [_completion_text(tokenizer, a) for a in answers], _extra_columns(prepared),
@@ -361,6 +361,8 @@ def precompute(trainer, reward_funcs, reward_weights, value_dataset, extra: str 
     rewards_id = repr([(repr(f), w) for f, w in zip(reward_funcs or [], reward_weights or [])])
     value_fp = "" if value_dataset is None else f"{value_dataset._fingerprint}:{len(value_dataset)}"
     key = _key(trainer, rewards_id, value_dataset is not None, value_fp, extra)
+    if value_dataset is not None:  # on every rank: TRL's preparation runs collectives (main-first barriers)
+        value_dataset = _value_prompts(trainer, value_dataset)
     path = cache_root(args) / key / "precompute.pt"
     acc = trainer.accelerator
     data, loaded = None, False
