@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 import recipes
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-NOT_RECIPES = {"cli", "config", "data", "dry_run", "evaluation", "modeling", "plot", "rounds", "training", "tiny"}
+NOT_RECIPES = {"cli", "config", "data", "dry_run", "evaluation", "modeling", "plot", "reward_eval", "rounds",
+               "training", "tiny"}
 
 
 def recipe_names() -> list[str]:

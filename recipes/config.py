@@ -43,6 +43,16 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class QuantizationSection:
+    """4-bit bitsandbytes quantisation of the frozen base weights (QLoRA)."""
+
+    bits: Literal[4] = field(default=4, metadata={"help": "weight bits (4)"})
+    quant_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "4-bit data type"})
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = field(default="bfloat16", metadata={"help": "matmul dtype"})
+    double_quant: bool = field(default=True, metadata={"help": "quantise the quantisation constants too"})
+
+
+@dataclass
 class ModelConfig:
     """Which model to load and how."""
 
@@ -53,6 +63,12 @@ class ModelConfig:
     attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa, flash_attention_2, ..."})
     revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow custom modelling code from the Hub"})
+    quantization: QuantizationSection | None = field(
+        default=None, metadata={"help": "bitsandbytes 4-bit loading (QLoRA; needs a CUDA GPU); null: none"}
+    )
+    adapter: str | None = field(
+        default=None, metadata={"help": "PEFT adapter (Hub or directory) loaded onto the model and trained further"}
+    )
 
 
 @dataclass
@@ -83,6 +99,12 @@ class DataConfig:
     revision: str | None = field(default=None, metadata={"help": "Hub dataset revision (commit, tag or branch)"})
     fallback: str | None = field(
         default=None, metadata={"help": "local directory or file to read when the Hub dataset cannot be loaded"}
+    )
+    data_dir: str | None = field(default=None, metadata={"help": "Hub dataset sub-directory (e.g. hh-rlhf's helpful-base)"})
+    split_on: str | None = field(
+        default=None,
+        metadata={"help": "split each question at the last occurrence of this marker: the text up to and including it "
+                          "is the question, the rest the completion (e.g. '\\n\\nAssistant:' for Anthropic HH)"},
     )
 
 
@@ -373,17 +395,17 @@ def build_trainer_args(trainer_class: type, values: dict, source: str, output_di
         raise ConfigError(source, "trainer", str(err).splitlines()[0]) from None
 
 
-def validate_rewards(rewards: list, origins: dict[tuple, str]) -> list[RewardSpec]:
+def validate_rewards(rewards: list, origins: dict[tuple, str], section: str = "rewards") -> list[RewardSpec]:
     specs = []
     for i, raw in enumerate(rewards or []):
-        key = f"rewards[{i}]"
+        key = f"{section}[{i}]"
         if isinstance(raw, str):
             raw = {"name": raw}
         values = check_section(raw, RewardSpec, key, origins)
         try:
             get_reward_class(values["name"])
         except UnknownRewardError as err:
-            raise ConfigError(_origin(origins, f"rewards.{i}.name"), f"{key}.name", str(err)) from None
+            raise ConfigError(_origin(origins, f"{section}.{i}.name"), f"{key}.name", str(err)) from None
         specs.append(RewardSpec(**values))
     return specs
 
@@ -417,16 +439,18 @@ def check_paths(cfg: RecipeConfig, origins: dict[tuple, str]) -> None:
 def load_config(schema: type[RecipeConfig], path: str | os.PathLike, overrides: list[str] = ()) -> RecipeConfig:
     """Load, merge, validate and build a recipe config (raises :class:`ConfigError`)."""
     raw, origins = load_raw(path, overrides)
-    rewards_raw = raw.pop("rewards", None) if "rewards" in {f.name for f in dataclasses.fields(schema)} else _NO
+    hints = _hints(schema)
+    reward_lists = [f.name for f in dataclasses.fields(schema) if hints.get(f.name) == list[RewardSpec]]
+    rewards_raw = {name: raw.pop(name, None) for name in reward_lists}  # `rewards` and any other list of rewards
     trainer_raw = raw.pop("trainer", None) or {}
     if isinstance(trainer_raw, dict) and isinstance(trainer_raw.get("resume_from_checkpoint"), bool):  # `true`: the last checkpoint
         trainer_raw["resume_from_checkpoint"] = str(trainer_raw["resume_from_checkpoint"]).lower()
     values = check_section(raw, schema, "", origins)
     values["source"] = str(path)
-    if rewards_raw is not _NO:
-        if rewards_raw is not None and not isinstance(rewards_raw, list):
-            raise ConfigError(_origin(origins, "rewards"), "rewards", "expected a list of rewards")
-        values["rewards"] = validate_rewards(rewards_raw, origins)
+    for name, value in rewards_raw.items():
+        if value is not None and not isinstance(value, list):
+            raise ConfigError(_origin(origins, name), name, "expected a list of rewards")
+        values[name] = validate_rewards(value, origins, name)
     cfg = _build(schema, values)
     if schema.trainer_class is not None:
         trainer_values = check_section(trainer_raw, schema.trainer_class, "trainer", origins, strict_required=False)

@@ -61,7 +61,7 @@ def _load_split(cfg: DataConfig, split: str) -> Dataset:
         data = load_from_disk(str(local))
         return data[split] if isinstance(data, DatasetDict) else data
     try:
-        return load_dataset(path, cfg.name, split=split, revision=cfg.revision)
+        return load_dataset(path, cfg.name, split=split, revision=cfg.revision, data_dir=cfg.data_dir)
     except Exception as err:  # offline, unknown name, no access: the configured local copy, if any
         if not cfg.fallback:
             raise
@@ -100,6 +100,8 @@ def load_split(cfg: DataConfig, split: str, max_rows: int | None = None, source:
         raise ConfigError(source, "data.columns.question",
                           f"dataset {cfg.path} has no 'question' column (columns: {data.column_names}); map one",
                           close[0] if close else None)
+    if cfg.split_on:
+        data = data.map(lambda row: _split_on(row["question"], cfg.split_on, source))
     if max_rows is not None:
         data = data.select(range(min(max_rows, len(data))))
     if len(data) == 0:
@@ -117,10 +119,19 @@ def load_split(cfg: DataConfig, split: str, max_rows: int | None = None, source:
     return data.map(make_prompt)
 
 
-def to_sft_format(data: Dataset) -> Dataset:
-    """Prompt-completion rows for TRL's SFTTrainer (completion as an assistant turn if chat)."""
+def _split_on(text: str, marker: str, source: str) -> dict:
+    """``data.split_on``: question = text up to and including the last ``marker``, completion = the rest."""
+    at = text.rfind(marker)
+    if at < 0:
+        raise ConfigError(source, "data.split_on", f"marker {marker!r} not found in a row: {text[:80]!r}")
+    return {"question": text[: at + len(marker)], "completion": text[at + len(marker) :]}
+
+
+def to_sft_format(data: Dataset, keep: list[str] | tuple[str, ...] = ()) -> Dataset:
+    """Prompt-completion rows for TRL's SFTTrainer (completion as an assistant turn if chat), plus
+    the ``keep`` columns (e.g. what a reward reads)."""
     if "completion" not in data.column_names:
         raise ValueError("supervised training needs a 'completion' column (map one in data.columns)")
     if isinstance(data[0]["prompt"], list):
         data = data.map(lambda row: {"completion": [{"role": "assistant", "content": row["completion"]}]})
-    return data.select_columns(["prompt", "completion"])
+    return data.select_columns(["prompt", "completion", *[c for c in keep if c in data.column_names]])

@@ -50,7 +50,8 @@ def dry_run_overrides(schema: type[RecipeConfig], path: str | os.PathLike, overr
     fields = {f.name for f in dataclasses.fields(schema.trainer_class)} if schema.trainer_class else set()
     out = [
         f"model.name_or_path={TINY.format(family=family)}", "model.dtype=float32", "model.attn_implementation=null",
-        "model.revision=null", f"data.path={data_file}", "data.name=null", "data.max_rows=null",
+        "model.revision=null", "model.quantization=null", "model.adapter=null", f"data.path={data_file}", "data.name=null",
+        "data.data_dir=null", "data.split_on=null", "data.max_rows=null",
         "eval.max_rows=4", "eval.max_new_tokens=4", "eval.batch_size=4", "eval.num_samples=1",
         "eval.before_training=false", f"trainer.output_dir={Path(workdir) / 'out'}", "trainer.max_steps=2",
         "trainer.report_to=[]", "trainer.save_strategy='no'", "trainer.logging_steps=1", "trainer.bf16=false",
@@ -65,7 +66,8 @@ def dry_run_overrides(schema: type[RecipeConfig], path: str | os.PathLike, overr
         out.append("trainer.per_device_train_batch_size=2")
     if "max_length" in fields:
         out.append("trainer.max_length=64")
-    if "improve" in {f.name for f in dataclasses.fields(schema)}:  # self-improvement: one small round
+    own = {f.name for f in dataclasses.fields(schema)}
+    if "improve" in own:  # self-improvement: one small round
         write_rows(raw.get("data", {}).get("columns") or {}, data_file, n=64)
         ds = 3 if (raw.get("improve") or {}).get("ds_valid_rows") else 0  # <= 5% of the 61 prompts left
         out += ["improve.iterations=1", "improve.num_samples=2", "improve.max_new_tokens=4", "improve.batch_size=8",
@@ -76,4 +78,33 @@ def dry_run_overrides(schema: type[RecipeConfig], path: str | os.PathLike, overr
             columns = raw["instructions"].get("columns") or {}
             pairs = write_rows(columns, Path(workdir) / "pairs.jsonl", n=8)
             out += [f"instructions.path={pairs}", "instructions.name=null", "instructions.max_rows=null"]
+    if "value_max_new_tokens" in fields:  # A-LoL: a short precompute in a throwaway cache
+        out += ["trainer.value_max_new_tokens=4", "trainer.precompute_batch_size=4", "trainer.value_epochs=1",
+                "trainer.max_prompt_length=null", "trainer.max_completion_length=null",
+                "trainer.drop_nonpositive=false",  # a random stand-in reward model may leave no A > 0
+                f"trainer.alol_cache_dir={Path(workdir) / 'alol-cache'}"]
+    if "value_rows" in own:
+        out.append("value_rows=4")
+    for section in ("rewards", "eval_rewards"):  # reward models: a tiny random one stands in
+        for i, spec in enumerate(raw.get(section) or []):
+            if isinstance(spec, dict) and spec.get("name") == "reward_model":
+                out += [f"{section}.{i}.kwargs.name_or_path={tiny_reward_model(Path(workdir) / 'reward_model')}",
+                        f"{section}.{i}.kwargs.dtype=float32", f"{section}.{i}.kwargs.revision=null"]
     return out
+
+
+def tiny_reward_model(directory: Path) -> str:
+    """A random 1-layer Qwen2 sequence classifier (one output) with the character tokenizer."""
+    if not (directory / "config.json").exists():
+        import torch
+        from transformers import AutoModelForSequenceClassification, Qwen2Config
+
+        from .tiny.tokenizer import build_char_tokenizer
+
+        tok = build_char_tokenizer()
+        config = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id)
+        torch.manual_seed(0)
+        AutoModelForSequenceClassification.from_config(config).save_pretrained(directory)
+        tok.save_pretrained(directory)
+    return str(directory)

@@ -44,12 +44,42 @@ def load_tokenizer(cfg: ModelConfig, padding_side: str = "left"):
     return tokenizer
 
 
+def quantization_config(cfg: ModelConfig):
+    """A ``BitsAndBytesConfig`` for ``model.quantization`` (QLoRA), or ``None``; fails clearly without a GPU."""
+    q = cfg.quantization
+    if q is None:
+        return None
+    if not torch.cuda.is_available():
+        raise ValueError(f"{cfg.name_or_path}: model.quantization (4-bit {q.quant_type}, QLoRA) needs a CUDA GPU and "
+                         "bitsandbytes; set model.quantization=null to load unquantised (or use --dry-run)")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ValueError("model.quantization needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
+                              bnb_4bit_compute_dtype=DTYPES[q.compute_dtype])
+
+
 def load_model(cfg: ModelConfig) -> PreTrainedModel:
-    """A causal LM or a seq2seq model, whichever the checkpoint's config says it is."""
+    """A causal LM or a seq2seq model, whichever the checkpoint's config says it is (4-bit with
+    ``model.quantization``; with ``model.adapter`` a trainable PEFT model carrying that adapter)."""
     path = resolve_model_path(cfg.name_or_path)
     config = AutoConfig.from_pretrained(path, **_hub_kwargs(cfg))
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    return auto.from_pretrained(path, **model_init_kwargs(cfg))
+    kwargs = model_init_kwargs(cfg)
+    quantization = quantization_config(cfg)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    model = auto.from_pretrained(path, **kwargs)
+    if cfg.adapter:
+        from peft import PeftModel, prepare_model_for_kbit_training
+
+        if quantization is not None:
+            model = prepare_model_for_kbit_training(model)
+        model = PeftModel.from_pretrained(model, cfg.adapter, is_trainable=True)
+    return model
 
 
 def lora_config(section: LoraConfigSection | None, model: PreTrainedModel | None = None):

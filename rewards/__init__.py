@@ -10,6 +10,7 @@ from .format import Format
 from .consistency import LENS_SIGNALS, ConsistencyVote, InternalConsistency, default_layers
 from .group import MajorityVote, group_rows, plurality
 from .internal import SIGNALS, InternalReward, NegativeEntropy, SelfCertainty, SequenceLogProb
+from .model import RewardModel
 
 __all__ = [
     "LENS_SIGNALS",
@@ -28,6 +29,7 @@ __all__ = [
     "SequenceLogProb",
     "plurality",
     "Reward",
+    "RewardModel",
     "UnknownRewardError",
     "answers_match",
     "build_reward",

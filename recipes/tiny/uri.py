@@ -17,11 +17,13 @@ from datasets import Dataset
 from filelock import FileLock
 
 from .models import FAMILIES, TinyModelSpec, build_tiny_model
+from .samples import SamplesSpec, build_samples, load_samples
 from .tasks import ArithmeticSpec, arithmetic_dataset
 from .tokenizer import build_char_tokenizer
 
 SCHEME = "tiny://"
 TASKS = {"arith": ArithmeticSpec, "arithmetic": ArithmeticSpec}
+DATASETS = {**TASKS, "samples": SamplesSpec}  # dataset URIs; `samples`: a tiny model's own answers (A-LoL data)
 CACHE_VERSION = 1  # bump when what a spec builds changes
 
 
@@ -181,13 +183,15 @@ def resolve_tiny_model(uri: str) -> str:
     return str(_build_once(target, lambda d: _warm_up(base, task, warmup, d)))
 
 
-def parse_dataset_uri(uri: str) -> ArithmeticSpec:
+def parse_dataset_uri(uri: str) -> ArithmeticSpec | SamplesSpec:
     """``tiny://task?options`` -> the task's spec."""
     name, options = _parse(uri)
-    if name not in TASKS:
-        raise TinyURIError(f"{uri!r}: unknown tiny task {name!r}; expected one of {sorted(TASKS)}")
-    spec = _take(TASKS[name], options, uri)
-    _reject_leftovers(options, uri, TASKS[name])
+    if name not in DATASETS:
+        raise TinyURIError(f"{uri!r}: unknown tiny task {name!r}; expected one of {sorted(DATASETS)}")
+    spec = _take(DATASETS[name], options, uri)
+    _reject_leftovers(options, uri, DATASETS[name])
+    if isinstance(spec, SamplesSpec):
+        parse_model_uri(spec.model_uri)
     return spec
 
 
@@ -195,6 +199,10 @@ def resolve_tiny_dataset(uri: str, split: str) -> Dataset:
     """The ``split`` of the generated task named by ``uri`` (``tiny://arithmetic?...``)."""
     spec = parse_dataset_uri(uri)
     try:
+        if isinstance(spec, SamplesSpec):
+            model_dir = resolve_tiny_model(spec.model_uri)
+            target = cache_dir() / "tiny" / f"samples-{_key(spec)}-{Path(model_dir).name[-16:]}"
+            return load_samples(_build_once(target, lambda d: build_samples(spec, model_dir, d)), split)
         return arithmetic_dataset(spec, split)
     except ValueError as err:
         raise TinyURIError(f"{uri!r}: {err}") from None

@@ -1,0 +1,122 @@
+"""A-LoL: offline advantage-weighted policy gradients on existing (prompt, response) data.
+
+    python -m recipes.alol --config configs/alol/tiny_arithmetic.yaml        # CPU, variants table
+    accelerate launch --config_file launch/accelerate/ddp.yaml -m recipes.alol \\
+        --config configs/alol/llama-7b_hh.yaml
+
+Rewards come from ``rewards:`` (any registered reward, a dotted path, or ``reward_model``) or a
+precomputed column (``trainer.reward_column``); the value head learns from the reference's greedy
+answers to ``value_split``. With ``variants: [...]`` every listed loss trains from the same start
+(the precompute is shared through the cache) and one table compares them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from rewards import build_reward
+from trainers import ALOL_VARIANTS, ALoLConfig, ALoLTrainer
+
+from .cli import main
+from .config import ConfigError, DataConfig, RecipeConfig, RewardSpec, check_section, save_config
+from .data import load_split, to_sft_format
+from .evaluation import format_table, write_report
+from .modeling import load_model, load_tokenizer, lora_config
+from .reward_eval import reward_report
+from .training import held_out, resume_argument
+
+
+@dataclass
+class ALoLRecipeConfig(RecipeConfig):
+    """Sections of the alol recipe; ``trainer:`` takes any field of ``ALoLConfig`` (``SFTConfig`` +)."""
+
+    trainer_class = ALoLConfig
+
+    rewards: list[RewardSpec] = field(default_factory=list, metadata={"help": "training reward (weighted sum)"})
+    eval_rewards: list[RewardSpec] = field(default_factory=list, metadata={"help": "test-time reward (default: rewards)"})
+    value_split: str | None = field(default="validation", metadata={"help": "split whose prompts train V(x) (null: V=0)"})
+    value_rows: int | None = field(default=280, metadata={"help": "value-head prompts (null: the whole split)"})
+    eval_sets: dict[str, dict] = field(
+        default_factory=dict, metadata={"help": "label -> data overrides of one test set (default: data.eval_split)"}
+    )
+    variants: list[str] = field(default_factory=list, metadata={"help": "train each of these variants and compare"})
+
+
+def _rewards(specs: list[RewardSpec]) -> tuple[list, list[float]]:
+    return [build_reward(s.name, **s.kwargs) for s in specs], [s.weight for s in specs]
+
+
+def eval_data(cfg: ALoLRecipeConfig) -> dict:
+    if not cfg.eval_sets:
+        test = held_out(cfg)
+        return {} if test is None else {cfg.data.eval_split: test}
+    out = {}
+    for label, overrides in cfg.eval_sets.items():
+        values = check_section(overrides, DataConfig, f"eval_sets.{label}", {(): cfg.source}, strict_required=False)
+        data = replace(cfg.data, **values)
+        out[label] = load_split(data, data.eval_split or data.split, cfg.eval.max_rows, cfg.source)
+    return out
+
+
+def evaluate(model, tokenizer, tests: dict, rewards, weights, cfg: ALoLRecipeConfig, name: str) -> dict:
+    return {label: reward_report(model, tokenizer, data, rewards, weights, cfg.eval, desc=f"{name} {label}")
+            for label, data in tests.items()}
+
+
+def run(cfg: ALoLRecipeConfig) -> dict:
+    for v in cfg.variants:
+        if v not in ALOL_VARIANTS:
+            raise ConfigError(cfg.source, "variants", f"unknown variant {v!r} (variants: {list(ALOL_VARIANTS)})")
+    if not cfg.rewards and not cfg.trainer.reward_column:
+        raise ConfigError(cfg.source, "rewards", "A-LoL needs rewards (or trainer.reward_column)")
+    if cfg.value_split and not cfg.rewards:
+        raise ConfigError(cfg.source, "value_split", "the value head scores new responses: it needs rewards")
+    raw = load_split(cfg.data, cfg.data.split, cfg.data.max_rows, cfg.source)
+    if "completion" not in raw.column_names:
+        raise ConfigError(cfg.source, "data.columns.completion", "A-LoL trains on responses: map a completion column")
+    keep = [c for c in raw.column_names if c not in ("question", "prompt", "completion")]
+    train = to_sft_format(raw, keep=keep)
+    value = load_split(cfg.data, cfg.value_split, cfg.value_rows, cfg.source) if cfg.value_split else None
+    funcs, weights = _rewards(cfg.rewards)
+    eval_funcs, eval_weights = _rewards(cfg.eval_rewards) if cfg.eval_rewards else (funcs, weights)
+    tests = eval_data(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    variants = cfg.variants or [cfg.trainer.variant]
+    reports, precompute = {}, {}
+    for i, variant in enumerate(variants):
+        args: ALoLConfig = copy.deepcopy(cfg.trainer)
+        args.variant = variant
+        if len(variants) > 1:
+            args.output_dir = str(Path(cfg.trainer.output_dir) / variant)
+        model = load_model(cfg.model)
+        trainer = ALoLTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                              peft_config=None if cfg.model.adapter else lora_config(cfg.peft, model), reward_funcs=funcs,
+                              reward_weights=weights, value_dataset=value,
+                              cache_key_extra=f"{cfg.model.name_or_path}@{cfg.model.revision}:{cfg.model.adapter}")
+        main_process = trainer.is_world_process_zero()
+        precompute = trainer.alol.stats
+        if i == 0 and tests and cfg.eval.before_training and main_process:
+            reports["reference"] = evaluate(trainer.model, tokenizer, tests, eval_funcs, eval_weights, cfg, "reference")
+        if main_process:
+            save_config(cfg, args.output_dir)
+            (Path(args.output_dir) / "alol_precompute.json").write_text(json.dumps(precompute, indent=2))
+        trainer.train(resume_from_checkpoint=resume_argument(args))
+        trainer.save_model(args.output_dir)
+        if tests and main_process:
+            reports[variant] = evaluate(trainer.model, tokenizer, tests, eval_funcs, eval_weights, cfg, variant)
+        del trainer, model
+    if reports:  # filled on the main process only
+        flat = {f"{name} [{label}]" if len(tests) > 1 else name: r for name, per in reports.items() for label, r in per.items()}
+        write_report({"precompute": precompute, **reports}, cfg.trainer.output_dir)
+        print(f"A-LoL precompute: kept {precompute['kept_fraction']:.3f} of {precompute['rows']} rows, "
+              f"reward mean {precompute['reward_mean']:.3f}, value val MSE {precompute.get('value_val_mse')} "
+              f"(predicting the mean: {precompute.get('value_val_mse_of_mean')})")
+        print(format_table(flat), flush=True)
+    return reports
+
+
+if __name__ == "__main__":
+    main("alol", ALoLRecipeConfig, run)

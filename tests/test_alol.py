@@ -1,0 +1,356 @@
+"""A-LoL: every loss variant against its formula, value head, sampler, precompute cache, a short run."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+import pytest
+import torch
+from datasets import Dataset
+
+from trainers import ALOL_VARIANTS, AdvantageSampler, ALoLConfig, ALoLTrainer, ValueHead, alol_loss
+
+# ------------------------------------------------------------------------------------------------
+# losses: explicit per-sample, per-token reference (python loops, no shared helpers)
+# ------------------------------------------------------------------------------------------------
+
+LOGPS = [[-0.2, -1.5, -3.0, -0.7], [-2.5, -0.1, -9.0, -9.0], [-0.05, -4.0, -1.0, -1.0]]
+REF = [[-0.3, -0.2, -3.5, -0.1], [-0.5, -0.3, 5.0, 5.0], [-0.04, -4.5, -2.0, -2.0]]
+MASK = [[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]]
+R = [0.8, 0.1, 0.6]
+A = [0.5, 0.2, -0.4]
+
+
+def clip(ratio, eps):
+    return min(max(ratio, 1 - eps), 1 + eps)
+
+
+def reference_loss(variant, reduction, eps=0.9, beta=0.1, floor=0.1):
+    out = []
+    for lp, rf, m, r, a in zip(LOGPS, REF, MASK, R, A):
+        toks = [i for i in range(len(m)) if m[i]]
+        norm = 1.0 if reduction == "sum" else len(toks)
+        nll = sum(-lp[i] for i in toks) / norm
+        seq_ratio = clip(math.exp(sum(lp[i] - rf[i] for i in toks)), eps)
+        if variant == "nll":
+            loss = nll
+        elif variant == "wbc":
+            loss = r * nll
+        elif variant == "r_gold":
+            loss = r * sum(max(math.exp(lp[i]), floor) * -lp[i] for i in toks) / norm
+        elif variant == "r_lol":
+            loss = r * seq_ratio * nll
+        elif variant == "a_lol":
+            loss = a * seq_ratio * nll
+        elif variant == "a_lol_seq":
+            loss = a * sum(clip(math.exp(lp[i] - rf[i]), eps) * -lp[i] for i in toks) / norm
+        elif variant == "a_lol_ref_free":
+            loss = a * nll
+        else:
+            loss = a * nll + beta * sum(lp[i] - rf[i] for i in toks) / norm
+        out.append(loss)
+    return torch.tensor(out)
+
+
+def tensors():
+    logps = torch.tensor(LOGPS, requires_grad=True)
+    return logps, torch.tensor(MASK, dtype=torch.bool), torch.tensor(REF), torch.tensor(R), torch.tensor(A)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("variant", ALOL_VARIANTS)
+def test_loss_matches_formula(variant, reduction):
+    logps, mask, ref, r, a = tensors()
+    # padding holds garbage that must not leak
+    garbage = torch.where(mask, logps, torch.tensor(float("nan")))
+    loss, stats = alol_loss(garbage, mask, torch.where(mask, ref, torch.tensor(float("inf"))), r, a, variant=variant,
+                            reduction=reduction)
+    torch.testing.assert_close(loss, reference_loss(variant, reduction), rtol=1e-5, atol=1e-6)
+    assert set(stats) == {"weight", "clipped"} and not stats["weight"].requires_grad
+
+
+def test_ratio_clipping_at_both_bounds_and_sum_vs_mean():
+    logps, mask, ref, r, a = tensors()
+    # sequence log-ratios: row 0 -1.3, row 1 -1.8 (ratios 0.27, 0.17: below 0.8), row 2 +1.49 (4.4: above 1.2)
+    _, stats = alol_loss(logps, mask, ref, r, a, variant="a_lol", epsilon=0.2)
+    seq = [sum(LOGPS[b][i] - REF[b][i] for i in range(4) if MASK[b][i]) for b in range(3)]
+    expected = [min(max(math.exp(s), 0.8), 1.2) for s in seq]
+    torch.testing.assert_close(stats["weight"], torch.tensor(expected))
+    assert min(expected) == pytest.approx(0.8) and max(expected) == pytest.approx(1.2)  # both bounds hit
+    assert stats["clipped"].tolist() == [float(math.exp(s) < 0.8 or math.exp(s) > 1.2) for s in seq]
+    # a_lol_seq clips per token: fraction of clipped tokens per row
+    _, tok = alol_loss(logps, mask, ref, r, a, variant="a_lol_seq", epsilon=0.2)
+    frac = [sum(1 for i in range(4) if MASK[b][i] and not 0.8 <= math.exp(LOGPS[b][i] - REF[b][i]) <= 1.2)
+            / sum(MASK[b]) for b in range(3)]
+    torch.testing.assert_close(tok["clipped"], torch.tensor(frac))
+    # mean = sum / number of completion tokens, per sample
+    s, _ = alol_loss(logps, mask, ref, r, a, variant="a_lol_ref_free", reduction="sum")
+    m, _ = alol_loss(logps, mask, ref, r, a, variant="a_lol_ref_free", reduction="mean")
+    torch.testing.assert_close(m, s / mask.sum(1))
+
+
+def test_weights_carry_no_gradient_and_negative_advantage_pushes_down():
+    logps, mask, ref, r, a = tensors()
+    loss, stats = alol_loss(logps, mask, ref, r, a, variant="a_lol")
+    loss.sum().backward()
+    # d/dl_t [A w sum(-l)] with w detached = -A w on every completion token
+    expected = -(a * stats["weight"])[:, None] * mask
+    torch.testing.assert_close(logps.grad, expected)
+    logps.grad = None
+    loss, _ = alol_loss(logps, mask, ref, r, a, variant="a_lol_ref_free")
+    loss.sum().backward()
+    assert a[2] < 0 and (logps.grad[2][mask[2]] > 0).all()  # gradient descent lowers the likelihood of row 2
+    assert (logps.grad[0][mask[0]] < 0).all()  # and raises the likelihood of a positive-advantage row
+    logps.grad = None
+    loss, _ = alol_loss(logps, mask, ref, r, a, variant="a_lol_kl", beta=0.5)
+    loss.sum().backward()  # the KL penalty is differentiable: -A + beta per token
+    torch.testing.assert_close(logps.grad, (-a[:, None] + 0.5) * mask)
+
+
+def test_no_nan_when_probabilities_underflow():
+    # 40 tokens at log-prob -200 each: exp(sum) underflows to 0 for policy and reference (naively 0/0)
+    logps = torch.full((2, 40), -200.0, requires_grad=True)
+    ref = torch.full((2, 40), -199.0)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    assert torch.isnan(logps.detach().sum(1).exp() / ref.sum(1).exp()).all()  # the naive ratio
+    for variant in ALOL_VARIANTS:
+        loss, stats = alol_loss(logps, mask, ref, torch.ones(2), torch.ones(2), variant=variant)
+        loss.sum().backward()
+        assert torch.isfinite(loss).all() and torch.isfinite(logps.grad).all(), variant
+        assert torch.isfinite(stats["weight"]).all()
+        logps.grad = None
+    _, stats = alol_loss(logps, mask, ref, None, torch.ones(2), variant="a_lol")
+    torch.testing.assert_close(stats["weight"], torch.full((2,), 0.1))  # exp(-40) clipped at 1 - 0.9
+
+
+def test_bad_arguments():
+    logps, mask, ref, r, a = tensors()
+    with pytest.raises(ValueError, match="unknown A-LoL variant"):
+        alol_loss(logps, mask, variant="ppo")
+    with pytest.raises(ValueError, match="needs ref_logps"):
+        alol_loss(logps, mask, None, r, a, variant="a_lol")
+    with pytest.raises(ValueError, match="epsilon"):
+        alol_loss(logps, mask, ref, r, a, epsilon=1.5)
+    with pytest.raises(ValueError, match="variant"):
+        ALoLConfig(output_dir="x", variant="nope", use_cpu=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# value head, sampler
+# ------------------------------------------------------------------------------------------------
+
+
+def test_value_head_ignores_padding():
+    torch.manual_seed(0)
+    head = ValueHead(16, max_reward=3.0).eval()
+    real = torch.randn(1, 4, 16)
+    padded = torch.cat([real, 1e4 * torch.randn(1, 3, 16)], dim=1)
+    other = torch.cat([real, -1e4 * torch.randn(1, 3, 16)], dim=1)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0]])
+    v_real = head(real, torch.ones(1, 4))
+    torch.testing.assert_close(head(padded, mask), v_real)
+    torch.testing.assert_close(head(other, mask), v_real)
+    assert 0 < float(v_real) < 3.0
+    assert torch.isfinite(head(padded, torch.zeros(1, 7))).all()  # an all-padding row does not NaN
+
+
+def test_sampler_frequencies_proportional_to_advantage():
+    advantages = torch.tensor([0.5, -0.3, 0.0, 1.5, 3.0, 0.0])
+    sampler = AdvantageSampler(advantages, num_samples=60000, seed=3)
+    counts = Counter(list(sampler))
+    assert set(counts) == {0, 3, 4}  # A <= 0 never drawn
+    for i, a in ((0, 0.5), (3, 1.5), (4, 3.0)):
+        assert counts[i] / 60000 == pytest.approx(a / 5.0, abs=0.01)
+    assert list(sampler) == list(AdvantageSampler(advantages, num_samples=60000, seed=3))  # same seed, same draw
+    sampler.set_epoch(1)
+    assert list(sampler)[:50] != list(AdvantageSampler(advantages, num_samples=60000, seed=3))[:50]
+    uniform = Counter(AdvantageSampler(advantages, num_samples=30000, seed=0, uniform=True))
+    assert all(c / 30000 == pytest.approx(1 / 3, abs=0.02) for c in uniform.values())
+    with pytest.raises(ValueError, match="positive"):
+        AdvantageSampler([0.0, -1.0])
+
+
+# ------------------------------------------------------------------------------------------------
+# trainer: precompute, alignment, cache, a short run
+# ------------------------------------------------------------------------------------------------
+
+
+def _rows(n=24):
+    from recipes.tiny.tasks import ArithmeticSpec, arithmetic_rows
+
+    rows = arithmetic_rows(ArithmeticSpec(n_train=n, seed=5), "train")
+    # half right, half wrong answers
+    return [{"prompt": r["question"], "completion": r["answer"] if i % 2 == 0 else str(int(r["answer"]) + 1),
+             "answer": r["answer"]} for i, r in enumerate(rows)]
+
+
+def _trainer(model_dir, tmp_path, variant="a_lol", value=True, **overrides):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rewards import MathAccuracy
+
+    args = dict(output_dir=str(tmp_path / "out"), variant=variant, max_steps=4, per_device_train_batch_size=8,
+                learning_rate=1e-4, report_to=[], save_strategy="no", use_cpu=True, bf16=False, logging_steps=1,
+                alol_cache_dir=str(tmp_path / "cache"), value_epochs=2, value_learning_rate=1e-2,
+                value_max_new_tokens=6, precompute_batch_size=8, max_length=64, seed=0, dataloader_num_workers=0)
+    args.update(overrides)
+    rows = _rows()
+    value_rows = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in _rows(40)[24:]])
+    return ALoLTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=ALoLConfig(**args),
+                       train_dataset=Dataset.from_list(rows), processing_class=AutoTokenizer.from_pretrained(model_dir),
+                       reward_funcs=[MathAccuracy()], value_dataset=value_rows if value else None)
+
+
+def test_precompute_aligns_with_policy_and_cache_is_reused(tiny_model_dir, tmp_path, monkeypatch):
+    import trainers.alol_precompute as pre
+
+    trainer = _trainer(tiny_model_dir, tmp_path)
+    alol = trainer.alol
+    assert not alol.loaded_from_cache and alol.path.exists()
+    assert alol.reward.tolist() == [1.0 if i % 2 == 0 else 0.0 for i in range(24)]
+    torch.testing.assert_close(alol.advantage, alol.reward - alol.value)
+    assert 0 < alol.stats["value_val_mse"] < 1 and alol.stats["value_rows"] == 16
+    assert alol.kept_fraction == pytest.approx(float((alol.advantage > 0).float().mean()))
+    # at step 0 the policy is the reference: its fused-head log-probs equal the cached ones (ratio 1)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.eval()
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, dict(batch))
+    metrics = trainer._metrics["eval"]
+    assert metrics["alol/importance_weight"][-1] == pytest.approx(1.0, abs=1e-4)
+    assert metrics["alol/clip_fraction"][-1] == 0.0
+    assert metrics["alol/batch_advantage"][-1] > 0  # only A > 0 rows are sampled
+    # a second trainer on the same model + data + config loads the cache: no reference computation
+    monkeypatch.setattr(pre, "_compute", lambda *a, **k: pytest.fail("reference pass ran despite the cache"))
+    again = _trainer(tiny_model_dir, tmp_path, variant="a_lol_seq")
+    assert again.alol.loaded_from_cache and again.alol.path == alol.path
+    torch.testing.assert_close(again.alol.advantage, alol.advantage)
+    # another config (no value head) is another key
+    monkeypatch.undo()
+    other = _trainer(tiny_model_dir, tmp_path, value=False)
+    assert other.alol.path != alol.path and torch.equal(other.alol.value, torch.zeros(24))
+
+
+def _expected_reward(model, tokenizer, questions, answers) -> float:
+    """``E_{y ~ pi(.|x)}[math_accuracy]`` at T = 1, up to other spellings of the answer: the mean
+    probability of the gold answer + EOS (teacher forcing; exact, no sampling noise)."""
+    model.eval()
+    texts = [q + a + tokenizer.eos_token for q, a in zip(questions, answers)]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
+    starts = [len(tokenizer(q, add_special_tokens=False)["input_ids"]) for q in questions]
+    with torch.no_grad():
+        logps = torch.log_softmax(model(**enc).logits[:, :-1].float(), -1).gather(-1, enc["input_ids"][:, 1:, None])[..., 0]
+    ends = enc["attention_mask"].sum(1).tolist()
+    return sum(float(logps[i, p - 1 : e - 1].sum().exp()) for i, (p, e) in enumerate(zip(starts, ends))) / len(texts)
+
+
+def test_short_run_improves_training_reward(tiny_model_dir, tmp_path):
+    """Offline pairs where every prompt has a right and a wrong answer (reward 1 / 0): a short A-LoL
+    run samples only the rewarded rows and raises the policy's expected reward on the training prompts.
+    (The A-LoL vs NLL comparison lives in configs/alol/tiny_arithmetic.yaml's table; at 200 steps here
+    A-LoL also beats NLL, 0.48 vs 0.37, too slow for a unit test on 2 shared cores.)"""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rewards import MathAccuracy
+
+    questions = [f"{a}+{b}=" for a in range(10) for b in range(10)]
+    answers = [str(a + b) for a in range(10) for b in range(10)]
+    rows = [{"prompt": q, "completion": c, "answer": a} for q, a in zip(questions, answers)
+            for c in (a, str(int(a) + 1))]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    before = _expected_reward(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, questions, answers)
+    args = ALoLConfig(output_dir=str(tmp_path / "out"), variant="a_lol", max_steps=100, per_device_train_batch_size=32,
+                      learning_rate=3e-3, lr_scheduler_type="constant", report_to=[], save_strategy="no",
+                      use_cpu=True, logging_steps=10, alol_cache_dir=str(tmp_path / "cache"), max_length=32, seed=0,
+                      dataloader_num_workers=0, scale_steps_by_kept_fraction=False, disable_tqdm=True)
+    trainer = ALoLTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
+                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                          reward_funcs=[MathAccuracy()], value_dataset=None)  # V = 0: A = R
+    assert trainer.alol.kept_fraction == 0.5
+    trainer.train()
+    after = _expected_reward(trainer.model, tokenizer, questions, answers)
+    logs = [h for h in trainer.state.log_history if "alol/batch_reward" in h]
+    assert logs and all(h["alol/batch_reward"] == 1.0 for h in logs)  # only rewarded rows are sampled
+    print(f"expected training reward: start {before:.5f}, after {after:.4f}")
+    assert after > before + 0.1, (before, after)
+
+
+def test_tiny_samples_uri(tiny_cache, warm_model_dir):
+    from tests.conftest import TEST_WARMUP
+
+    from recipes.tiny import parse_dataset_uri, resolve_tiny_dataset
+
+    model = TEST_WARMUP.removeprefix("tiny://").replace("?", ";").replace("&", ";")
+    uri = f"tiny://samples?model={model}&n_train=64&n_valid=8&n_test=20&temperature=1.0"
+    assert parse_dataset_uri(uri).model_uri == TEST_WARMUP
+    train, valid, test = (resolve_tiny_dataset(uri, s) for s in ("train", "validation", "test"))
+    assert (len(train), len(valid)) == (64, 8) and 0 < len(test) <= 20
+    assert set(train.column_names) == {"question", "answer", "completion"} and {"question", "answer"} <= set(valid.column_names)
+    assert not set(train["question"]) & set(test["question"])
+
+
+def test_reward_model_reward(tmp_path):
+    from transformers import AutoModelForSequenceClassification, Qwen2Config
+
+    from recipes.tiny.tokenizer import build_char_tokenizer
+    from rewards import RewardModel, build_reward
+
+    tok = build_char_tokenizer()
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    rm = build_reward("reward_model", name_or_path=str(tmp_path), batch_size=2, replace={"=": " = "})
+    prompts, completions = ["1+2=", "3+4=", "10+1="], ["3", "7", "11"]
+    scores = rm(prompts=prompts, completions=completions)
+    raw = RewardModel(str(tmp_path), squash="identity")(prompts=prompts, completions=completions)
+    assert rm.text("1+2=", "3") == "1+2 = 3"
+    assert scores == pytest.approx([1 / (1 + math.exp(-x)) for x in RewardModel(str(tmp_path), squash="identity",
+                                    replace={"=": " = "})(prompts=prompts, completions=completions)])
+    assert all(0 < s < 1 for s in scores) and len(set(raw)) == 3
+    import pickle
+
+    assert pickle.loads(pickle.dumps(rm))(prompts=prompts, completions=completions) == pytest.approx(scores)
+
+
+def test_recipe_dry_run_and_config_errors(tmp_path, capsys):
+    from recipes.alol import ALoLRecipeConfig, run
+    from recipes.cli import main
+
+    with pytest.raises(SystemExit) as err:
+        main("alol", ALoLRecipeConfig, run, ["--config", "configs/alol/tiny_arithmetic.yaml", "trainer.variant=ppo"])
+    assert err.value.code == 2 and "variant must be one of" in capsys.readouterr().err
+    reports = main("alol", ALoLRecipeConfig, run, ["--config", "configs/alol/llama-7b_hh.yaml", "--dry-run"])
+    out = capsys.readouterr().out
+    assert "dry run of configs/alol/llama-7b_hh.yaml" in out and "A-LoL precompute" in out
+    assert set(reports["a_lol"]) == {"harmless_base", "helpful_base", "helpful_online", "helpful_rejection"}
+    assert all(math.isfinite(r["reward"]) for r in reports["a_lol"].values())
+
+
+def test_alol_under_two_process_accelerate_launch(tmp_path, tiny_model_dir):
+    """Rank 0 precomputes, rank 1 loads the same cache file; each rank trains on its own shard."""
+    from tests.conftest import ROOT, run_module
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [
+        {"question": f"{a}+{b}=", "answer": str(a + b), "completion": str(a + b + (a % 2))}
+        for a in range(8) for b in range(8)]))
+    out = tmp_path / "ddp_alol"
+    result = run_module(
+        "accelerate.commands.launch", "--config_file", str(ROOT / "launch/accelerate/ddp.yaml"), "--num_processes", "2",
+        "--mixed_precision", "no", "--main_process_port", "29519", "-m", "recipes.alol",
+        "--config", str(ROOT / "configs/alol/tiny_arithmetic.yaml"), f"model.name_or_path={tiny_model_dir}",
+        f"data.path={data}", "data.eval_split=train", "value_rows=8", "variants=[]", "trainer.variant=a_lol",
+        "trainer.max_steps=4", "trainer.logging_steps=1", "trainer.per_device_train_batch_size=4",
+        "trainer.value_epochs=1", "trainer.save_strategy=steps", "trainer.save_steps=1", f"trainer.output_dir={out}",
+        f"trainer.alol_cache_dir={tmp_path / 'cache'}", "eval.max_rows=4", "eval.before_training=false", timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    log = result.stderr + result.stdout
+    assert log.count("A-LoL precompute (cached): {") == 1 and log.count("A-LoL precompute: {") == 1  # one computes
+    stats = json.loads((out / "alol_precompute.json").read_text())
+    state = json.loads((out / f"checkpoint-{round(4 * stats['kept_fraction'])}" / "trainer_state.json").read_text())
+    assert state["global_step"] == round(4 * stats["kept_fraction"]) and 0 < stats["kept_fraction"] < 1
+    assert all(h["alol/batch_advantage"] > 0 for h in state["log_history"] if "alol/batch_advantage" in h)

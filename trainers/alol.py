@@ -1,0 +1,372 @@
+"""A-LoL: offline advantage-weighted policy gradients on fixed (prompt, response) data.
+
+"Improving Language Models with Advantage-based Offline Policy Gradients" (METHODS.md §4).
+The reference policy ``pi_ref`` is the starting model, frozen. Once, before training
+(:mod:`trainers.alol_precompute`), every training pair gets its reward ``R``, the value ``V(x)`` of
+its prompt (a small head on ``pi_ref``'s prompt hidden states, :class:`ValueHead`), its advantage
+``A = R - V(x)`` and ``pi_ref``'s per-token log-probs; all of it is cached on disk. Training then
+holds the policy only, draws the rows with ``A > 0`` with probability ``∝ A``
+(:class:`AdvantageSampler`) and minimises one of the losses of :func:`alol_loss`.
+
+:class:`ALoLTrainer` is a ``trl.SFTTrainer``: TRL tokenises the pairs and its fused LM head gives
+the policy's per-token log-probs without a ``(batch, length, vocab)`` tensor. Overridden:
+``_set_signature_columns_if_needed`` (keep our columns), ``_get_train_sampler`` (the advantage
+sampler) and ``compute_loss`` (the A-LoL loss); each calls ``super()`` or the TRL forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+from trl import SFTConfig, SFTTrainer
+
+logger = logging.getLogger("intrinsic")
+
+VARIANTS = ("nll", "wbc", "r_gold", "r_lol", "a_lol", "a_lol_seq", "a_lol_ref_free", "a_lol_kl")
+"""Loss variants of :func:`alol_loss` (METHODS.md §4 table)."""
+
+COLUMNS = ("alol_reward", "alol_advantage", "alol_ref_logps")
+"""Columns the precompute adds to the tokenised training rows (and the collator batches)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# The loss: a pure function over tensors
+# ------------------------------------------------------------------------------------------------
+
+
+def _reduce(values: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Per-sequence ``sum_t m_t v_t`` or ``sum_t m_t v_t / sum_t m_t``; masked entries never leak (even NaN/inf)."""
+    total = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum(-1)
+    if reduction == "sum":
+        return total
+    return total / mask.sum(-1).clamp(min=1)
+
+
+def alol_loss(
+    logps: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logps: torch.Tensor | None = None,
+    reward: torch.Tensor | None = None,
+    advantage: torch.Tensor | None = None,
+    *,
+    variant: str = "a_lol",
+    epsilon: float = 0.9,
+    reduction: Literal["sum", "mean"] = "sum",
+    beta: float = 0.1,
+    r_gold_floor: float = 0.1,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-sample A-LoL losses and diagnostics.
+
+    With ``l_t = log pi_theta(y_t | x, y_<t)`` (``logps``, differentiable), ``r_t = log pi_ref(y_t | ...)``
+    (``ref_logps``), ``m_t`` the completion mask, ``NLL_t = -l_t`` and ``red`` the token reduction
+    (``sum``: ``sum_t m_t v_t``; ``mean``: ``sum_t m_t v_t / sum_t m_t``)::
+
+        nll            : red(NLL_t)
+        wbc            : R * red(NLL_t)
+        r_gold         : R * red(max(exp(l_t), floor) * NLL_t)
+        r_lol          : R * w * red(NLL_t),            w   = clip(exp(sum_t m_t (l_t - r_t)))
+        a_lol          : A * w * red(NLL_t)
+        a_lol_seq      : A * red(w_t * NLL_t),          w_t = clip(exp(l_t - r_t))
+        a_lol_ref_free : A * red(NLL_t)
+        a_lol_kl       : A * red(NLL_t) + beta * red(l_t - r_t)
+
+    ``clip`` clips to ``[1 - epsilon, 1 + epsilon]`` **in log space** (``exp(clamp(log_ratio,
+    log(1-eps), log(1+eps)))``), so a sequence ratio whose probabilities underflow is never
+    ``0 / 0``. Every weight (``w``, ``w_t``, ``max(exp(l_t), floor)``, ``R``, ``A``) is detached:
+    gradients flow through ``NLL_t`` only (and through ``l_t`` in the ``a_lol_kl`` penalty).
+
+    Args:
+        logps: ``(B, T)`` policy log-probs of the completion tokens (any value where ``mask`` is 0).
+        mask: ``(B, T)`` bool / 0-1 completion mask.
+        ref_logps: ``(B, T)`` reference log-probs (needed by ratio and KL variants).
+        reward: ``(B,)`` sequence rewards ``R`` (``wbc``, ``r_gold``, ``r_lol``).
+        advantage: ``(B,)`` advantages ``A = R - V(x)`` (``a_lol*``).
+        variant: one of :data:`VARIANTS`.
+        epsilon: clip range, ``0 < epsilon < 1`` (0.9 in the paper).
+        reduction: ``"sum"`` (the paper's ``NLL_theta``) or ``"mean"`` over tokens.
+        beta: KL coefficient of ``a_lol_kl``.
+        r_gold_floor: the lower bound on the token probability of ``r_gold`` (0.1).
+
+    Returns:
+        ``(loss (B,), stats)`` where ``stats`` holds ``weight`` (the importance weight per sample:
+        ``w``, or the masked mean of ``w_t``; 1 for variants without a ratio) and ``clipped`` (the
+        fraction of the sample's ratios that hit a bound), both detached.
+
+    >>> l = torch.log(torch.tensor([[0.5, 0.25]]))
+    >>> loss, _ = alol_loss(l, torch.ones(1, 2, dtype=torch.bool), variant="nll")
+    >>> round(float(loss), 4) == round(math.log(8), 4)
+    True
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown A-LoL variant {variant!r}; expected one of {VARIANTS}")
+    if not 0 < epsilon < 1:
+        raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    mask = mask.bool()
+    logps = logps.float()
+    nll_t = -logps
+    ones = torch.ones(logps.shape[0], device=logps.device)
+    stats = {"weight": ones, "clipped": torch.zeros_like(ones)}
+
+    def need(name, value):
+        if value is None:
+            raise ValueError(f"variant {variant!r} needs {name}")
+        return value.to(logps.device).float()
+
+    if variant in ("r_lol", "a_lol", "a_lol_seq", "a_lol_kl"):
+        ref = need("ref_logps", ref_logps)
+        log_ratio_t = torch.where(mask, logps.detach() - ref, torch.zeros((), device=logps.device))
+    low, high = math.log1p(-epsilon), math.log1p(epsilon)
+
+    if variant == "nll":
+        loss = _reduce(nll_t, mask, reduction)
+    elif variant == "wbc":
+        loss = need("reward", reward) * _reduce(nll_t, mask, reduction)
+    elif variant == "r_gold":
+        floor = logps.detach().exp().clamp(min=r_gold_floor)
+        loss = need("reward", reward) * _reduce(floor * nll_t, mask, reduction)
+    elif variant in ("r_lol", "a_lol"):
+        seq = log_ratio_t.sum(-1)
+        weight = seq.clamp(low, high).exp()
+        stats = {"weight": weight, "clipped": ((seq < low) | (seq > high)).float()}
+        scale = need("reward", reward) if variant == "r_lol" else need("advantage", advantage)
+        loss = scale * weight * _reduce(nll_t, mask, reduction)
+    elif variant == "a_lol_seq":
+        weight_t = log_ratio_t.clamp(low, high).exp()
+        clipped_t = ((log_ratio_t < low) | (log_ratio_t > high)).float()
+        stats = {"weight": _reduce(weight_t, mask, "mean"), "clipped": _reduce(clipped_t, mask, "mean")}
+        loss = need("advantage", advantage) * _reduce(weight_t * nll_t, mask, reduction)
+    elif variant == "a_lol_ref_free":
+        loss = need("advantage", advantage) * _reduce(nll_t, mask, reduction)
+    else:  # a_lol_kl
+        kl = _reduce(torch.where(mask, logps - ref, torch.zeros((), device=logps.device)), mask, reduction)
+        loss = need("advantage", advantage) * _reduce(nll_t, mask, reduction) + beta * kl
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# The value head
+# ------------------------------------------------------------------------------------------------
+
+
+class ValueHead(nn.Module):
+    """``V(x) = min + (max - min) * sigmoid(w . pool(h) + b)`` on the reference's prompt hidden states.
+
+    ``pool`` is attention pooling with one learned query ``q``: ``a = softmax_t(h_t . q / sqrt(H))``
+    over the prompt's real tokens only (padding gets weight 0), ``pool(h) = sum_t a_t h_t``.
+    The input is layer-normalised (no affine) so the head's scale does not depend on the model's.
+
+    >>> head = ValueHead(8, max_reward=2.0)
+    >>> v = head(torch.randn(3, 5, 8), torch.tensor([[1, 1, 1, 0, 0]] * 3))
+    >>> v.shape, bool(((v > 0) & (v < 2)).all())
+    (torch.Size([3]), True)
+    """
+
+    def __init__(self, hidden_size: int, max_reward: float = 1.0, min_reward: float = 0.0):
+        super().__init__()
+        if not max_reward > min_reward:
+            raise ValueError(f"value head: max_reward ({max_reward}) must exceed min_reward ({min_reward})")
+        self.hidden_size, self.max_reward, self.min_reward = hidden_size, float(max_reward), float(min_reward)
+        self.query = nn.Parameter(torch.randn(hidden_size) / math.sqrt(hidden_size))
+        self.out = nn.Linear(hidden_size, 1)
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = nn.functional.layer_norm(hidden.float(), (self.hidden_size,))
+        scores = (hidden @ self.query) / math.sqrt(self.hidden_size)
+        scores = scores.masked_fill(~mask.bool(), float("-inf"))
+        weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an all-padding row pools to 0
+        return (weights.unsqueeze(-1) * hidden).sum(1)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        logit = self.out(self.pool(hidden, mask)).squeeze(-1)
+        return self.min_reward + (self.max_reward - self.min_reward) * torch.sigmoid(logit)
+
+
+# ------------------------------------------------------------------------------------------------
+# Priority sampling
+# ------------------------------------------------------------------------------------------------
+
+
+class AdvantageSampler(torch.utils.data.Sampler[int]):
+    """Draws dataset indices with replacement, ``P(i) ∝ weight_i`` (weights ≤ 0 are never drawn).
+
+    Every process builds the same sampler from the same seed and draws the same global sequence;
+    accelerate's ``BatchSamplerShard`` then hands each rank its own batches of it, so the ranks
+    train on disjoint draws of one priority sample. ``set_epoch`` changes the draw per epoch.
+
+    >>> s = AdvantageSampler([0.0, 1.0, 3.0], num_samples=4, seed=0)
+    >>> len(list(s)), 0 in list(s)
+    (4, False)
+    """
+
+    def __init__(self, weights: Sequence[float] | torch.Tensor, num_samples: int | None = None, seed: int = 0,
+                 uniform: bool = False):
+        weights = torch.as_tensor(weights, dtype=torch.float64)
+        positive = weights > 0
+        if not positive.any():
+            raise ValueError("AdvantageSampler: no row has a positive weight (every advantage <= 0?)")
+        self.weights = torch.where(positive, torch.ones_like(weights) if uniform else weights, 0.0)
+        self.num_samples = int(positive.sum()) if num_samples is None else int(num_samples)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        yield from torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator).tolist()
+
+
+# ------------------------------------------------------------------------------------------------
+# Trainer
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ALoLConfig(SFTConfig):
+    """``SFTConfig`` plus A-LoL's options (loss variant, sampling, precompute, value head)."""
+
+    variant: str = field(default="a_lol", metadata={"help": f"loss variant, one of {VARIANTS}"})
+    epsilon: float = field(default=0.9, metadata={"help": "importance-ratio clip range [1-eps, 1+eps] (log space)"})
+    token_reduction: str = field(default="sum", metadata={"help": "sum or mean of the per-token loss of a sample"})
+    kl_beta: float = field(default=0.1, metadata={"help": "KL coefficient of a_lol_kl"})
+    r_gold_floor: float = field(default=0.1, metadata={"help": "token-probability floor of r_gold"})
+    drop_nonpositive: bool = field(default=True, metadata={"help": "a_lol*: drop rows with A <= 0 before sampling"})
+    priority_sampling: bool = field(
+        default=True, metadata={"help": "a_lol*: sample rows with probability ∝ A (with replacement); else uniformly"}
+    )
+    scale_steps_by_kept_fraction: bool = field(
+        default=True, metadata={"help": "a_lol*: multiply max_steps by the fraction of rows kept (A > 0)"}
+    )
+    reward_column: str | None = field(default=None, metadata={"help": "dataset column with precomputed rewards"})
+    max_prompt_length: int | None = field(default=None, metadata={"help": "keep the last N prompt tokens"})
+    max_completion_length: int | None = field(
+        default=None, metadata={"help": "keep the first N response tokens (+ EOS when the response had one)"}
+    )
+    precompute_batch_size: int = field(default=16, metadata={"help": "rows per reference forward in the precompute"})
+    reward_batch_size: int = field(default=64, metadata={"help": "rows per reward call in the precompute"})
+    alol_cache_dir: str | None = field(
+        default=None, metadata={"help": "precompute cache (default: $INTRINSIC_CACHE/alol or ~/.cache/intrinsic/alol)"}
+    )
+    value_epochs: int = field(default=10, metadata={"help": "value-head training epochs"})
+    value_learning_rate: float = field(default=1e-5, metadata={"help": "value-head learning rate"})
+    value_batch_size: int = field(default=16, metadata={"help": "value-head batch size"})
+    value_val_fraction: float = field(default=0.2, metadata={"help": "share of value prompts held out for its MSE"})
+    value_max_new_tokens: int = field(default=128, metadata={"help": "greedy response length on value prompts"})
+    max_reward: float = field(default=1.0, metadata={"help": "upper end of the value head's range"})
+    min_reward: float = field(default=0.0, metadata={"help": "lower end of the value head's range"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if not 0 < self.epsilon < 1:
+            raise ValueError(f"epsilon must be in (0, 1), got {self.epsilon}")
+        if self.token_reduction not in ("sum", "mean"):
+            raise ValueError(f"token_reduction must be 'sum' or 'mean', got {self.token_reduction!r}")
+        if self.packing or self.padding_free:
+            raise ValueError("A-LoL scores one (prompt, response) pair per row: packing/padding_free are not supported")
+
+
+class _ALoLCollator:
+    """TRL's collator plus our per-row values; reference log-probs padded like the labels."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __call__(self, examples: list[dict]) -> dict:
+        extra = {k: [ex.pop(k) for ex in examples] for k in COLUMNS if k in examples[0]}
+        batch = self.base(examples)
+        if extra:
+            batch["alol_reward"] = torch.tensor(extra["alol_reward"], dtype=torch.float32)
+            batch["alol_advantage"] = torch.tensor(extra["alol_advantage"], dtype=torch.float32)
+            batch["alol_ref_logps"] = torch.cat([torch.as_tensor(r, dtype=torch.float32) for r in extra["alol_ref_logps"]])
+        return batch
+
+
+class ALoLTrainer(SFTTrainer):
+    """``SFTTrainer`` for A-LoL: precompute (cached) at init, advantage sampling, the A-LoL loss.
+
+    Args (beyond ``SFTTrainer``'s): ``reward_funcs`` (TRL-protocol callables, e.g. :mod:`rewards`
+    classes, summed with ``reward_weights``) unless ``args.reward_column`` names precomputed
+    rewards; ``value_dataset`` (rows with a ``prompt`` and the reward's columns: the reference's
+    greedy responses to them train the value head; ``None`` sets ``V = 0`` so ``A = R``);
+    ``cache_key_extra`` (anything else that should separate caches, e.g. the model's name).
+    """
+
+    loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean; Trainer divides by GA steps
+
+    def __init__(self, *args, reward_funcs: Sequence[Callable] | None = None, reward_weights: Sequence[float] | None = None,
+                 value_dataset=None, cache_key_extra: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        from .alol_precompute import precompute
+
+        self.data_collator = _ALoLCollator(self.data_collator)
+        # the advantage drives sampling for the A-LoL variants only; the baselines (nll, wbc, r_gold, r_lol)
+        # see every row uniformly, as in the paper
+        self.uses_advantage = self.args.variant.startswith("a_lol")
+        self.alol = precompute(self, reward_funcs, reward_weights, value_dataset, cache_key_extra)
+        self.train_dataset = self.alol.dataset
+        args = self.args
+        if self.uses_advantage and args.scale_steps_by_kept_fraction and args.max_steps > 0:
+            scaled = max(1, round(args.max_steps * self.alol.kept_fraction))
+            logger.info("A-LoL: max_steps %d x kept fraction %.3f -> %d", args.max_steps, self.alol.kept_fraction, scaled)
+            args.max_steps = scaled
+        self._alol_constants = {
+            "alol/kept_fraction": self.alol.kept_fraction, "alol/advantage_mean": self.alol.stats["advantage_mean"],
+            "alol/advantage_std": self.alol.stats["advantage_std"], "alol/reward_mean": self.alol.stats["reward_mean"],
+        }
+        if self.alol.stats.get("value_val_mse") is not None:
+            self._alol_constants["alol/value_val_mse"] = self.alol.stats["value_val_mse"]
+
+    # -- overrides ------------------------------------------------------------------------------
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *COLUMNS]))
+
+    def _get_train_sampler(self, train_dataset=None):
+        if not hasattr(self, "alol") or not self.uses_advantage:  # baselines: TRL's own (random) sampler
+            return super()._get_train_sampler(train_dataset)
+        weights = self.alol.advantage.clone()
+        if not self.args.drop_nonpositive:  # keep every row; a priority needs positive weights
+            weights = weights - weights.min() + 1e-6 if self.args.priority_sampling else torch.ones_like(weights)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return AdvantageSampler(weights, num_samples=int((weights > 0).sum()), seed=seed,
+                                uniform=not self.args.priority_sampling)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "alol_advantage" not in inputs:  # an eval set without precomputed values: TRL's NLL
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        reward, advantage = inputs.pop("alol_reward"), inputs.pop("alol_advantage")
+        ref_flat = inputs.pop("alol_ref_logps")
+        outputs = model(**inputs, use_cache=False, fused_lm_head=True)  # TRL's fused head: (B, L-1) log-probs
+        mask = outputs.label_mask.bool() if outputs.label_mask is not None else inputs["labels"][:, 1:] != -100
+        ref = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, ref_flat.to(mask.device))
+        args = self.args
+        per_sample, stats = alol_loss(outputs.log_probs, mask, ref, reward, advantage, variant=args.variant,
+                                      epsilon=args.epsilon, reduction=args.token_reduction, beta=args.kl_beta,
+                                      r_gold_floor=args.r_gold_floor)
+        loss = per_sample.mean()
+        gathered = self.accelerator.gather_for_metrics(
+            torch.stack([stats["weight"].mean(), stats["clipped"].mean(), advantage.to(mask.device).mean(),
+                         reward.to(mask.device).mean()])[None]).mean(0).tolist()
+        for key, value in zip(("importance_weight", "clip_fraction", "batch_advantage", "batch_reward"), gathered):
+            self._metrics[mode][f"alol/{key}"].append(value)
+        for key, value in self._alol_constants.items():
+            self._metrics[mode][key] = [value]
+        if mode == "train":
+            self._total_train_tokens += self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return (loss, outputs) if return_outputs else loss

@@ -1,0 +1,388 @@
+"""A-LoL's one-time precompute: R, V(x), A = R - V(x) and pi_ref's log-probs, cached on disk.
+
+Runs inside :class:`trainers.alol.ALoLTrainer`'s ``__init__``, after TRL tokenised the training
+pairs and before any optimiser step, so the policy *is* the frozen reference here (eval mode, no
+grad: no dropout, LoRA adapters exactly as loaded). Steps:
+
+1. optional length limits: the last ``max_prompt_length`` prompt tokens, the first
+   ``max_completion_length`` response tokens (+ EOS when the response had one);
+2. ``R``: a precomputed column, or the weighted sum of reward callables on (prompt, decoded
+   response) in batches;
+3. value head (:class:`trainers.alol.ValueHead`): the reference answers the value prompts greedily,
+   the answers are scored with the same rewards, the head is fit by MSE on the reference's prompt
+   hidden states (``value_val_fraction`` held out; its MSE is reported, with the MSE of predicting
+   the mean as a baseline);
+4. one reference pass over the training rows: per-token log-probs of the response
+   (:func:`trainers.signals.token_signals`, chunked) and ``V(x)`` from the same forward's prompt
+   hidden states;
+5. ``A = R - V``.
+
+Everything is saved under ``<cache>/alol/<key>/`` where ``key`` hashes the tokenised data, the
+model (name, config and a checksum of a few weights), the rewards and every option above; a second
+run with the same key loads it and runs no reference forward. Under several processes the main
+process computes (or loads) and the others load the very same file, so advantages are identical
+on every rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from tqdm.auto import tqdm
+
+from .signals import token_signals
+
+logger = logging.getLogger("intrinsic")
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class Precomputed:
+    dataset: Dataset  # tokenised rows + alol_reward, alol_advantage, alol_ref_logps
+    reward: torch.Tensor
+    value: torch.Tensor
+    advantage: torch.Tensor
+    ref_seq_logps: torch.Tensor
+    kept_fraction: float
+    stats: dict = field(default_factory=dict)
+    path: Path | None = None
+    loaded_from_cache: bool = False
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def cache_root(args) -> Path:
+    if args.alol_cache_dir:
+        return Path(os.path.expanduser(args.alol_cache_dir))
+    return Path(os.environ.get("INTRINSIC_CACHE", Path.home() / ".cache" / "intrinsic")) / "alol"
+
+
+def prompt_length(labels: list[int]) -> int:
+    """Index of the first trained token (TRL sets prompt labels to -100)."""
+    for i, label in enumerate(labels):
+        if label != -100:
+            return i
+    return len(labels)
+
+
+def limit_lengths(dataset: Dataset, max_prompt: int | None, max_completion: int | None, eos_id: int | None) -> Dataset:
+    """Keep the last ``max_prompt`` prompt tokens and the first ``max_completion`` response tokens."""
+    if max_prompt is None and max_completion is None:
+        return dataset
+
+    def cut(row):
+        ids, labels = row["input_ids"], row["labels"]
+        p = prompt_length(labels)
+        prompt, completion = ids[:p], ids[p:]
+        if max_prompt is not None and len(prompt) > max_prompt:
+            prompt = prompt[len(prompt) - max_prompt :]
+        if max_completion is not None:
+            ends = eos_id is not None and completion and completion[-1] == eos_id
+            body = completion[:-1] if ends else completion
+            completion = body[:max_completion] + ([eos_id] if ends else [])
+        return {"input_ids": prompt + completion, "labels": [-100] * len(prompt) + completion}
+
+    return dataset.map(cut, desc="A-LoL length limits")
+
+
+def model_fingerprint(model) -> str:
+    """Name, config and a checksum of a few parameters (first, last, every trainable one)."""
+    unwrapped = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = list(model.named_parameters())
+    chosen = params[:2] + params[-2:] + [p for p in params if p[1].requires_grad and "lora" in p[0]][:8]
+    checksum = [float(p.detach().float().abs().sum()) for _, p in chosen]
+    config = unwrapped.config.to_json_string(use_diff=True) if hasattr(unwrapped.config, "to_json_string") else ""
+    return json.dumps([getattr(unwrapped.config, "_name_or_path", ""), config, [n for n, _ in chosen], checksum])
+
+
+def _key(trainer, rewards_id: str, has_value: bool, value_fp: str, extra: str) -> str:
+    a = trainer.args
+    options = {k: getattr(a, k) for k in ("reward_column", "max_prompt_length", "max_completion_length", "value_epochs",
+                                           "value_learning_rate", "value_batch_size", "value_val_fraction",
+                                           "value_max_new_tokens", "max_reward", "min_reward", "seed")}
+    blob = json.dumps([CACHE_VERSION, trainer.train_dataset._fingerprint, len(trainer.train_dataset),
+                       model_fingerprint(trainer.model), rewards_id, has_value, value_fp, options, extra,
+                       len(trainer.processing_class)], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _unwrap(trainer):
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return model, causal
+
+
+def _completion_text(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def score(reward_funcs, weights, prompts: list, completions: list[str], columns: dict, batch_size: int) -> torch.Tensor:
+    """Weighted sum of TRL-protocol rewards, in batches (a ``None`` score is an error: no silent 0)."""
+    total = torch.zeros(len(completions), dtype=torch.float64)
+    for func, weight in zip(reward_funcs, weights):
+        if weight == 0:
+            continue
+        values: list = []
+        for i in tqdm(range(0, len(completions), batch_size), desc=f"reward {getattr(func, '__name__', func)}", leave=False):
+            cols = {k: v[i : i + batch_size] for k, v in columns.items()}
+            values.extend(func(prompts=prompts[i : i + batch_size], completions=completions[i : i + batch_size], **cols))
+        bad = [j for j, v in enumerate(values) if v is None or not math.isfinite(float(v))]
+        if bad:
+            raise ValueError(f"reward {getattr(func, '__name__', func)!r} gave no finite value for {len(bad)} row(s), "
+                             f"e.g. row {bad[0]}")
+        total += weight * torch.tensor(values, dtype=torch.float64)
+    return total.float()
+
+
+def _extra_columns(dataset: Dataset, skip=("input_ids", "labels", "prompt", "completion", "completion_mask",
+                                         "seq_lengths", "assistant_masks")) -> dict:
+    return {c: list(dataset[c]) for c in dataset.column_names if c not in skip and not c.startswith("alol_")}
+
+
+def _pad_right(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def _hidden(causal, ids, mask):
+    return causal.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+
+# ------------------------------------------------------------------------------------------------
+# value head
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _greedy(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int) -> list[list[int]]:
+    out = []
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    for i in tqdm(range(0, len(prompt_ids), batch_size), desc="A-LoL value: greedy answers", leave=False):
+        chunk = prompt_ids[i : i + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad, eos_token_id=eos)
+        for row in gen[:, width:].tolist():
+            out.append(row[: row.index(eos) + 1] if eos in row else row)
+    return out
+
+
+def fit_value_head(head, hidden: list[torch.Tensor], targets: torch.Tensor, *, epochs: int, lr: float, batch_size: int,
+                   val_fraction: float, seed: int, device) -> dict:
+    """MSE fit of ``head`` on per-prompt hidden states; returns validation MSE (eval mode) and baselines."""
+    n = len(hidden)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=generator).tolist()
+    n_val = int(round(n * val_fraction)) if n > 1 else 0
+    val, fit = order[:n_val], order[n_val:] or order
+    head.to(device)
+    optim = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+
+    def batch(indices):
+        states = [hidden[i] for i in indices]
+        width = max(s.shape[0] for s in states)
+        h = torch.zeros(len(states), width, states[0].shape[-1], dtype=torch.float32)
+        m = torch.zeros(len(states), width, dtype=torch.bool)
+        for j, s in enumerate(states):
+            h[j, : s.shape[0]], m[j, : s.shape[0]] = s.float(), True
+        return h.to(device), m.to(device), targets[indices].to(device)
+
+    for _ in tqdm(range(epochs), desc="A-LoL value head", leave=False):
+        head.train()
+        perm = torch.randperm(len(fit), generator=generator).tolist()
+        for i in range(0, len(fit), batch_size):
+            h, m, y = batch([fit[j] for j in perm[i : i + batch_size]])
+            loss = torch.nn.functional.mse_loss(head(h, m), y)
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+    head.eval()
+
+    @torch.no_grad()
+    def mse(indices):
+        if not indices:
+            return None
+        errs = []
+        for i in range(0, len(indices), batch_size):
+            h, m, y = batch(indices[i : i + batch_size])
+            errs.append((head(h, m) - y) ** 2)
+        return float(torch.cat(errs).mean())
+
+    fit_mean = float(targets[fit].mean())
+    return {"value_val_mse": mse(val), "value_fit_mse": mse(fit), "value_rows": n, "value_val_rows": len(val),
+            "value_val_mse_of_mean": float(((targets[val] - fit_mean) ** 2).mean()) if val else None,
+            "value_target_mean": float(targets.mean())}
+
+
+# ------------------------------------------------------------------------------------------------
+# the precompute
+# ------------------------------------------------------------------------------------------------
+
+
+def _value_prompts(trainer, value_dataset: Dataset) -> tuple[list[list[int]], Dataset]:
+    """Value prompts tokenised exactly like training prompts (TRL's preparation of an empty response)."""
+    def empty(row):  # TRL appends EOS (text) or renders an empty assistant turn (chat): the prompt part is ours
+        return {"completion": [{"role": "assistant", "content": ""}] if isinstance(row["prompt"], list) else ""}
+
+    rows = value_dataset.map(empty)
+    prepared = trainer._prepare_dataset(rows, trainer.processing_class, trainer.args, False, None, "alol_value")
+    prompts = [list(ids[: prompt_length(labels)]) for ids, labels in zip(prepared["input_ids"], prepared["labels"])]
+    limit = trainer.args.max_prompt_length
+    return [p[len(p) - limit :] if limit and len(p) > limit else p for p in prompts], prepared
+
+
+@torch.no_grad()
+def _compute(trainer, dataset: Dataset, reward_funcs, reward_weights, value_dataset) -> dict:
+    args, tokenizer = trainer.args, trainer.processing_class
+    model, causal = _unwrap(trainer)
+    was_training = model.training
+    model.eval()
+    device = trainer.accelerator.device
+    stats: dict = {}
+    prompt_lens = [prompt_length(labels) for labels in dataset["labels"]]
+    try:
+        # 2. rewards
+        if args.reward_column:
+            if args.reward_column not in dataset.column_names:
+                raise ValueError(f"reward_column {args.reward_column!r} not in the training data ({dataset.column_names})")
+            reward = torch.tensor(dataset[args.reward_column], dtype=torch.float32)
+        else:
+            texts = [_completion_text(tokenizer, ids[p:]) for ids, p in zip(dataset["input_ids"], prompt_lens)]
+            reward = score(reward_funcs, reward_weights, list(dataset["prompt"]), texts, _extra_columns(dataset),
+                           args.reward_batch_size)
+        # 3. value head
+        head = None
+        if value_dataset is not None:
+            if reward_funcs is None:
+                raise ValueError("the value head scores the reference's own answers: it needs reward_funcs "
+                                 "(a reward_column alone cannot score new responses)")
+            prompt_ids, prepared = value_dataset
+            answers = _greedy(model, tokenizer, prompt_ids, args.value_max_new_tokens, args.precompute_batch_size)
+            targets = score(reward_funcs, reward_weights, list(prepared["prompt"]),
+                            [_completion_text(tokenizer, a) for a in answers], _extra_columns(prepared),
+                            args.reward_batch_size)
+            hidden = []
+            for i in range(0, len(prompt_ids), args.precompute_batch_size):
+                ids, mask = _pad_right(prompt_ids[i : i + args.precompute_batch_size], tokenizer.pad_token_id)
+                states = _hidden(causal, ids.to(device), mask.to(device)).cpu()
+                hidden.extend(states[j, : int(mask[j].sum())] for j in range(len(states)))
+            from .alol import ValueHead
+
+            torch.manual_seed(args.seed)
+            head = ValueHead(hidden[0].shape[-1], max_reward=args.max_reward, min_reward=args.min_reward)
+            with torch.enable_grad():
+                stats.update(fit_value_head(head, hidden, targets, epochs=args.value_epochs, lr=args.value_learning_rate,
+                                            batch_size=args.value_batch_size, val_fraction=args.value_val_fraction,
+                                            seed=args.seed, device=device))
+        # 4. reference pass
+        lm_head = causal.get_output_embeddings()
+        config = causal.config.get_text_config() if hasattr(causal.config, "get_text_config") else causal.config
+        softcap = getattr(config, "final_logit_softcapping", None)
+        logit_scale = getattr(config, "logit_scale", None) or 1.0
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)  # batches of similar length: less padding
+        ref_token: list = [None] * len(dataset)
+        value = torch.zeros(len(dataset))
+        for start in tqdm(range(0, len(order), args.precompute_batch_size), desc="A-LoL reference pass", leave=False):
+            rows = order[start : start + args.precompute_batch_size]
+            ids, mask = _pad_right(dataset[rows]["input_ids"], tokenizer.pad_token_id)
+            ids, mask = ids.to(device), mask.to(device)
+            hidden = _hidden(causal, ids, mask)
+            p = torch.tensor([prompt_lens[i] for i in rows], device=device)
+            pos = torch.arange(ids.shape[1], device=device)
+            target_mask = (pos[None, 1:] >= p[:, None]) & mask[:, 1:].bool()  # position t-1 predicts token t
+            logps = token_signals(hidden[:, :-1][target_mask], lm_head.weight, ids[:, 1:][target_mask],
+                                  bias=lm_head.bias, signals=("logps",), final_logit_softcapping=softcap,
+                                  logit_scale=logit_scale)["logps"].cpu()
+            counts = target_mask.sum(1).tolist()
+            for i, piece in zip(rows, logps.split(counts)):
+                ref_token[i] = piece
+            if head is not None:
+                prompt_mask = (pos[None, :] < p[:, None]) & mask.bool()
+                value[rows] = head(hidden.float(), prompt_mask).cpu()
+    finally:
+        model.train(was_training)
+    ref_seq = torch.stack([t.sum() for t in ref_token])
+    return {"reward": reward, "value": value, "ref_token_logps": ref_token, "ref_seq_logps": ref_seq, "stats": stats}
+
+
+def _finish(trainer, dataset: Dataset, data: dict, path: Path | None, loaded: bool) -> Precomputed:
+    args = trainer.args
+    reward, value = data["reward"], data["value"]
+    advantage = reward - value
+    kept = advantage > 0 if args.drop_nonpositive else torch.ones_like(advantage, dtype=torch.bool)
+    dataset = dataset.add_column("alol_reward", reward.tolist()).add_column("alol_advantage", advantage.tolist())
+    dataset = dataset.add_column("alol_ref_logps", [t.tolist() for t in data["ref_token_logps"]])
+    stats = dict(data["stats"])
+    stats.update({"rows": len(dataset), "kept_rows": int(kept.sum()), "kept_fraction": float(kept.float().mean()),
+                  "reward_mean": float(reward.mean()), "value_mean": float(value.mean()),
+                  "advantage_mean": float(advantage.mean()), "advantage_std": float(advantage.std()) if len(advantage) > 1 else 0.0,
+                  "advantage_kept_mean": float(advantage[kept].mean()) if kept.any() else float("nan"),
+                  "loaded_from_cache": loaded})
+    if not kept.any():
+        raise ValueError("A-LoL: no training row has a positive advantage (R <= V(x) everywhere); nothing to train on")
+    logger.info("A-LoL precompute%s: %s", " (cached)" if loaded else "", json.dumps(stats))
+    return Precomputed(dataset=dataset, reward=reward, value=value, advantage=advantage, ref_seq_logps=data["ref_seq_logps"],
+                       kept_fraction=stats["kept_fraction"], stats=stats, path=path, loaded_from_cache=loaded)
+
+
+def precompute(trainer, reward_funcs, reward_weights, value_dataset, extra: str = "") -> Precomputed:
+    """Rewards, value head, advantages and reference log-probs for ``trainer.train_dataset`` (cached)."""
+    args = trainer.args
+    if reward_funcs is None and not args.reward_column:
+        raise ValueError("A-LoL needs rewards: pass reward_funcs or set reward_column")
+    if reward_funcs is not None:
+        reward_funcs = list(reward_funcs)
+        reward_weights = [1.0] * len(reward_funcs) if reward_weights is None else list(reward_weights)
+        if len(reward_weights) != len(reward_funcs):
+            raise ValueError(f"{len(reward_funcs)} reward functions but {len(reward_weights)} weights")
+    trainer.train_dataset = limit_lengths(trainer.train_dataset, args.max_prompt_length, args.max_completion_length,
+                                          trainer.processing_class.eos_token_id)
+    dataset = trainer.train_dataset
+    rewards_id = repr([(repr(f), w) for f, w in zip(reward_funcs or [], reward_weights or [])])
+    value_fp = "" if value_dataset is None else f"{value_dataset._fingerprint}:{len(value_dataset)}"
+    key = _key(trainer, rewards_id, value_dataset is not None, value_fp, extra)
+    if value_dataset is not None:  # on every rank: TRL's preparation runs collectives (main-first barriers)
+        value_dataset = _value_prompts(trainer, value_dataset)
+    path = cache_root(args) / key / "precompute.pt"
+    acc = trainer.accelerator
+    data, loaded = None, False
+    if acc.is_main_process:
+        if path.exists():
+            data, loaded = torch.load(path, weights_only=False), True
+        else:
+            data = _compute(trainer, dataset, reward_funcs, reward_weights, value_dataset)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save(data, tmp)
+            tmp.replace(path)
+            (path.parent / "stats.json").write_text(json.dumps(data["stats"], indent=2))
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        acc.wait_for_everyone()
+        holder = [str(path) if acc.is_main_process else None]
+        broadcast_object_list(holder)
+        if not acc.is_main_process:
+            path = Path(holder[0])
+            data, loaded = torch.load(path, weights_only=False), True
+    return _finish(trainer, dataset, data, path, loaded)
