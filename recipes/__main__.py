@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 import recipes
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-NOT_RECIPES = {"cli", "config", "data", "dry_run", "evaluation", "modeling", "training", "tiny"}
+NOT_RECIPES = {"cli", "config", "data", "dry_run", "evaluation", "modeling", "training", "tiny", "speech"}
 
 
 def recipe_names() -> list[str]:
