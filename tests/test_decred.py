@@ -1,6 +1,7 @@
 """DeCRED / LayerSkip auxiliary decoder heads: weights, losses against explicit formulas, trainers,
 save/load, CTC, decode-time averaging, internal LM."""
 
+import json
 import math
 
 import pytest
@@ -143,7 +144,7 @@ def test_chunked_head_loss_equals_full_and_stays_chunked(chunk):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
         ours, hits = chunked_head_loss(hidden, labels, head, 0.1, chunk_size=chunk)
     g_ours = torch.autograd.grad(ours, [hidden, head.weight])
-    assert float(ours.detach()) == pytest.approx(float(full), rel=1e-5)
+    assert float(ours.detach()) == pytest.approx(float(full.detach()), rel=1e-5)
     assert int(hits) == int((head(hidden).argmax(-1) == labels).sum())
     for a, b in zip(g_ours, g_full):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -446,3 +447,23 @@ def test_rlif_aux_loss_runs_a_step(tmp_path, tiny_model_dir):
     assert logged and math.isfinite(logged[0]["decred/aux_loss"]) and logged[0]["decred/aux_loss"] > 0
     assert "decred/loss_final" not in logged[0]  # the final head is GRPO's
     assert not torch.equal(head, trainer.model.decred_heads.heads["1"].weight)
+
+
+# ------------------------------------------------------------------ recipe under DDP
+
+
+def test_decred_recipe_under_two_process_ddp(tmp_path, tiny_model_dir):
+    """Heads used by the loss reach DDP through the model's output (find_unused_parameters on)."""
+    from safetensors.torch import load_file
+
+    from tests.test_launch import launch_two
+
+    out = tmp_path / "ddp_decred"
+    launch_two("decred", "configs/decred/tiny_decoder_only.yaml", 29531, f"model.name_or_path={tiny_model_dir}",
+               "decred.layers=[1]", "compare_baseline=false", "trainer.max_steps=2", "trainer.logging_steps=1",
+               "trainer.per_device_train_batch_size=8", f"trainer.output_dir={out}", "eval.max_rows=8",
+               "eval.before_training=false", "head_eval_rows=8")
+    weights = load_file(str(out / "model.safetensors"))
+    assert "decred_heads.heads.1.weight" in weights
+    report = json.loads((out / "heads.json").read_text())["decred"]
+    assert {"loss_l1", "loss_final"} <= set(report) and all(math.isfinite(v) for v in report.values())

@@ -446,7 +446,9 @@ class DeCREDRegularizer:
         if getattr(self.parts.model, "decred_heads", None) is None:
             attach_heads(self.parts.model, options)
         self.states: dict | None = None
+        self._inside: Callable | None = None
         self._handles = [self.parts.layers[l - 1].register_forward_hook(self._hook(l)) for l in options.layers]
+        self._handles.append(self.parts.model.register_forward_hook(self._top_hook))
         if self.parts.backbone is not None:
             self._handles.append(self.parts.backbone.register_forward_hook(self._hook("final")))
         if self.heads.ctc is not None:
@@ -473,14 +475,36 @@ class DeCREDRegularizer:
         return hook
 
     @contextlib.contextmanager
-    def capture(self):
-        """Arm the hooks for one forward (or several: states are concatenated along the batch)."""
-        self.states = {}
+    def capture(self, inside: Callable | None = None):
+        """Arm the hooks for one forward (or several: states are concatenated along the batch).
+
+        ``inside(output) -> (loss, info)`` runs in a forward hook of the top-level model, i.e.
+        within the forward of any wrapper (DDP, DeepSpeed), once the states are captured; its loss
+        is also put in the model's output (``loss``) so that DDP's unused-parameter search
+        reaches the heads. Its return value is left in ``self.result``.
+        """
+        self.states, self._inside, self.result = {}, inside, None
         try:
             yield self
         finally:
-            self.captured = {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in self.states.items()}
-            self.states = None
+            self._collect()
+            self.states, self._inside = None, None
+
+    def _collect(self) -> None:
+        self.captured = {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in (self.states or {}).items()}
+
+    def _top_hook(self, module, args, output):
+        if self._inside is None or self.states is None:
+            return
+        inside, self._inside = self._inside, None  # once per armed forward
+        self._collect()
+        self.result = inside(output)
+        ours = self.result[0]
+        if isinstance(output, dict) and torch.is_tensor(ours) and ours.requires_grad:
+            # DDP rebuilds ModelOutputs from their fields, so the loss rides on ``loss``: ours when
+            # the model computed none, else the model's own plus 0·ours (value unchanged)
+            own = output.get("loss")
+            output["loss"] = ours if own is None else own + 0.0 * ours
 
     def head_fn(self, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
         """``hidden -> logits`` of the aux head at ``layer`` (``num_layers``: the final head)."""
@@ -628,9 +652,9 @@ class DeCREDSFTTrainer(DeCREDMixin, SFTTrainer):
         kwargs = {**_forward_inputs(inputs), "use_cache": False}
         if self._keep:
             kwargs["logits_to_keep"] = 1
-        with self.decred.capture():
+        with self.decred.capture(lambda output: self._decred_losses(labels, shift=True)):
             outputs = model(**kwargs)
-        total, losses = self._decred_losses(labels, shift=True)
+        total, losses = self.decred.result
         local = (labels[:, 1:] != IGNORE).sum()
         count = num_items_in_batch if num_items_in_batch is not None else local
         loss = total / torch.as_tensor(count, device=labels.device).clamp(min=1)
@@ -666,22 +690,24 @@ class DeCREDSeq2SeqTrainer(DeCREDMixin, Seq2SeqTrainer):
         kwargs = _forward_inputs(inputs)
         if "decoder_input_ids" not in kwargs:
             kwargs["decoder_input_ids"] = unwrap(model).prepare_decoder_input_ids_from_labels(labels=labels)
-        with self.decred.capture():
-            outputs = model(**kwargs, use_cache=False)
-        total, losses = self._decred_losses(labels, shift=False, final_logits=outputs.logits)
         count = (labels != IGNORE).sum()
-        loss = total / count.clamp(min=1)
-        extra = {}
-        if self.decred_options.ctc_weight > 0:
-            mask = inputs.get("attention_mask")
-            lengths = mask.sum(-1) if mask is not None else None
-            targets = labels.clone()
-            for token in self._not_ctc:
-                targets[targets == token] = IGNORE
-            ctc = self.decred.ctc(targets, lengths, self._blank)
-            lam = self.decred_options.ctc_weight
-            loss = lam * ctc + (1 - lam) * loss
-            extra["ctc"] = ctc.detach()
+        mask = inputs.get("attention_mask")
+
+        def inside(output):
+            total, losses = self._decred_losses(labels, shift=False, final_logits=output.logits)
+            loss, extra = total / count.clamp(min=1), {}
+            if self.decred_options.ctc_weight > 0:
+                targets = labels.clone()
+                for token in self._not_ctc:
+                    targets[targets == token] = IGNORE
+                ctc = self.decred.ctc(targets, mask.sum(-1) if mask is not None else None, self._blank)
+                lam = self.decred_options.ctc_weight
+                loss, extra["ctc"] = lam * ctc + (1 - lam) * loss, ctc.detach()
+            return loss, (losses, extra)
+
+        with self.decred.capture(inside):
+            outputs = model(**kwargs, use_cache=False)
+        loss, (losses, extra) = self.decred.result
         self._decred_log(losses, count, extra)
         return (loss, outputs) if return_outputs else loss
 
@@ -700,12 +726,12 @@ class DeCREDRLIFTrainer(DeCREDMixin, RLIFTrainer):
             raise ValueError("DeCREDRLIFTrainer needs at least one aux layer (decred.layers)")
 
     def _compute_loss(self, model, inputs):
-        with self.decred.capture():
-            loss = super()._compute_loss(model, inputs)
         completion = inputs["completion_ids"]
         mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
         labels = torch.cat([torch.full_like(inputs["prompt_ids"], IGNORE), completion.masked_fill(mask == 0, IGNORE)], 1)
-        total, losses = self._decred_losses(labels, shift=True, final=False)
+        with self.decred.capture(lambda output: self._decred_losses(labels, shift=True, final=False)):
+            loss = super()._compute_loss(model, inputs)
+        total, losses = self.decred.result
         count = (labels != IGNORE).sum()
         aux = total / count.clamp(min=1)
         if self.model.training:
