@@ -45,14 +45,22 @@ SHAPES = {
 
 
 class StepTimer(TrainerCallback):
+    """Wall time per step and, on CPU, this process's CPU time per step (robust to other jobs
+    sharing the machine, which stretch wall time but not the work done)."""
+
     def __init__(self):
-        self.times, self._t = [], None
+        self.times, self.cpu, self._t = [], [], None
 
     def on_step_begin(self, args, state, control, **kw):
-        self._t = time.perf_counter()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._t = (time.perf_counter(), time.process_time())
 
     def on_step_end(self, args, state, control, **kw):
-        self.times.append(time.perf_counter() - self._t)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self._t[0])
+        self.cpu.append(time.process_time() - self._t[1])
 
 
 def peak_bytes() -> int:
@@ -61,7 +69,9 @@ def peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def child(variant: str, shape: str, steps: int, batch: int, seq: int) -> dict:
+def child(variant: str, shape: str, steps: int, batch: int, seq: int, threads: int) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
     config = Qwen2Config(**SHAPES[shape], max_position_embeddings=max(seq, 512), tie_word_embeddings=False)
     model = Qwen2ForCausalLM(config)
@@ -88,8 +98,8 @@ def child(variant: str, shape: str, steps: int, batch: int, seq: int) -> dict:
         before = peak_bytes()
         trainer.train()
         peak = peak_bytes()
-    times = timer.times[2:] or timer.times
-    return {"variant": variant, "step_s": statistics.median(times), "peak_mb": peak / 2**20,
+    times, cpu = timer.times[2:] or timer.times, timer.cpu[2:] or timer.cpu
+    return {"variant": variant, "step_s": statistics.median(times), "cpu_s": statistics.median(cpu), "peak_mb": peak / 2**20,
             "peak_before_train_mb": before / 2**20,
             "params_m": sum(p.numel() for p in trainer.model.parameters()) / 1e6}
 
@@ -100,21 +110,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (0: torch's default)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per variant (median reported)")
     parser.add_argument("--variants", default="plain,final_only,separate,shared")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.child:
-        print(json.dumps(child(a.child, a.shape, a.steps, a.batch, a.seq)))
+        print(json.dumps(child(a.child, a.shape, a.steps, a.batch, a.seq, a.threads)))
         return
     runs: dict[str, list[dict]] = {}
     for _ in range(a.repeats):  # variants alternate, so machine noise hits all of them alike
         for variant in a.variants.split(","):
             cmd = [sys.executable, __file__, "--child", variant, "--shape", a.shape, "--steps", str(a.steps),
-                   "--batch", str(a.batch), "--seq", str(a.seq)]
+                   "--batch", str(a.batch), "--seq", str(a.seq), "--threads", str(a.threads)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             runs.setdefault(variant, []).append(json.loads(out.strip().splitlines()[-1]))
-    results = {v: {"step_s": statistics.median(r["step_s"] for r in rs), "peak_mb": statistics.median(r["peak_mb"] for r in rs),
+    results = {v: {"step_s": statistics.median(r["step_s"] for r in rs), "cpu_s": statistics.median(r["cpu_s"] for r in rs),
+                   "peak_mb": statistics.median(r["peak_mb"] for r in rs),
                    "peak_before_train_mb": rs[0]["peak_before_train_mb"], "params_m": rs[0]["params_m"],
                    "step_s_all": [round(r["step_s"], 3) for r in rs]} for v, rs in runs.items()}
     plain = results.get("plain")
@@ -126,6 +138,8 @@ def main() -> None:
         for name, r in results.items():
             if name != "plain":
                 report[f"{name}_time_ratio"] = round(r["step_s"] / plain["step_s"], 3)
+                if not torch.cuda.is_available():
+                    report[f"{name}_cpu_time_ratio"] = round(r["cpu_s"] / plain["cpu_s"], 3)
                 report[f"{name}_peak_ratio"] = round(r["peak_mb"] / plain["peak_mb"], 3)
     print(json.dumps(report, indent=2))
 

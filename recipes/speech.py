@@ -184,7 +184,8 @@ def dry_run_overrides(speech: dict, workdir: Path, n: int = 8) -> list[str]:
     path = workdir / "speech_rows.jsonl"
     path.write_text("\n".join(json.dumps({audio: [rng.uniform(-1, 1) for _ in range(8000)],
                                            text: f"{r['question']} {r['answer']}"}) for r in rows))
-    out = [f"data.path={path}", "data.eval_split=train", "speech.tokenizer=null", "speech.bpe_vocab=64",
+    out = [f"data.path={path}", "data.eval_split=train", "trainer.dataloader_num_workers=0",
+           "speech.tokenizer=null", "speech.bpe_vocab=64",
            "speech.eval_max_new_tokens=4", "speech.encoder.hidden_size=32", "speech.encoder.num_hidden_layers=1",
            "speech.encoder.num_attention_heads=2", "speech.encoder.intermediate_size=64",
            "speech.encoder.conv_dim=[32,32]", "speech.encoder.conv_kernel=[10,3]", "speech.encoder.conv_stride=[5,2]",

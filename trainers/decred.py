@@ -570,8 +570,6 @@ class DeCREDMixin:
     """Trainer mixin: ``decred=DeCREDOptions`` keyword; builds the heads and the regulariser,
     logs ``decred/loss_<layer>`` and ``decred/acc_<layer>``, strips heads on export if asked."""
 
-    decred_shift = True  # labels are shifted by the model (causal LM)
-
     def __init__(self, *args, decred: DeCREDOptions | None = None, **kwargs):
         self.decred_options = decred or DeCREDOptions()
         model = kwargs.get("model", args[0] if args else None)
@@ -584,21 +582,21 @@ class DeCREDMixin:
             p.requires_grad_(True)
         self._decred_logs: dict[str, list[float]] = defaultdict(list)
 
-    def _decred_log(self, losses: dict[int, tuple], count: torch.Tensor, extra: dict[str, torch.Tensor] = {}) -> None:
+    def _decred_log(self, losses: dict[int, tuple], count: torch.Tensor, extra: dict[str, torch.Tensor] | None = None) -> None:
         prefix = "" if self.model.training else "eval_"
         n = count.clamp(min=1)
         for layer, (total, hits) in losses.items():
             name = "final" if layer == self.decred.num_layers else f"l{layer}"
-            self._decred_logs[f"{prefix}decred/loss_{name}"].append((total.detach() / n).item())
-            self._decred_logs[f"{prefix}decred/acc_{name}"].append((hits / n).item())
-        for key, value in extra.items():
-            self._decred_logs[f"{prefix}decred/{key}"].append(float(value))
+            self._decred_logs[f"{prefix}decred/loss_{name}"].append(total.detach() / n)
+            self._decred_logs[f"{prefix}decred/acc_{name}"].append(hits / n)
+        for key, value in (extra or {}).items():
+            self._decred_logs[f"{prefix}decred/{key}"].append(value.detach())
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         eval_logs = any(k.startswith("eval_") for k in logs)
         for key in [k for k in self._decred_logs if k.startswith("eval_") == eval_logs]:
-            values = self._decred_logs.pop(key)
-            logs[key] = sum(values) / len(values)
+            values = self._decred_logs.pop(key)  # tensors: one device sync per logging step, this rank's mean
+            logs[key] = torch.stack([v.float() for v in values]).mean().item()
         super().log(logs, *args, **kwargs)
 
     def _decred_step(self) -> tuple[int, int]:
@@ -670,8 +668,6 @@ class DeCREDSeq2SeqTrainer(DeCREDMixin, Seq2SeqTrainer):
     ``λ L_CTC + (1 - λ) Σ_k w_k CE_ls``. Labels are not shifted (``decoder_input_ids`` are the
     right-shifted labels, as the model builds them)."""
 
-    decred_shift = False
-
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False  # per-micro-batch mean; Trainer scales for accumulation
@@ -736,7 +732,7 @@ class DeCREDRLIFTrainer(DeCREDMixin, RLIFTrainer):
         aux = total / count.clamp(min=1)
         if self.model.training:
             aux = aux / self.current_gradient_accumulation_steps
-        self._decred_log(losses, count, {"aux_loss": aux.detach() * (self.current_gradient_accumulation_steps if self.model.training else 1)})
+        self._decred_log(losses, count, {"aux_loss": aux * (self.current_gradient_accumulation_steps if self.model.training else 1)})
         return loss + aux
 
 
