@@ -14,7 +14,7 @@ import recipes
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 NOT_RECIPES = {"cli", "config", "data", "dry_run", "evaluation", "modeling", "plot", "reward_eval", "rounds",
-               "training", "tiny"}
+               "speech", "training", "tiny"}
 
 
 def recipe_names() -> list[str]:

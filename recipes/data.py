@@ -70,6 +70,16 @@ def _load_split(cfg: DataConfig, split: str) -> Dataset:
         return _load_split(replace(cfg, path=cfg.fallback, fallback=None), split)
 
 
+def load_rows(cfg: DataConfig, split: str, max_rows: int | None = None, source: str = "config") -> Dataset:
+    """One split as stored (no column mapping, no prompt), at most ``max_rows`` rows; non-empty."""
+    data = _load_split(cfg, split)
+    if max_rows is not None:
+        data = data.select(range(min(max_rows, len(data))))
+    if len(data) == 0:
+        raise ConfigError(source, "data.path", f"split {split!r} of {cfg.path} is empty")
+    return data
+
+
 def load_split(cfg: DataConfig, split: str, max_rows: int | None = None, source: str = "config") -> Dataset:
     """One split, with our column names and a ``prompt`` column (raises :class:`ConfigError`)."""
     data = _load_split(cfg, split)

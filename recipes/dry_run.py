@@ -42,16 +42,25 @@ def write_rows(columns: dict, path: Path, n: int = 16) -> Path:
 def dry_run_overrides(schema: type[RecipeConfig], path: str | os.PathLike, overrides: list[str], workdir: Path) -> list[str]:
     """Dotlist overrides that shrink the config at ``path`` to a 2-step CPU run in ``workdir``."""
     raw, _ = load_raw(path, overrides)
-    try:
-        family = tiny_family(str(raw.get("model", {}).get("name_or_path", "")))
-    except ValueError as err:
-        raise ConfigError(str(path), "model.name_or_path", str(err)) from None
-    data_file = write_rows(raw.get("data", {}).get("columns") or {}, Path(workdir) / "rows.jsonl")
+    if raw.get("speech") is not None:  # a speech model built from configs: shrink it, random waveforms
+        from .speech import dry_run_overrides as speech_overrides
+
+        out = speech_overrides(raw["speech"], Path(workdir))
+    else:
+        try:
+            family = tiny_family(str(raw.get("model", {}).get("name_or_path", "")))
+        except ValueError as err:
+            raise ConfigError(str(path), "model.name_or_path", str(err)) from None
+        data_file = write_rows(raw.get("data", {}).get("columns") or {}, Path(workdir) / "rows.jsonl")
+        tiny = TINY.format(family=family)
+        aux_layers = (raw.get("decred") or {}).get("layers") or []
+        if aux_layers:  # deep enough for the config's auxiliary heads
+            tiny = tiny.replace("layers=1", f"layers={max(aux_layers) + 1}")
+        out = [f"model.name_or_path={tiny}", f"data.path={data_file}"]
     fields = {f.name for f in dataclasses.fields(schema.trainer_class)} if schema.trainer_class else set()
-    out = [
-        f"model.name_or_path={TINY.format(family=family)}", "model.dtype=float32", "model.attn_implementation=null",
-        "model.revision=null", "model.quantization=null", "model.adapter=null", f"data.path={data_file}", "data.name=null",
-        "data.data_dir=null", "data.split_on=null", "data.max_rows=null",
+    out += [
+        "model.dtype=float32", "model.attn_implementation=null", "model.revision=null", "model.quantization=null",
+        "model.adapter=null", "data.name=null", "data.data_dir=null", "data.split_on=null", "data.max_rows=null",
         "eval.max_rows=4", "eval.max_new_tokens=4", "eval.batch_size=4", "eval.num_samples=1",
         "eval.before_training=false", f"trainer.output_dir={Path(workdir) / 'out'}", "trainer.max_steps=2",
         "trainer.report_to=[]", "trainer.save_strategy='no'", "trainer.logging_steps=1", "trainer.bf16=false",

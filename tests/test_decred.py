@@ -1,0 +1,469 @@
+"""DeCRED / LayerSkip auxiliary decoder heads: weights, losses against explicit formulas, trainers,
+save/load, CTC, decode-time averaging, internal LM."""
+
+import json
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import (
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    SpeechEncoderDecoderModel,
+    Wav2Vec2Config,
+    Wav2Vec2Model,
+)
+from transformers.trainer_pt_utils import LabelSmoother
+from trl import SFTConfig
+
+from recipes.tiny.models import TinyModelSpec, build_tiny_model
+from recipes.tiny.tokenizer import build_char_tokenizer
+from trainers.decred import (
+    DeCREDOptions,
+    DeCREDRegularizer,
+    DeCREDSeq2SeqTrainer,
+    DeCREDSFTTrainer,
+    averaged_logits,
+    chunked_head_loss,
+    curriculum_mask,
+    evaluate_heads,
+    from_pretrained_with_heads,
+    head_weights,
+    label_smoothed_ce,
+    layer_scales,
+    seq2seq_args,
+)
+
+ROWS = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in [(12, 34), (7, 5), (99, 1), (3, 4)] * 4]
+
+
+def tiny(family="qwen2", layers=4, **kw):
+    return build_tiny_model(TinyModelSpec(family=family, layers=layers, hidden=32, heads=2, kv_heads=1, intermediate=64,
+                                          **kw))
+
+
+def sft_args(tmp_path, **kw):
+    values = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, learning_rate=1e-2, max_steps=4,
+                  report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, bf16=False, seed=0, max_length=32)
+    values.update(kw)
+    return SFTConfig(**values)
+
+
+def causal_batch(tok):
+    prompts, completions = ["12+34=", "7+5="], ["46</s>", "12</s>"]
+    ids = [tok(p + c, add_special_tokens=False)["input_ids"] for p, c in zip(prompts, completions)]
+    n_prompt = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([i + [tok.pad_token_id] * (width - len(i)) for i in ids])
+    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
+    labels = input_ids.masked_fill(mask == 0, -100)
+    for row, n in enumerate(n_prompt):
+        labels[row, :n] = -100
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+# ------------------------------------------------------------------ weights
+
+
+def test_layer_scales_documented_values():
+    layers, L = [1, 2, 3], 4
+    expected = {
+        "uniform": [1, 1, 1, 1],
+        "l": [1, 2, 3, 4],
+        "sum_l": [1, 3, 6, 10],
+        "sqrt_l": [1, math.sqrt(2), math.sqrt(3), 2],
+        "inv_l": [1, 1 / 2, 1 / 3, 1 / 4],
+        "inv_sqrt_l": [1, 1 / math.sqrt(2), 1 / math.sqrt(3), 1 / 2],
+    }
+    for scale, raw in expected.items():
+        ours = layer_scales(layers, L, scale)
+        assert ours == pytest.approx([r / sum(raw) for r in raw]), scale
+        assert sum(ours) == pytest.approx(1.0)
+    # inactive heads get 0 and the rest renormalise; the final head is always on
+    assert layer_scales(layers, L, "l", [False, True, False]) == pytest.approx([0, 2 / 6, 0, 4 / 6])
+    with pytest.raises(ValueError, match="unknown scale"):
+        layer_scales(layers, L, "cubic")
+
+
+def test_curricula():
+    layers, L = [2, 4, 6], 8
+    assert curriculum_mask(layers, L, 5, 10) == [True, True, True]
+    assert curriculum_mask(layers, L, 0, 10, "rotational", rotation=2) == [True, False, True]
+    assert curriculum_mask(layers, L, 1, 10, "rotational", rotation=2) == [False, True, False]
+    assert curriculum_mask(layers, L, 4, 10, "rotational", rotation=3) == [False, True, False]
+    # gradual: layer l on once step/max ≥ 0.5 (L - l)/L  -> l=6 at 0.125, l=4 at 0.25, l=2 at 0.375
+    assert curriculum_mask(layers, L, 0, 100, "gradual") == [False, False, False]
+    assert curriculum_mask(layers, L, 13, 100, "gradual") == [False, False, True]
+    assert curriculum_mask(layers, L, 25, 100, "gradual") == [False, True, True]
+    assert curriculum_mask(layers, L, 38, 100, "gradual") == [True, True, True]
+
+
+def test_head_weights_fixed_and_scaled():
+    fixed = DeCREDOptions(layers=[6], weights=[0.3, 0.7])
+    assert head_weights(fixed, 8) == [0.3, 0.7]
+    rot = DeCREDOptions(layers=[2, 4], weights=[0.2, 0.3, 0.5], curriculum="rotational")
+    assert head_weights(rot, 8, step=1) == [0.0, 0.3, 0.5]  # fixed weights are zeroed, not renormalised
+    scaled = DeCREDOptions(layers=[2, 4], scale="l", curriculum="rotational")
+    assert head_weights(scaled, 8, step=0) == pytest.approx([2 / 10, 0, 8 / 10])
+    with pytest.raises(ValueError, match="one weight per aux layer"):
+        DeCREDOptions(layers=[2, 4], weights=[0.3, 0.7])
+    with pytest.raises(ValueError, match="1..7"):
+        DeCREDOptions(layers=[8]).check_depth(8)
+
+
+# ------------------------------------------------------------------ losses
+
+
+def test_label_smoothed_ce_matches_transformers_and_formula():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+    labels[0, :2] = -100
+    n = (labels != -100).sum()
+    for eps in (0.0, 0.1):
+        ours = label_smoothed_ce(logits, labels, eps).sum() / n
+        assert ours == pytest.approx(float(LabelSmoother(epsilon=eps)({"logits": logits}, labels)), rel=1e-6)
+        logp = logits.log_softmax(-1)
+        valid = labels != -100
+        explicit = sum((1 - eps) * -logp[b, t, labels[b, t]] + eps * -logp[b, t].mean()
+                       for b in range(2) for t in range(5) if valid[b, t]) / n
+        assert ours == pytest.approx(float(explicit), rel=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_chunked_head_loss_equals_full_and_stays_chunked(chunk):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50)
+    hidden = torch.randn(3, 7, 8, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 7))
+    labels[1, :4] = -100
+    full = label_smoothed_ce(head(hidden), labels, 0.1).sum()
+    g_full = torch.autograd.grad(full, [hidden, head.weight])
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        ours, hits = chunked_head_loss(hidden, labels, head, 0.1, chunk_size=chunk)
+    g_ours = torch.autograd.grad(ours, [hidden, head.weight])
+    assert float(ours.detach()) == pytest.approx(float(full.detach()), rel=1e-5)
+    assert int(hits) == int((head(hidden).argmax(-1) == labels).sum())
+    for a, b in zip(g_ours, g_full):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    n_valid = int((labels != -100).sum())
+    if chunk < n_valid:  # the graph keeps the inputs of each chunk, never a chunk's (or all) logits
+        assert max(sizes) < min(chunk, n_valid) * 50 or max(sizes) <= 50 * 8
+        assert all(s < n_valid * 50 for s in sizes)
+
+
+# ------------------------------------------------------------------ trainers against explicit formulas
+
+
+def explicit_causal(model, batch, options, weights):
+    """Σ_k w_k CE_ls(head_k(h_k)[:, :-1], labels[:, 1:]) / n from output_hidden_states."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    L = model.config.num_hidden_layers
+    norm, lm = model.model.norm, model.lm_head
+    labels = batch["labels"][:, 1:]
+    n = (labels != -100).sum()
+    total = 0.0
+    for layer, w in zip([*options.layers, L], weights):
+        if layer == L:
+            logits = out.logits  # hidden_states[-1] is already final-normed: the model's own logits
+        elif options.head == "shared":
+            logits = lm(norm(out.hidden_states[layer]))
+        else:
+            h = out.hidden_states[layer]
+            logits = model.decred_heads.heads[str(layer)](norm(h) if options.final_norm else h)
+        total = total + w * LabelSmoother(options.label_smoothing)({"logits": logits}, batch["labels"], shift_labels=True) * n
+    return total / n
+
+
+@pytest.mark.parametrize("head, final_norm, eps", [("separate", False, 0.1), ("separate", True, 0.0),
+                                                   ("shared", False, 0.1)])
+def test_sft_loss_equals_formula(tmp_path, head, final_norm, eps):
+    tok = build_char_tokenizer()
+    model = tiny()
+    options = DeCREDOptions(layers=[1, 3], head=head, final_norm=final_norm, init="random",
+                            weights=[0.2, 0.3, 0.5], label_smoothing=eps, chunk_size=4)
+    trainer = DeCREDSFTTrainer(model=model, args=sft_args(tmp_path), train_dataset=Dataset.from_list(ROWS),
+                               processing_class=tok, decred=options)
+    batch = causal_batch(tok)
+    ours = trainer.compute_loss(trainer.model, dict(batch))
+    ref = explicit_causal(model, batch, options, [0.2, 0.3, 0.5])
+    assert float(ours) == pytest.approx(float(ref), rel=1e-5)
+    if head == "shared":
+        assert len(list(model.decred_heads.parameters())) == 0
+
+
+def test_sft_scaled_weights_and_curriculum_in_loss(tmp_path):
+    tok = build_char_tokenizer()
+    model = tiny()
+    options = DeCREDOptions(layers=[1, 2, 3], head="shared", scale="sum_l", curriculum="rotational", rotation=2)
+    trainer = DeCREDSFTTrainer(model=model, args=sft_args(tmp_path), train_dataset=Dataset.from_list(ROWS),
+                               processing_class=tok, decred=options)
+    batch = causal_batch(tok)
+    trainer.state.global_step, trainer.state.max_steps = 1, 10  # step 1: only the aux head at layer 2
+    ours = trainer.compute_loss(trainer.model, dict(batch))
+    ref = explicit_causal(model, batch, options, [0, 3 / 13, 0, 10 / 13])
+    assert float(ours) == pytest.approx(float(ref), rel=1e-5)
+
+
+def tiny_t5():
+    """A tiny T5 in eval mode (no dropout: the formula checks compare two forwards)."""
+    return build_tiny_model(TinyModelSpec(family="t5", layers=3, hidden=32, heads=2, intermediate=64)).eval()
+
+
+def seq2seq_batch(tok, model):
+    src = tok(["12+34=", "7+5="], add_special_tokens=False, padding=True, return_tensors="pt")
+    labels = torch.tensor([[tok.convert_tokens_to_ids(c) for c in "46"] + [tok.eos_token_id],
+                           [tok.convert_tokens_to_ids("1"), tok.eos_token_id, -100]])
+    return {"input_ids": src["input_ids"], "attention_mask": src["attention_mask"], "labels": labels}
+
+
+def seq2seq_trainer(tmp_path, model, tok, options, **kw):
+    rows = Dataset.from_list([{"input_ids": [5, 6, 7], "labels": [8, 2]}] * 8)
+    from transformers import DataCollatorForSeq2Seq
+
+    return DeCREDSeq2SeqTrainer(model=model, args=seq2seq_args(sft_args(tmp_path, **kw)), train_dataset=rows,
+                                data_collator=DataCollatorForSeq2Seq(tok, model=model), processing_class=tok,
+                                decred=options)
+
+
+@pytest.mark.parametrize("head", ["separate", "shared"])
+def test_seq2seq_loss_equals_formula_no_shift(tmp_path, head):
+    tok = build_char_tokenizer()
+    tok.padding_side = "right"
+    model = tiny_t5()
+    options = DeCREDOptions(layers=[2], head=head, weights=[0.3, 0.7], label_smoothing=0.1)
+    trainer = seq2seq_trainer(tmp_path, model, tok, options)
+    batch = seq2seq_batch(tok, model)
+    ours = trainer.compute_loss(trainer.model, dict(batch))
+    out = model(**batch, output_hidden_states=True)  # labels -> decoder_input_ids, no shift of the loss
+    h = out.decoder_hidden_states[2]
+    aux_logits = (model.decred_heads.heads["2"](h) if head == "separate"
+                  else model.lm_head(model.decoder.final_layer_norm(h) * model.config.d_model**-0.5))
+    smoother = LabelSmoother(0.1)
+    ref = 0.3 * smoother({"logits": aux_logits}, batch["labels"]) + 0.7 * smoother(out, batch["labels"])
+    assert float(ours) == pytest.approx(float(ref), rel=1e-5)
+    if head == "separate":  # initialised from the LM head with T5's output scaling folded in
+        torch.testing.assert_close(model.decred_heads.heads["2"](h), model.lm_head(h * model.config.d_model**-0.5))
+
+
+def test_decoder_only_and_seq2seq_train(tmp_path):
+    tok = build_char_tokenizer()
+    model = tiny()
+    batch = causal_batch(tok)
+    reg_opts = DeCREDOptions(layers=[2], weights=[0.3, 0.7])
+    trainer = DeCREDSFTTrainer(model=model, args=sft_args(tmp_path / "a", max_steps=8),
+                               train_dataset=Dataset.from_list(ROWS), processing_class=tok, decred=reg_opts)
+    before_head = model.decred_heads.heads["2"].weight.detach().clone()
+    with torch.no_grad():
+        before = float(trainer.compute_loss(model, dict(batch)))
+    trainer.train()
+    with torch.no_grad():
+        after = float(trainer.compute_loss(model, dict(batch)))
+    assert after < before
+    assert not torch.equal(before_head, model.decred_heads.heads["2"].weight)
+    logged = [h for h in trainer.state.log_history if "decred/loss_l2" in h]
+    assert logged and all(math.isfinite(h["decred/loss_final"]) for h in logged)
+
+    tok.padding_side = "right"
+    t5 = tiny_t5()
+    rows = Dataset.from_list([{"input_ids": tok(r["prompt"], add_special_tokens=False)["input_ids"],
+                               "labels": tok(r["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]}
+                              for r in ROWS])
+    from transformers import DataCollatorForSeq2Seq
+
+    s2s = DeCREDSeq2SeqTrainer(model=t5, args=seq2seq_args(sft_args(tmp_path / "b", max_steps=8)), train_dataset=rows,
+                               data_collator=DataCollatorForSeq2Seq(tok, model=t5), processing_class=tok, decred=reg_opts)
+    b = seq2seq_batch(tok, t5)
+    with torch.no_grad():
+        before = float(s2s.compute_loss(t5, dict(b)))
+    s2s.train()
+    with torch.no_grad():
+        after = float(s2s.compute_loss(t5, dict(b)))
+    assert after < before
+
+
+# ------------------------------------------------------------------ save / load / export
+
+
+def test_save_load_round_trip_and_strip(tmp_path):
+    tok = build_char_tokenizer()
+    model = tiny()
+    options = DeCREDOptions(layers=[1, 2], weights=[0.2, 0.2, 0.6], label_smoothing=0.1, final_norm=True)
+    trainer = DeCREDSFTTrainer(model=model, args=sft_args(tmp_path, max_steps=2), train_dataset=Dataset.from_list(ROWS),
+                               processing_class=tok, decred=options)
+    trainer.train()
+    batch = causal_batch(tok)
+    model.eval()
+    with torch.no_grad():
+        before = float(trainer.compute_loss(model, dict(batch)))
+    trainer.save_model(str(tmp_path / "saved"))
+    reloaded = from_pretrained_with_heads(tmp_path / "saved")
+    reloaded.eval()
+    reg = DeCREDRegularizer(reloaded, options)
+    with torch.no_grad(), reg.capture():
+        reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    losses = reg.head_losses(batch["labels"], shift=True)
+    n = (batch["labels"][:, 1:] != -100).sum()
+    after = sum(w * losses[l][0] for l, w in zip([1, 2, 4], [0.2, 0.2, 0.6])) / n
+    assert float(after) == pytest.approx(before, rel=1e-6)
+    for name, p in model.decred_heads.state_dict().items():
+        torch.testing.assert_close(reloaded.decred_heads.state_dict()[name], p)
+
+    # export without heads: plain checkpoint, nothing DeCRED left in it, heads kept in memory
+    trainer.decred_options.export_heads = False
+    trainer.save_model(str(tmp_path / "export"))
+    from safetensors.torch import load_file
+
+    assert not any(k.startswith("decred_heads") for k in load_file(str(tmp_path / "export" / "model.safetensors")))
+    assert "decred" not in (tmp_path / "export" / "config.json").read_text()
+    assert from_pretrained_with_heads(tmp_path / "export").__dict__["_modules"].get("decred_heads") is None
+    assert hasattr(model, "decred_heads") and hasattr(model.config, "decred")
+
+
+# ------------------------------------------------------------------ decode time, internal LM
+
+
+def test_averaged_logits_and_generate():
+    tok = build_char_tokenizer()
+    model = tiny()
+    options = DeCREDOptions(layers=[2], weights=[0.3, 0.7])
+    from trainers.decred import attach_heads
+
+    attach_heads(model, options)
+    batch = causal_batch(tok)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        aux = model.decred_heads.heads["2"](out.hidden_states[2])
+        with averaged_logits(model, [0.0, 1.0]):
+            torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, out.logits)
+        with averaged_logits(model, [0.3, 0.7]):
+            mixed = model(input_ids=ids, attention_mask=mask).logits
+            generated = model.generate(input_ids=ids[:1, :6], max_new_tokens=3, do_sample=False)
+    torch.testing.assert_close(mixed, 0.3 * aux + 0.7 * out.logits)
+    # greedy decoding under averaging picks the argmax of the mixed logits
+    with torch.no_grad():
+        step0 = 0.3 * model.decred_heads.heads["2"](model(input_ids=ids[:1, :6], output_hidden_states=True).hidden_states[2][:, -1]) \
+            + 0.7 * model(input_ids=ids[:1, :6]).logits[:, -1]
+    assert int(generated[0, 6]) == int(step0.argmax())
+    assert model(input_ids=ids).logits.shape == out.logits.shape  # hooks removed
+
+
+def test_internal_lm_perplexity_seq2seq():
+    tok = build_char_tokenizer()
+    tok.padding_side = "right"
+    model = tiny_t5()
+    options = DeCREDOptions(layers=[2], weights=[0.3, 0.7])
+    from trainers.decred import attach_heads
+
+    attach_heads(model, options)
+    batch = seq2seq_batch(tok, model)
+    normal = evaluate_heads(model, [batch], options)
+    ilm = evaluate_heads(model, [batch], options, internal_lm=True)
+    assert set(normal) == set(ilm) == {"loss_l2", "ppl_l2", "loss_final", "ppl_final"}
+    # the internal LM = decoder with one all-zero encoder state
+    from transformers.modeling_outputs import BaseModelOutput
+
+    with torch.no_grad():
+        zeros = BaseModelOutput(last_hidden_state=torch.zeros(2, 1, 32))
+        logits = model(encoder_outputs=zeros, labels=batch["labels"]).logits
+    ref = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"], ignore_index=-100)
+    assert ilm["loss_final"] == pytest.approx(float(ref), rel=1e-5)
+    assert ilm["loss_final"] != pytest.approx(normal["loss_final"])
+
+
+# ------------------------------------------------------------------ speech + CTC
+
+
+def tiny_speech(vocab):
+    enc = Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                         conv_dim=[16, 16], conv_kernel=[10, 3], conv_stride=[5, 4], num_conv_pos_embeddings=8,
+                         num_conv_pos_embedding_groups=2)
+    dec = GPT2Config(n_embd=32, n_layer=3, n_head=2, vocab_size=vocab, is_decoder=True, add_cross_attention=True,
+                     bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = SpeechEncoderDecoderModel(encoder=Wav2Vec2Model(enc), decoder=GPT2LMHeadModel(dec))
+    model.config.decoder_start_token_id, model.config.pad_token_id, model.config.eos_token_id = 1, 0, 2
+    return model.eval()  # no dropout / SpecAugment for the formula check (Trainer.train switches it on)
+
+
+def test_speech_ctc_hybrid_loss_on_random_features(tmp_path):
+    tok = build_char_tokenizer()
+    model = tiny_speech(len(tok))
+    options = DeCREDOptions(layers=[2], weights=[0.3, 0.7], label_smoothing=0.1, ctc_weight=0.3)
+    rows = Dataset.from_list([{"input_values": torch.randn(1600).tolist(), "labels": [10, 11, 12, 2]}] * 8)
+
+    def collate(batch):
+        return {"input_values": torch.tensor([r["input_values"] for r in batch]),
+                "attention_mask": torch.ones(len(batch), 1600, dtype=torch.long),
+                "labels": torch.tensor([r["labels"] for r in batch])}
+
+    trainer = DeCREDSeq2SeqTrainer(model=model, args=seq2seq_args(sft_args(tmp_path, max_steps=3, remove_unused_columns=False)),
+                                   train_dataset=rows, data_collator=collate, processing_class=tok, decred=options)
+    torch.manual_seed(1)
+    x = torch.randn(2, 1600)
+    x[1, 1200:] = 0
+    mask = torch.ones(2, 1600, dtype=torch.long)
+    mask[1, 1200:] = 0
+    labels = torch.tensor([[10, 11, 12, 2], [13, 14, 2, -100]])
+    batch = {"input_values": x, "attention_mask": mask, "labels": labels}
+    ours = trainer.compute_loss(model, dict(batch))
+
+    out = model(input_values=x, attention_mask=mask, labels=labels, output_hidden_states=True)
+    smoother = LabelSmoother(0.1)
+    h = out.decoder_hidden_states[2]
+    attention = 0.3 * smoother({"logits": model.decred_heads.heads["2"](h)}, labels) + 0.7 * smoother(out, labels)
+    enc = model.encoder(x, attention_mask=mask).last_hidden_state
+    lengths = model.encoder._get_feat_extract_output_lengths(mask.sum(-1))
+    logp = model.decred_heads.ctc(enc).log_softmax(-1)
+    ctc = torch.nn.functional.ctc_loss(logp.transpose(0, 1), torch.tensor([10, 11, 12, 13, 14]), lengths,
+                                       torch.tensor([3, 2]), blank=0, reduction="mean", zero_infinity=True)
+    assert float(ours) == pytest.approx(float(0.3 * ctc + 0.7 * attention), rel=1e-5)
+
+    before = model.decred_heads.ctc.weight.detach().clone()
+    trainer.train()
+    assert not torch.equal(before, model.decred_heads.ctc.weight)
+    assert any("decred/ctc" in h for h in trainer.state.log_history)
+
+
+# ------------------------------------------------------------------ RLIF / GRPO
+
+
+def test_rlif_aux_loss_runs_a_step(tmp_path, tiny_model_dir):
+    from rewards import MathAccuracy
+    from tests.test_rlif import make_trainer
+    from trainers.decred import DeCREDRLIFTrainer
+
+    class Trainer(DeCREDRLIFTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, decred=DeCREDOptions(layers=[1], weights=[0.5, 1.0], label_smoothing=0.1), **kwargs)
+
+    trainer = make_trainer(tiny_model_dir, tmp_path, [MathAccuracy()], trainer_cls=Trainer, max_steps=1)
+    head = trainer.model.decred_heads.heads["1"].weight.detach().clone()
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "decred/aux_loss" in h]
+    assert logged and math.isfinite(logged[0]["decred/aux_loss"]) and logged[0]["decred/aux_loss"] > 0
+    assert "decred/loss_final" not in logged[0]  # the final head is GRPO's
+    assert not torch.equal(head, trainer.model.decred_heads.heads["1"].weight)
+
+
+# ------------------------------------------------------------------ recipe under DDP
+
+
+def test_decred_recipe_under_two_process_ddp(tmp_path, tiny_model_dir):
+    """Heads used by the loss reach DDP through the model's output (find_unused_parameters on)."""
+    from safetensors.torch import load_file
+
+    from tests.test_launch import launch_two
+
+    out = tmp_path / "ddp_decred"
+    launch_two("decred", "configs/decred/tiny_decoder_only.yaml", 29531, f"model.name_or_path={tiny_model_dir}",
+               "decred.layers=[1]", "compare_baseline=false", "trainer.max_steps=2", "trainer.logging_steps=1",
+               "trainer.per_device_train_batch_size=8", f"trainer.output_dir={out}", "eval.max_rows=8",
+               "eval.before_training=false", "head_eval_rows=8")
+    weights = load_file(str(out / "model.safetensors"))
+    assert "decred_heads.heads.1.weight" in weights
+    report = json.loads((out / "heads.json").read_text())["decred"]
+    assert {"loss_l1", "loss_final"} <= set(report) and all(math.isfinite(v) for v in report.values())
