@@ -8,7 +8,6 @@ import pytest
 import torch
 from datasets import Dataset
 from transformers import (
-    AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
     SpeechEncoderDecoderModel,
