@@ -181,7 +181,7 @@ class RLIFTrainer(GRPOTrainer):
             self._lens_states = None  # (K, N, H) rows: freed once read
             for signals, extra in zip(per_completion, lens):
                 signals.update(extra)
-            self._log_metric("signals/ic_answer_found", sum(self._lens_found) / max(len(self._lens_found), 1))
+            self._log_gathered("signals/ic_answer_found", sum(self._lens_found) / max(len(self._lens_found), 1))
         for example, signals in zip(inputs, per_completion):
             example["token_signals"] = signals  # TRL passes every extra key to rewards as a list kwarg
         try:
@@ -218,10 +218,10 @@ class RLIFTrainer(GRPOTrainer):
             logger.warning("%d completion(s) without a finite weighted reward: left out of their group", int(unscorable.sum()))
             rewards = rewards.clone()
             rewards[unscorable] = torch.nan
-        self._log_metric("signals/skipped", float(unscorable.sum()))
+        self._log_gathered("signals/skipped", float(unscorable.sum()))
         return rewards
 
-    def _log_metric(self, name: str, local_value: float) -> None:
+    def _log_gathered(self, name: str, local_value: float) -> None:
         """Mean over processes of a per-process value, appended to this step's metrics."""
         mode = "train" if self.model.training else "eval"
         value = torch.tensor([local_value], dtype=torch.float32, device=self.accelerator.device)
