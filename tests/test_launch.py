@@ -3,12 +3,13 @@
 * every file in ``launch/accelerate/`` passes accelerate's own launch validation and builds its plugin;
 * DDP: SFT and RLIF train, save and evaluate; the rewards TRL gathers over ranks equal a
   single-process computation on the same completions;
-* DeepSpeed ZeRO-2 and ZeRO-3: two RLIF steps; the per-token internal signals every rank computed
+* DeepSpeed ZeRO-2, ZeRO-3 and FSDP2: two RLIF steps; the per-token internal signals every rank computed
   (self-certainty through the fused head, internal consistency through the logit lens, whose
   norm and head live outside the forward) equal a full-softmax single-process reference; the
   saved model reloads and equals the checkpoint's; the main process evaluates after training.
 """
 
+import json
 import math
 import os
 import subprocess
@@ -20,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rewards import InternalConsistency, SelfCertainty
 from tests.conftest import ROOT
-from tests.launcher import LAUNCH_CONFIGS, launch_recipe, trainer_state
+from tests.launcher import LAUNCH_CONFIGS, deepspeed_variant, launch_recipe, untie_embeddings, launch_two, trainer_state  # noqa: F401 (launch_two: re-exported)
 from tests.signal_probe import load_records, reference_signals
 
 TEMPERATURE = 0.9  # configs/base/tiny_rlif.yaml
@@ -135,7 +136,7 @@ rewards:
 """
 
 
-def probed_rlif_run(engine: str, tmp_path, model_dir: str, *overrides: str):
+def probed_rlif_run(engine, tmp_path, model_dir: str, *overrides: str):
     """Two RLIF steps (GRPO-gold + IC soft + self-certainty, every rank recording what it scored)."""
     probe, out = tmp_path / "probe", tmp_path / "out"
     config = tmp_path / "probed.yaml"
@@ -211,10 +212,27 @@ def test_rlif_zero2_signals_equal_single_process_and_checkpoint_reloads(tmp_path
 
 
 def test_rlif_zero3_signals_equal_single_process_and_checkpoint_reloads(tmp_path, warm_model_dir):
-    """Parameters sharded: the lens' norm/head are gathered for the readout; one generation serves
-    both steps, so the signals ride on TRL's own old-log-prob pass (the other code path)."""
-    probe, out = probed_rlif_run("zero3", tmp_path, warm_model_dir, "trainer.steps_per_generation=2")
-    references = check_signals_against_single_process(probe, warm_model_dir, rows_per_rank=16)
+    """Every parameter sharded (persistence threshold 0: a tiny model's would otherwise all stay whole)
+    and the LM head untied (as in Qwen2.5-7B/14B): the signal hook and the lens read norm and head
+    outside their own forward and must gather them. One generation serves both steps, so the
+    signals ride on TRL's own old-log-prob pass (the other code path)."""
+    model_dir = untie_embeddings(warm_model_dir, tmp_path / "untied")
+    engine = deepspeed_variant("zero3", tmp_path / "launch", stage3_param_persistence_threshold=0,
+                               stage3_prefetch_bucket_size=0)
+    probe, out = probed_rlif_run(engine, tmp_path, model_dir, "trainer.steps_per_generation=2",
+                                 "eval.before_training=true")
+    references = check_signals_against_single_process(probe, model_dir, rows_per_rank=16)
+    check_gathered_rewards(out, references)
+    check_saved_model(out, model_dir)
+    assert (out / "checkpoint-2" / "global_step2").is_dir()  # DeepSpeed's sharded states, for resuming
+    # the main process evaluated whole copies (the model it holds is a shard) before and after
+    report = json.loads((out / "eval.json").read_text())
+    assert report["before"]["rows"] == report["after"]["rows"] == 8
+
+
+def test_rlif_fsdp2_signals_equal_single_process_and_checkpoint_reloads(tmp_path, warm_model_dir):
+    """FSDP2 (fully_shard per decoder layer; norm and head in the root group) gives the same numbers."""
+    probe, out = probed_rlif_run("fsdp2", tmp_path, warm_model_dir)
+    references = check_signals_against_single_process(probe, warm_model_dir)
     check_gathered_rewards(out, references)
     check_saved_model(out, warm_model_dir)
-    assert (out / "checkpoint-2" / "global_step2").is_dir()  # DeepSpeed's sharded states, for resuming
