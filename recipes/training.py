@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from contextlib import contextmanager
 from pathlib import Path
 
 from datasets import Dataset
@@ -9,6 +11,7 @@ from datasets import Dataset
 from .config import RecipeConfig, save_config
 from .data import load_split
 from .evaluation import evaluate_model, format_table, write_report
+from .modeling import load_model, model_init_kwargs
 
 
 def resume_argument(args) -> bool | str | None:
@@ -26,13 +29,62 @@ def held_out(cfg: RecipeConfig) -> Dataset | None:
     return load_split(cfg.data, cfg.data.eval_split, cfg.eval.max_rows, cfg.source)
 
 
+def parameters_sharded(trainer) -> bool:
+    """True when no single rank holds the whole model (DeepSpeed ZeRO-3, FSDP on several processes).
+
+    Read from the accelerator's plugin: transformers' global ZeRO-3 flag is gone once training ends,
+    while the model's parameters stay partitioned (a forward on one rank then waits forever)."""
+    if trainer.args.world_size <= 1:
+        return False
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return (plugin is not None and plugin.zero_stage == 3) or bool(getattr(trainer, "is_fsdp_enabled", False))
+
+
+@contextmanager
+def outside_zero3(trainer):
+    """Within: ``from_pretrained`` builds an ordinary model (no ``zero.Init``) and ``generate`` does not
+    sync with the other ranks, so the main process can load and evaluate a model on its own."""
+    from transformers.integrations.deepspeed import (is_deepspeed_zero3_enabled, set_hf_deepspeed_config,
+                                                     unset_hf_deepspeed_config)
+
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if not is_deepspeed_zero3_enabled() or plugin is None:
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(plugin.hf_ds_config)
+
+
+def evaluation_model(cfg: RecipeConfig, trainer, path: str | None):
+    """The model the main process evaluates: the trainer's own, or, when its parameters are sharded
+    over ranks (ZeRO-3, FSDP), a whole copy loaded from ``path`` (``None``: the starting model;
+    else the saved ``output_dir``, a full model or a PEFT adapter); call it inside :func:`outside_zero3`."""
+    if not parameters_sharded(trainer):
+        return trainer.model
+    if path is not None and (Path(path) / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(path, **model_init_kwargs(cfg.model))
+    else:
+        model = load_model(cfg.model if path is None else dataclasses.replace(cfg.model, name_or_path=str(path)))
+    return model.to(trainer.accelerator.device).eval()
+
+
 def train_and_evaluate(cfg: RecipeConfig, trainer, tokenizer, test: Dataset | None) -> dict:
     """Evaluate (optionally), save the resolved config beside the checkpoints, train (resuming
-    if asked), save the model, evaluate again; the main process reports ``{before, after}``."""
+    if asked), save the model, evaluate again; the main process reports ``{before, after}``.
+
+    Evaluation runs on the main process alone; under ZeRO-3 / FSDP (where it holds only a shard)
+    it evaluates a whole copy: the starting model before training, the saved model after."""
     args, main_process = trainer.args, trainer.is_world_process_zero()
     reports = {}
     if test is not None and cfg.eval.before_training and main_process:
-        reports["before"] = evaluate_model(trainer.model, tokenizer, test, cfg.eval, desc="before")
+        with outside_zero3(trainer):
+            model = evaluation_model(cfg, trainer, None)
+            reports["before"] = evaluate_model(model, tokenizer, test, cfg.eval, desc="before")
     if main_process:
         save_config(cfg, args.output_dir)
     trainer.train(resume_from_checkpoint=resume_argument(args))
@@ -40,7 +92,9 @@ def train_and_evaluate(cfg: RecipeConfig, trainer, tokenizer, test: Dataset | No
     if main_process:  # the logged history beside the model, for `python -m recipes.plot`
         trainer.state.save_to_json(str(Path(args.output_dir) / "trainer_state.json"))
     if test is not None and main_process:
-        reports["after"] = evaluate_model(trainer.model, tokenizer, test, cfg.eval, desc="after")
+        with outside_zero3(trainer):
+            model = evaluation_model(cfg, trainer, args.output_dir)
+            reports["after"] = evaluate_model(model, tokenizer, test, cfg.eval, desc="after")
         write_report(reports, args.output_dir)
         print(format_table(reports), flush=True)
     return reports
