@@ -87,10 +87,6 @@ def trainer_state(checkpoint: str | Path) -> dict:
     return json.loads((Path(checkpoint) / "trainer_state.json").read_text())
 
 
-def launch_two(recipe: str, config: str | Path, port: int | None = None, *overrides: str) -> None:
-    """2-process DDP launch of a recipe (the earlier helper's signature; ``port`` is ignored, a free one is used)."""
-    launch_recipe(recipe, config, "ddp", *overrides)
-
 
 def untie_embeddings(model_dir: str | Path, target: str | Path) -> str:
     """Save a copy of a tied-embedding causal LM with its own LM head (same function, untied weights).

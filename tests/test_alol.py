@@ -332,22 +332,19 @@ def test_recipe_dry_run_and_config_errors(tmp_path, capsys):
 
 def test_alol_under_two_process_accelerate_launch(tmp_path, tiny_model_dir):
     """Rank 0 precomputes, rank 1 loads the same cache file; each rank trains on its own shard."""
-    from tests.conftest import ROOT, run_module
+    from tests.launcher import launch_recipe
 
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in [
         {"question": f"{a}+{b}=", "answer": str(a + b), "completion": str(a + b + (a % 2))}
         for a in range(8) for b in range(8)]))
     out = tmp_path / "ddp_alol"
-    result = run_module(
-        "accelerate.commands.launch", "--config_file", str(ROOT / "launch/accelerate/ddp.yaml"), "--num_processes", "2",
-        "--mixed_precision", "no", "--main_process_port", "29519", "-m", "recipes.alol",
-        "--config", str(ROOT / "configs/alol/tiny_arithmetic.yaml"), f"model.name_or_path={tiny_model_dir}",
+    result = launch_recipe(
+        "alol", "configs/alol/tiny_arithmetic.yaml", "ddp", f"model.name_or_path={tiny_model_dir}",
         f"data.path={data}", "data.eval_split=train", "value_rows=8", "variants=[]", "trainer.variant=a_lol",
         "trainer.max_steps=4", "trainer.logging_steps=1", "trainer.per_device_train_batch_size=4",
         "trainer.value_epochs=1", "trainer.save_strategy=steps", "trainer.save_steps=1", f"trainer.output_dir={out}",
-        f"trainer.alol_cache_dir={tmp_path / 'cache'}", "eval.max_rows=4", "eval.before_training=false", timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+        f"trainer.alol_cache_dir={tmp_path / 'cache'}", "eval.max_rows=4", "eval.before_training=false")
     log = result.stderr + result.stdout
     assert log.count("A-LoL precompute (cached): {") == 1 and log.count("A-LoL precompute: {") == 1  # one computes
     stats = json.loads((out / "alol_precompute.json").read_text())

@@ -455,10 +455,10 @@ def test_decred_recipe_under_two_process_ddp(tmp_path, tiny_model_dir):
     """Heads used by the loss reach DDP through the model's output (find_unused_parameters on)."""
     from safetensors.torch import load_file
 
-    from tests.test_launch import launch_two
+    from tests.launcher import launch_recipe
 
     out = tmp_path / "ddp_decred"
-    launch_two("decred", "configs/decred/tiny_decoder_only.yaml", 29531, f"model.name_or_path={tiny_model_dir}",
+    launch_recipe("decred", "configs/decred/tiny_decoder_only.yaml", "ddp", f"model.name_or_path={tiny_model_dir}",
                "decred.layers=[1]", "compare_baseline=false", "trainer.max_steps=2", "trainer.logging_steps=1",
                "trainer.per_device_train_batch_size=8", f"trainer.output_dir={out}", "eval.max_rows=8",
                "eval.before_training=false", "head_eval_rows=8")

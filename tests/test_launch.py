@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rewards import InternalConsistency, SelfCertainty
 from tests.conftest import ROOT
-from tests.launcher import LAUNCH_CONFIGS, deepspeed_variant, launch_recipe, untie_embeddings, launch_two, trainer_state  # noqa: F401 (launch_two: re-exported)
+from tests.launcher import LAUNCH_CONFIGS, deepspeed_variant, launch_recipe, trainer_state, untie_embeddings
 from tests.signal_probe import load_records, reference_signals
 
 TEMPERATURE = 0.9  # configs/base/tiny_rlif.yaml
