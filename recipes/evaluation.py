@@ -223,9 +223,13 @@ def evaluate_model(model, tokenizer, data: Dataset, cfg: EvalConfig, desc: str =
     return report
 
 
+def _scalar_metrics(reports: dict[str, dict]) -> list[str]:
+    return sorted({k for r in reports.values() for k, v in r.items() if k != "rows" and isinstance(v, (int, float))})
+
+
 def format_table(reports: dict[str, dict]) -> str:
     """A plain-text table: one row per model, one column per scalar metric."""
-    metrics = sorted({k for r in reports.values() for k, v in r.items() if k != "rows" and isinstance(v, (int, float))})
+    metrics = _scalar_metrics(reports)
     width = max(len(name) for name in reports) + 2
     lines = ["model".ljust(width) + "".join(m.rjust(20) for m in metrics)]
     for name, report in reports.items():
@@ -234,11 +238,28 @@ def format_table(reports: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(reports: dict[str, dict]) -> str:
+    """The same table in Markdown (``eval.md``).
+
+    >>> print(format_markdown({"base": {"rows": 2, "greedy_accuracy": 0.5}}))
+    | model | greedy_accuracy |
+    |---|---|
+    | base | 0.500 |
+    """
+    metrics = _scalar_metrics(reports)
+    lines = ["| model | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for name, report in reports.items():
+        lines.append(f"| {name} | " + " | ".join(f"{report[m]:.3f}" if m in report else "-" for m in metrics) + " |")
+    return "\n".join(lines)
+
+
 def write_report(reports: dict[str, dict], directory: str | Path, meta: dict | None = None) -> Path:
-    """``<directory>/eval.json``: one entry per model label, plus ``_meta`` (config, model ids, data)."""
+    """``<directory>/eval.json``: one entry per model label, plus ``_meta`` (config, model ids, data);
+    ``<directory>/eval.md``: the scalar metrics as a Markdown table."""
     path = Path(directory) / "eval.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**reports, **({"_meta": meta} if meta else {})}, indent=2, default=str))
+    path.with_suffix(".md").write_text(format_markdown(reports) + "\n")
     return path
 
 

@@ -135,6 +135,7 @@ def test_compare_and_plots_from_recorded_runs(tmp_path, capsys):
     assert {"rewards.png", "accuracy.png", "self_certainty.png", "entropy.png", "completion_length.png", "kl.png",
             "loss.png", "calibration_model_self_certainty.png"} <= names
     assert all(p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG" for p in written)
+    assert (runs[0] / "eval.md").read_text().splitlines()[2] == "| model | 0.500 | 0.600 |"
     table = compare([str(runs[0]), str(runs[0] / "eval.json")])
     assert "run_a/model" in table and "greedy_accuracy" in table and "calibration" not in table
 
