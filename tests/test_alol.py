@@ -330,7 +330,8 @@ def test_recipe_dry_run_and_config_errors(tmp_path, capsys):
     assert all(math.isfinite(r["reward"]) for r in reports["a_lol"].values())
 
 
-def test_alol_under_two_process_accelerate_launch(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("engine", ["ddp", "zero2"])
+def test_alol_under_two_process_accelerate_launch(tmp_path, tiny_model_dir, engine):
     """Rank 0 precomputes, rank 1 loads the same cache file; each rank trains on its own shard."""
     from tests.launcher import launch_recipe
 
@@ -340,7 +341,7 @@ def test_alol_under_two_process_accelerate_launch(tmp_path, tiny_model_dir):
         for a in range(8) for b in range(8)]))
     out = tmp_path / "ddp_alol"
     result = launch_recipe(
-        "alol", "configs/alol/tiny_arithmetic.yaml", "ddp", f"model.name_or_path={tiny_model_dir}",
+        "alol", "configs/alol/tiny_arithmetic.yaml", engine, f"model.name_or_path={tiny_model_dir}",
         f"data.path={data}", "data.eval_split=train", "value_rows=8", "variants=[]", "trainer.variant=a_lol",
         "trainer.max_steps=4", "trainer.logging_steps=1", "trainer.per_device_train_batch_size=4",
         "trainer.value_epochs=1", "trainer.save_strategy=steps", "trainer.save_steps=1", f"trainer.output_dir={out}",

@@ -451,18 +451,28 @@ def test_rlif_aux_loss_runs_a_step(tmp_path, tiny_model_dir):
 # ------------------------------------------------------------------ recipe under DDP
 
 
-def test_decred_recipe_under_two_process_ddp(tmp_path, tiny_model_dir):
-    """Heads used by the loss reach DDP through the model's output (find_unused_parameters on)."""
+@pytest.mark.parametrize("engine", ["ddp", "zero3"])
+def test_decred_recipe_under_two_processes(tmp_path, tiny_model_dir, engine):
+    """Heads used by the loss reach DDP through the model's output (find_unused_parameters on); under
+    ZeRO-3 (every parameter sharded) the heads are gathered into the saved 16-bit model and reload."""
     from safetensors.torch import load_file
 
-    from tests.launcher import launch_recipe
+    from tests.launcher import deepspeed_variant, launch_recipe
 
-    out = tmp_path / "ddp_decred"
-    launch_recipe("decred", "configs/decred/tiny_decoder_only.yaml", "ddp", f"model.name_or_path={tiny_model_dir}",
+    if engine == "zero3":
+        engine = deepspeed_variant("zero3", tmp_path / "launch", stage3_param_persistence_threshold=0)
+    out = tmp_path / "decred_run"
+    launch_recipe("decred", "configs/decred/tiny_decoder_only.yaml", engine, f"model.name_or_path={tiny_model_dir}",
                "decred.layers=[1]", "compare_baseline=false", "trainer.max_steps=2", "trainer.logging_steps=1",
                "trainer.per_device_train_batch_size=8", f"trainer.output_dir={out}", "eval.max_rows=8",
                "eval.before_training=false", "head_eval_rows=8")
     weights = load_file(str(out / "model.safetensors"))
     assert "decred_heads.heads.1.weight" in weights
+    from trainers.decred import from_pretrained_with_heads
+
+    reloaded = from_pretrained_with_heads(out)
+    head = reloaded.decred_heads.heads["1"].weight
+    assert head.shape == reloaded.get_output_embeddings().weight.shape and torch.isfinite(head).all()
+    assert torch.equal(head, weights["decred_heads.heads.1.weight"].to(head.dtype))
     report = json.loads((out / "heads.json").read_text())["decred"]
     assert {"loss_l1", "loss_final"} <= set(report) and all(math.isfinite(v) for v in report.values())
