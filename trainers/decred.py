@@ -267,11 +267,11 @@ class DecoderParts:
 
     @property
     def hidden_size(self) -> int:
-        return self.lm_head.weight.shape[1]
+        return _full_shape(self.lm_head.weight)[1]
 
     @property
     def vocab_size(self) -> int:
-        return self.lm_head.weight.shape[0]
+        return _full_shape(self.lm_head.weight)[0]
 
     def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's own LM head on its final (already normed) hidden state."""
@@ -281,6 +281,11 @@ class DecoderParts:
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+
+def _full_shape(weight: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's whole shape, also when ZeRO-3 holds only this rank's partition of it."""
+    return tuple(getattr(weight, "ds_shape", weight.shape))
 
 
 def decoder_parts(model: nn.Module) -> DecoderParts:
@@ -346,7 +351,9 @@ def attach_heads(model: nn.Module, options: DeCREDOptions) -> DeCREDHeads:
                         ctc_vocab=parts.vocab_size if ctc_dim else None)
     heads.to(device=lm.weight.device, dtype=lm.weight.dtype)
     if options.init == "lm_head":
-        with torch.no_grad():
+        from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+        with torch.no_grad(), maybe_gather_lm_head_ctx(lm.weight, getattr(lm, "bias", None)):
             for head in heads.heads.values():
                 head.weight.copy_(lm.weight * parts.pre_scale)  # fold T5's output scaling into the copy
                 if head.bias is not None:
