@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,18 +31,9 @@ from recipes.tiny.tasks import ArithmeticSpec, arithmetic_rows  # noqa: E402
 from rewards import MathAccuracy  # noqa: E402
 from trainers import ALoLConfig, ALoLTrainer  # noqa: E402
 
+from common import StepTimer  # noqa: E402  (benchmarks/common.py, beside this script)
+
 WORDS = ["so", "the", "sum", "is", "because", "we", "add", "carry", "digits", "then"]
-
-
-class StepTimer(TrainerCallback):
-    def __init__(self):
-        self.times, self._t = [], None
-
-    def on_step_begin(self, args, state, control, **kw):
-        self._t = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kw):
-        self.times.append(time.perf_counter() - self._t)
 
 
 def rows(n: int, words: int, seed: int = 0) -> list[dict]:

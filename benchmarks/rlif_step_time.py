@@ -22,11 +22,10 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, TrainerCallback
+from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -35,6 +34,8 @@ from recipes.data import load_split  # noqa: E402
 from recipes.modeling import resolve_model_path  # noqa: E402
 from rewards import InternalConsistency, Reward, SelfCertainty  # noqa: E402
 from trainers import RLIFConfig, RLIFTrainer  # noqa: E402
+
+from common import StepTimer  # noqa: E402  (benchmarks/common.py, beside this script)
 
 REWARDS = {"self_certainty": SelfCertainty, "internal_consistency": InternalConsistency}
 GOALS = {"self_certainty": 1.05, "internal_consistency": 1.10}
@@ -57,17 +58,6 @@ class ConstantReward(Reward):
 
     def score(self, completion, **row):
         return 1.0
-
-
-class StepTimer(TrainerCallback):
-    def __init__(self):
-        self.times, self._t = [], None
-
-    def on_step_begin(self, args, state, control, **kw):
-        self._t = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kw):
-        self.times.append(time.perf_counter() - self._t)
 
 
 def run(trainer_cls, rewards, model_path, data, tok, steps, num_iterations, seed, out_dir, max_completion_length):

@@ -292,17 +292,10 @@ def test_tiny_samples_uri(tiny_cache, warm_model_dir):
 
 
 def test_reward_model_reward(tmp_path):
-    from transformers import AutoModelForSequenceClassification, Qwen2Config
-
-    from recipes.tiny.tokenizer import build_char_tokenizer
+    from recipes.dry_run import tiny_reward_model
     from rewards import RewardModel, build_reward
 
-    tok = build_char_tokenizer()
-    config = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
+    tiny_reward_model(tmp_path)  # a random 1-layer Qwen2 sequence classifier with the character tokenizer
     rm = build_reward("reward_model", name_or_path=str(tmp_path), batch_size=2, replace={"=": " = "})
     prompts, completions = ["1+2=", "3+4=", "10+1="], ["3", "7", "11"]
     scores = rm(prompts=prompts, completions=completions)
