@@ -23,14 +23,15 @@ from pathlib import Path
 from transformers import DataCollatorForSeq2Seq
 from trl import SFTConfig
 
-from trainers.decred import DeCREDOptions, DeCREDSeq2SeqTrainer, DeCREDSFTTrainer, evaluate_heads, seq2seq_args
+from trainers.decred import (DeCREDOptions, DeCREDSeq2SeqTrainer, DeCREDSFTTrainer, evaluate_heads,
+                             from_pretrained_with_heads, seq2seq_args)
 
 from .cli import main
 from .config import ConfigError, RecipeConfig
 from .data import load_split, to_sft_format
 from .modeling import load_model, load_tokenizer, lora_config
 from .speech import SpeechConfig, speech_batches, speech_data, speech_model, speech_report
-from .training import held_out, resume_argument, train_and_evaluate
+from .training import held_out, outside_zero3, parameters_sharded, resume_argument, train_and_evaluate
 
 
 @dataclass
@@ -96,8 +97,18 @@ def head_table(reports: dict[str, dict]) -> str:
 
 
 def evaluate_run(cfg: DeCREDRecipeConfig, trainer, tokenizer, test) -> dict:
-    """Per-head held-out loss/perplexity (plain CE), plus internal-LM ones for encoder-decoders."""
-    model = trainer.model
+    """Per-head held-out loss/perplexity (plain CE), plus internal-LM ones for encoder-decoders.
+
+    Runs on the main process alone; under ZeRO-3 / FSDP, where it holds only a shard of the model,
+    on a whole copy of the saved model, heads included."""
+    with outside_zero3(trainer):
+        model = trainer.model
+        if parameters_sharded(trainer):
+            model = from_pretrained_with_heads(trainer.args.output_dir).to(trainer.accelerator.device).eval()
+        return _evaluate_heads_of(cfg, trainer, model, tokenizer, test)
+
+
+def _evaluate_heads_of(cfg: DeCREDRecipeConfig, trainer, model, tokenizer, test) -> dict:
     encoder_decoder = getattr(model.config, "is_encoder_decoder", False)
     if cfg.speech is not None:
         batches = speech_batches(test, trainer.data_collator, model.device)

@@ -451,14 +451,17 @@ def test_rlif_aux_loss_runs_a_step(tmp_path, tiny_model_dir):
 # ------------------------------------------------------------------ recipe under DDP
 
 
-@pytest.mark.parametrize("engine", ["ddp", "zero2"])
+@pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3"])
 def test_decred_recipe_under_two_processes(tmp_path, tiny_model_dir, engine):
     """Heads used by the loss reach DDP through the model's output (find_unused_parameters on); under
-    ZeRO-2 they train and save with the model and reload. (ZeRO-3 does not work yet: it hangs.)"""
+    ZeRO-2 and ZeRO-3 (every parameter sharded, heads built from the partitioned LM head) they train,
+    are gathered into the saved model and reload; the main process evaluates a whole copy."""
     from safetensors.torch import load_file
 
-    from tests.launcher import launch_recipe
+    from tests.launcher import deepspeed_variant, launch_recipe
 
+    if engine == "zero3":
+        engine = deepspeed_variant("zero3", tmp_path / "launch", stage3_param_persistence_threshold=0)
     out = tmp_path / "decred_run"
     launch_recipe("decred", "configs/decred/tiny_decoder_only.yaml", engine, f"model.name_or_path={tiny_model_dir}",
                "decred.layers=[1]", "compare_baseline=false", "trainer.max_steps=2", "trainer.logging_steps=1",
