@@ -451,7 +451,7 @@ def test_rlif_aux_loss_runs_a_step(tmp_path, tiny_model_dir):
 # ------------------------------------------------------------------ recipe under DDP
 
 
-@pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3", "fsdp2"])
 def test_decred_recipe_under_two_processes(tmp_path, tiny_model_dir, engine):
     """Heads used by the loss reach DDP through the model's output (find_unused_parameters on); under
     ZeRO-2 and ZeRO-3 (every parameter sharded, heads built from the partitioned LM head) they train,
