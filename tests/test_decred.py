@@ -247,6 +247,16 @@ def test_seq2seq_loss_equals_formula_no_shift(tmp_path, head):
         torch.testing.assert_close(model.decred_heads.heads["2"](h), model.lm_head(h * model.config.d_model**-0.5))
 
 
+def assert_training_lowers_loss(trainer, model, batch):
+    """The trainer's own loss on ``batch`` is lower after ``trainer.train()`` than before."""
+    with torch.no_grad():
+        before = float(trainer.compute_loss(model, dict(batch)))
+    trainer.train()
+    with torch.no_grad():
+        after = float(trainer.compute_loss(model, dict(batch)))
+    assert after < before
+
+
 def test_decoder_only_and_seq2seq_train(tmp_path):
     tok = build_char_tokenizer()
     model = tiny()
@@ -255,12 +265,7 @@ def test_decoder_only_and_seq2seq_train(tmp_path):
     trainer = DeCREDSFTTrainer(model=model, args=sft_args(tmp_path / "a", max_steps=8),
                                train_dataset=Dataset.from_list(ROWS), processing_class=tok, decred=reg_opts)
     before_head = model.decred_heads.heads["2"].weight.detach().clone()
-    with torch.no_grad():
-        before = float(trainer.compute_loss(model, dict(batch)))
-    trainer.train()
-    with torch.no_grad():
-        after = float(trainer.compute_loss(model, dict(batch)))
-    assert after < before
+    assert_training_lowers_loss(trainer, model, batch)
     assert not torch.equal(before_head, model.decred_heads.heads["2"].weight)
     logged = [h for h in trainer.state.log_history if "decred/loss_l2" in h]
     assert logged and all(math.isfinite(h["decred/loss_final"]) for h in logged)
@@ -274,13 +279,7 @@ def test_decoder_only_and_seq2seq_train(tmp_path):
 
     s2s = DeCREDSeq2SeqTrainer(model=t5, args=seq2seq_args(sft_args(tmp_path / "b", max_steps=8)), train_dataset=rows,
                                data_collator=DataCollatorForSeq2Seq(tok, model=t5), processing_class=tok, decred=reg_opts)
-    b = seq2seq_batch(tok, t5)
-    with torch.no_grad():
-        before = float(s2s.compute_loss(t5, dict(b)))
-    s2s.train()
-    with torch.no_grad():
-        after = float(s2s.compute_loss(t5, dict(b)))
-    assert after < before
+    assert_training_lowers_loss(s2s, t5, seq2seq_batch(tok, t5))
 
 
 # ------------------------------------------------------------------ save / load / export
