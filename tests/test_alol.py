@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -323,25 +324,91 @@ def test_recipe_dry_run_and_config_errors(tmp_path, capsys):
     assert all(math.isfinite(r["reward"]) for r in reports["a_lol"].values())
 
 
-@pytest.mark.parametrize("engine", ["ddp", "zero2"])
-def test_alol_under_two_process_accelerate_launch(tmp_path, tiny_model_dir, engine):
-    """Rank 0 precomputes, rank 1 loads the same cache file; each rank trains on its own shard."""
-    from tests.launcher import launch_recipe
-
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in [
+def _pairs_file(path):
+    path.write_text("\n".join(json.dumps(r) for r in [
         {"question": f"{a}+{b}=", "answer": str(a + b), "completion": str(a + b + (a % 2))}
         for a in range(8) for b in range(8)]))
-    out = tmp_path / "ddp_alol"
-    result = launch_recipe(
-        "alol", "configs/alol/tiny_arithmetic.yaml", engine, f"model.name_or_path={tiny_model_dir}",
-        f"data.path={data}", "data.eval_split=train", "value_rows=8", "variants=[]", "trainer.variant=a_lol",
-        "trainer.max_steps=4", "trainer.logging_steps=1", "trainer.per_device_train_batch_size=4",
-        "trainer.value_epochs=1", "trainer.save_strategy=steps", "trainer.save_steps=1", f"trainer.output_dir={out}",
-        f"trainer.alol_cache_dir={tmp_path / 'cache'}", "eval.max_rows=4", "eval.before_training=false")
+    return path
+
+
+def _alol_overrides(model_dir, data, out, cache) -> list[str]:
+    return [f"model.name_or_path={model_dir}", f"data.path={data}", "data.eval_split=train", "value_rows=9",
+            "trainer.max_steps=4", "trainer.logging_steps=1", "trainer.per_device_train_batch_size=4",
+            "trainer.value_epochs=2", "trainer.value_learning_rate=1e-2", "trainer.precompute_batch_size=5",
+            f"trainer.output_dir={out}", f"trainer.alol_cache_dir={cache}", "eval.max_rows=4"]
+
+
+def _cached(cache) -> tuple[str, dict]:
+    (path,) = cache.glob("*/precompute.pt")
+    return path.parent.name, torch.load(path, weights_only=False)
+
+
+@pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3", "fsdp2"])
+def test_alol_under_two_process_accelerate_launch(tmp_path, tiny_model_dir, engine):
+    """The precompute is sharded over 2 ranks and merged once; it equals a single-process precompute,
+    every rank holds the same advantages, each rank trains on its own draws, the model saves and reloads.
+
+    ZeRO-3 partitions every parameter (the precompute runs before DeepSpeed's engine exists, on
+    ``zero.Init`` shards: it must gather them) and the LM head is untied (gathered on its own)."""
+    from recipes.alol import ALoLRecipeConfig, run
+    from recipes.cli import main
+    from tests.launcher import deepspeed_variant, launch_recipe, trainer_state, untie_embeddings
+
+    data = _pairs_file(tmp_path / "pairs.jsonl")
+    launch: str | Path = engine
+    model_dir = tiny_model_dir
+    if engine == "zero3":
+        launch = deepspeed_variant("zero3", tmp_path / "launch", stage3_param_persistence_threshold=0)
+        model_dir = untie_embeddings(tiny_model_dir, tmp_path / "untied")
+    # the single-process reference: same data, model and options
+    main("alol", ALoLRecipeConfig, run, ["--config", "configs/alol/tiny_arithmetic.yaml", "variants=[]",
+         *_alol_overrides(model_dir, data, tmp_path / "single", tmp_path / "single_cache"),
+         "trainer.max_steps=1", "eval.before_training=false"])
+    out = tmp_path / "launched"
+    result = launch_recipe("alol", "configs/alol/tiny_arithmetic.yaml", launch, "variants=[a_lol,a_lol_seq]",
+                           "trainer.save_strategy=steps", "trainer.save_steps=1",
+                           *_alol_overrides(model_dir, data, out, tmp_path / "cache"))
     log = result.stderr + result.stdout
-    assert log.count("A-LoL precompute (cached): {") == 1 and log.count("A-LoL precompute: {") == 1  # one computes
-    stats = json.loads((out / "alol_precompute.json").read_text())
-    state = json.loads((out / f"checkpoint-{round(4 * stats['kept_fraction'])}" / "trainer_state.json").read_text())
-    assert state["global_step"] == round(4 * stats["kept_fraction"]) and 0 < stats["kept_fraction"] < 1
-    assert all(h["alol/batch_advantage"] > 0 for h in state["log_history"] if "alol/batch_advantage" in h)
+    # computed once (sharded), then loaded by the second variant and broadcast; logged by the main process only
+    assert log.count("A-LoL precompute: {") == 1 and log.count("A-LoL precompute (cached): {") == 1, log[-3000:]
+    stats = json.loads((out / "a_lol" / "alol_precompute.json").read_text())
+    assert stats["precompute_processes"] == 2 and stats["rows_per_process"] == [32, 32]  # sharded, not repeated
+    assert not stats["loaded_from_cache"] and stats["value_rows"] == 9
+    again = json.loads((out / "a_lol_seq" / "alol_precompute.json").read_text())
+    assert again["loaded_from_cache"] and again["digest"] == stats["digest"]
+    # the same cache key (the model's fingerprint reads whole weights under ZeRO-3) and the same values
+    key, launched = _cached(tmp_path / "cache")
+    single_key, single = _cached(tmp_path / "single_cache")
+    assert key == single_key and single["stats"]["precompute_processes"] == 1
+    assert torch.equal(launched["reward"], single["reward"]) and 0 < float(single["reward"].mean()) < 1
+    assert float(single["value"].std()) > 1e-3  # a fitted head, not a constant
+    torch.testing.assert_close(launched["value"], single["value"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.cat(launched["ref_token_logps"]), torch.cat(single["ref_token_logps"]),
+                               atol=1e-5, rtol=0)
+    for variant in ("a_lol", "a_lol_seq"):
+        steps = round(4 * stats["kept_fraction"])
+        state = trainer_state(out / variant / f"checkpoint-{steps}")
+        assert state["global_step"] == steps and 0 < stats["kept_fraction"] < 1
+        logged = [h for h in state["log_history"] if "alol/importance_weight" in h]
+        # step 1 runs the policy before any update: its log-probs (DDP, ZeRO-2 or ZeRO-3 forward) are the cached ones
+        assert logged[0]["alol/importance_weight"] == pytest.approx(1.0, abs=1e-4)
+        assert all(h["alol/batch_advantage"] > 0 for h in logged)
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "a_lol")
+    start = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert any(not torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), start.state_dict().values()))
+    report = json.loads((out / "eval.json").read_text())
+    assert {"reference", "a_lol", "a_lol_seq"} <= set(report)
+
+
+def test_sampler_shards_one_priority_sample_over_ranks():
+    """Each rank's dataloader gets its own batches of the one global priority draw (accelerate's sharding)."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    sampler = AdvantageSampler(torch.rand(50) - 0.3, num_samples=40, seed=3)
+    batches = torch.utils.data.BatchSampler(sampler, batch_size=4, drop_last=False)
+    drawn = list(sampler)
+    shards = [[i for b in BatchSamplerShard(batches, num_processes=2, process_index=r) for i in b] for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 20 and sorted(shards[0] + shards[1]) == sorted(drawn)
+    assert shards[0] == [i for k in range(0, 40, 8) for i in drawn[k : k + 4]]  # rank 0: batches 0, 2, 4, ...

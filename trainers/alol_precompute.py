@@ -19,9 +19,17 @@ grad: no dropout, LoRA adapters exactly as loaded). Steps:
 
 Everything is saved under ``<cache>/alol/<key>/`` where ``key`` hashes the tokenised data, the
 model (name, config and a checksum of a few weights), the rewards and every option above; a second
-run with the same key loads it and runs no reference forward. Under several processes the main
-process computes (or loads) and the others load the very same file, so advantages are identical
-on every rank.
+run with the same key loads it and runs no reference forward.
+
+Under several processes (DDP, ZeRO-2/3, FSDP) the work is sharded: each rank scores, answers and
+runs the reference over its own slice of the rows (rows sorted by length, dealt round-robin), the
+main process fits the value head on the gathered value prompts and broadcasts it, and the
+per-row results are all-gathered and merged **once**, so every rank holds the very same ``R``,
+``V``, ``A`` and log-probs (checked: the ranks compare a digest and fail if any differs). The main
+process writes the cache; a cached run is loaded by the main process and broadcast. Under
+ZeRO-3 the model is still partitioned at this point (``zero.Init``, no DeepSpeed engine yet), so
+the precompute gathers its parameters for its duration: each rank briefly holds one whole copy of
+the weights, as TRL's generation under ZeRO-3 does by default (``ds3_gather_for_generation``).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import json
 import logging
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,7 +111,8 @@ def model_fingerprint(model) -> str:
     unwrapped = model.get_base_model() if hasattr(model, "get_base_model") else model
     params = list(model.named_parameters())
     chosen = params[:2] + params[-2:] + [p for p in params if p[1].requires_grad and "lora" in p[0]][:8]
-    checksum = [float(p.detach().float().abs().sum()) for _, p in chosen]
+    with whole_parameters([p for _, p in chosen]):  # under ZeRO-3 a rank's own slice says nothing
+        checksum = [float(p.detach().float().abs().sum()) for _, p in chosen]
     config = unwrapped.config.to_json_string(use_diff=True) if hasattr(unwrapped.config, "to_json_string") else ""
     return json.dumps([getattr(unwrapped.config, "_name_or_path", ""), config, [n for n, _ in chosen], checksum])
 
@@ -163,6 +173,72 @@ def _pad_right(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.T
 
 def _hidden(causal, ids, mask):
     return causal.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+
+class _Ranks:
+    """Rank, world size and the three object collectives the precompute needs (no-ops on one process)."""
+
+    def __init__(self, accelerator):
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.main = accelerator.is_main_process
+
+    def shard(self, indices: list[int]) -> list[int]:
+        """This rank's share of ``indices``, dealt round-robin (sorted rows -> similar lengths everywhere)."""
+        return indices[self.rank :: self.world]
+
+    def all_gather(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def gather_to_main(self, obj) -> list | None:
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world if self.main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    def broadcast(self, obj):
+        """The main process's ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([obj if self.main else None])[0]
+
+
+def _partitioned(params) -> list:
+    """The parameters DeepSpeed ZeRO-3 has partitioned (``zero.Init``): each rank holds a slice."""
+    return [p for p in params if hasattr(p, "ds_id")]
+
+
+@contextmanager
+def whole_parameters(params):
+    """Within: ZeRO-3-partitioned ``params`` are whole on every rank (read-only); others untouched."""
+    sharded = _partitioned(params)
+    if not sharded:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None):
+        yield
+
+
+def _merge(parts: list, n: int) -> list:
+    """``[(indices, values), ...]`` from every rank -> one list of ``n`` values in row order."""
+    out: list = [None] * n
+    for indices, values in parts:
+        for i, v in zip(indices, values):
+            out[i] = v
+    assert all(v is not None for v in out), "A-LoL precompute: a row was computed by no rank"
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -250,8 +326,56 @@ def _value_prompts(trainer, value_dataset: Dataset) -> tuple[list[list[int]], Da
     return [p[len(p) - limit :] if limit and len(p) > limit else p for p in prompts], prepared
 
 
+def _fit_head(args, hidden: list[torch.Tensor], targets: torch.Tensor, device):
+    """The value head, fit on every value prompt (main process); the global RNG is left as it was."""
+    from .alol import ValueHead
+
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        torch.manual_seed(args.seed)
+        head = ValueHead(hidden[0].shape[-1], max_reward=args.max_reward, min_reward=args.min_reward)
+        stats = fit_value_head(head, hidden, targets, epochs=args.value_epochs, lr=args.value_learning_rate,
+                               batch_size=args.value_batch_size, val_fraction=args.value_val_fraction,
+                               seed=args.seed, device=device)
+    return head, stats
+
+
+def _value_head(trainer, model, causal, reward_funcs, reward_weights, value_dataset, ranks: _Ranks):
+    """Each rank answers, scores and encodes its share of the value prompts; the main process fits
+    the head on all of them and every rank receives it. Returns ``(head, stats)``."""
+    args, tokenizer, device = trainer.args, trainer.processing_class, trainer.accelerator.device
+    if reward_funcs is None:
+        raise ValueError("the value head scores the reference's own answers: it needs reward_funcs "
+                         "(a reward_column alone cannot score new responses)")
+    prompt_ids, prepared = value_dataset
+    mine = ranks.shard(sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i])))
+    prompts = [prompt_ids[i] for i in mine]
+    answers = _greedy(model, tokenizer, prompts, args.value_max_new_tokens, args.precompute_batch_size)
+    columns = {k: [v[i] for i in mine] for k, v in _extra_columns(prepared).items()}
+    targets = score(reward_funcs, reward_weights, [prepared["prompt"][i] for i in mine],
+                    [_completion_text(tokenizer, a) for a in answers], columns, args.reward_batch_size)
+    hidden = []
+    for i in range(0, len(prompts), args.precompute_batch_size):
+        ids, mask = _pad_right(prompts[i : i + args.precompute_batch_size], tokenizer.pad_token_id)
+        states = _hidden(causal, ids.to(device), mask.to(device)).cpu()
+        hidden.extend(states[j, : int(mask[j].sum())] for j in range(len(states)))
+    parts = ranks.gather_to_main((mine, list(zip(targets.tolist(), hidden))))
+    state = None
+    if ranks.main:
+        rows = _merge(parts, len(prompt_ids))
+        head, stats = _fit_head(args, [h for _, h in rows], torch.tensor([t for t, _ in rows]), device)
+        state = ({k: v.cpu() for k, v in head.state_dict().items()}, stats)
+    state, stats = ranks.broadcast(state)
+    from .alol import ValueHead
+
+    with torch.random.fork_rng(devices=[]):  # the initial values are overwritten: leave the RNG alone
+        head = ValueHead(state["query"].shape[0], max_reward=args.max_reward, min_reward=args.min_reward)
+    head.load_state_dict(state)
+    return head.to(device).eval(), stats
+
+
 @torch.no_grad()
-def _compute(trainer, dataset: Dataset, reward_funcs, reward_weights, value_dataset) -> dict:
+def _compute(trainer, dataset: Dataset, reward_funcs, reward_weights, value_dataset, ranks: _Ranks) -> dict:
+    """This rank's share of rewards, value-prompt work and reference pass; merged over ranks at the end."""
     args, tokenizer = trainer.args, trainer.processing_class
     model, causal = _unwrap(trainer)
     was_training = model.training
@@ -259,51 +383,33 @@ def _compute(trainer, dataset: Dataset, reward_funcs, reward_weights, value_data
     device = trainer.accelerator.device
     stats: dict = {}
     prompt_lens = [prompt_length(labels) for labels in dataset["labels"]]
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    mine = ranks.shard(sorted(range(len(lengths)), key=lengths.__getitem__))  # similar lengths: less padding
     try:
         # 2. rewards
         if args.reward_column:
             if args.reward_column not in dataset.column_names:
                 raise ValueError(f"reward_column {args.reward_column!r} not in the training data ({dataset.column_names})")
-            reward = torch.tensor(dataset[args.reward_column], dtype=torch.float32)
+            reward = [float(r) for r in dataset.select(mine)[args.reward_column]] if mine else []
         else:
-            texts = [_completion_text(tokenizer, ids[p:]) for ids, p in zip(dataset["input_ids"], prompt_lens)]
-            reward = score(reward_funcs, reward_weights, list(dataset["prompt"]), texts, _extra_columns(dataset),
-                           args.reward_batch_size)
+            rows = dataset.select(mine)
+            texts = [_completion_text(tokenizer, ids[prompt_lens[i]:]) for i, ids in zip(mine, rows["input_ids"])]
+            reward = score(reward_funcs, reward_weights, list(rows["prompt"]), texts, _extra_columns(rows),
+                           args.reward_batch_size).tolist()
         # 3. value head
         head = None
         if value_dataset is not None:
-            if reward_funcs is None:
-                raise ValueError("the value head scores the reference's own answers: it needs reward_funcs "
-                                 "(a reward_column alone cannot score new responses)")
-            prompt_ids, prepared = value_dataset
-            answers = _greedy(model, tokenizer, prompt_ids, args.value_max_new_tokens, args.precompute_batch_size)
-            targets = score(reward_funcs, reward_weights, list(prepared["prompt"]),
-                            [_completion_text(tokenizer, a) for a in answers], _extra_columns(prepared),
-                            args.reward_batch_size)
-            hidden = []
-            for i in range(0, len(prompt_ids), args.precompute_batch_size):
-                ids, mask = _pad_right(prompt_ids[i : i + args.precompute_batch_size], tokenizer.pad_token_id)
-                states = _hidden(causal, ids.to(device), mask.to(device)).cpu()
-                hidden.extend(states[j, : int(mask[j].sum())] for j in range(len(states)))
-            from .alol import ValueHead
-
-            torch.manual_seed(args.seed)
-            head = ValueHead(hidden[0].shape[-1], max_reward=args.max_reward, min_reward=args.min_reward)
-            with torch.enable_grad():
-                stats.update(fit_value_head(head, hidden, targets, epochs=args.value_epochs, lr=args.value_learning_rate,
-                                            batch_size=args.value_batch_size, val_fraction=args.value_val_fraction,
-                                            seed=args.seed, device=device))
+            head, head_stats = _value_head(trainer, model, causal, reward_funcs, reward_weights, value_dataset, ranks)
+            stats.update(head_stats)
         # 4. reference pass
         lm_head = causal.get_output_embeddings()
         config = causal.config.get_text_config() if hasattr(causal.config, "get_text_config") else causal.config
         softcap = getattr(config, "final_logit_softcapping", None)
         logit_scale = getattr(config, "logit_scale", None) or 1.0
-        lengths = [len(ids) for ids in dataset["input_ids"]]
-        order = sorted(range(len(lengths)), key=lengths.__getitem__)  # batches of similar length: less padding
-        ref_token: list = [None] * len(dataset)
-        value = torch.zeros(len(dataset))
-        for start in tqdm(range(0, len(order), args.precompute_batch_size), desc="A-LoL reference pass", leave=False):
-            rows = order[start : start + args.precompute_batch_size]
+        ref_token, value = [], []
+        for start in tqdm(range(0, len(mine), args.precompute_batch_size), desc="A-LoL reference pass", leave=False,
+                          disable=not ranks.main):
+            rows = mine[start : start + args.precompute_batch_size]
             ids, mask = _pad_right(dataset[rows]["input_ids"], tokenizer.pad_token_id)
             ids, mask = ids.to(device), mask.to(device)
             hidden = _hidden(causal, ids, mask)
@@ -313,19 +419,33 @@ def _compute(trainer, dataset: Dataset, reward_funcs, reward_weights, value_data
             logps = token_signals(hidden[:, :-1][target_mask], lm_head.weight, ids[:, 1:][target_mask],
                                   bias=lm_head.bias, signals=("logps",), final_logit_softcapping=softcap,
                                   logit_scale=logit_scale)["logps"].cpu()
-            counts = target_mask.sum(1).tolist()
-            for i, piece in zip(rows, logps.split(counts)):
-                ref_token[i] = piece
+            ref_token.extend(logps.split(target_mask.sum(1).tolist()))
             if head is not None:
                 prompt_mask = (pos[None, :] < p[:, None]) & mask.bool()
-                value[rows] = head(hidden.float(), prompt_mask).cpu()
+                value.extend(head(hidden.float(), prompt_mask).cpu().tolist())
+            else:
+                value.extend([0.0] * len(rows))
     finally:
         model.train(was_training)
-    ref_seq = torch.stack([t.sum() for t in ref_token])
-    return {"reward": reward, "value": value, "ref_token_logps": ref_token, "ref_seq_logps": ref_seq, "stats": stats}
+    # the one merge: every rank gets every row's values, computed once by exactly one rank
+    parts = ranks.all_gather((mine, list(zip(reward, value, ref_token))))
+    merged = _merge(parts, len(dataset))
+    ref_token = [t for _, _, t in merged]
+    stats.update(precompute_processes=ranks.world, rows_per_process=[len(indices) for indices, _ in parts])
+    return {"reward": torch.tensor([r for r, _, _ in merged], dtype=torch.float32),
+            "value": torch.tensor([v for _, v, _ in merged], dtype=torch.float32), "ref_token_logps": ref_token,
+            "ref_seq_logps": torch.stack([t.sum() for t in ref_token]), "stats": stats}
 
 
-def _finish(trainer, dataset: Dataset, data: dict, path: Path | None, loaded: bool) -> Precomputed:
+def digest(*tensors: torch.Tensor) -> str:
+    """A hash of the exact bytes of ``tensors`` (to check that every rank holds the same values)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _finish(trainer, dataset: Dataset, data: dict, path: Path | None, loaded: bool, ranks: _Ranks) -> Precomputed:
     args = trainer.args
     reward, value = data["reward"], data["value"]
     advantage = reward - value
@@ -337,10 +457,15 @@ def _finish(trainer, dataset: Dataset, data: dict, path: Path | None, loaded: bo
                   "reward_mean": float(reward.mean()), "value_mean": float(value.mean()),
                   "advantage_mean": float(advantage.mean()), "advantage_std": float(advantage.std()) if len(advantage) > 1 else 0.0,
                   "advantage_kept_mean": float(advantage[kept].mean()) if kept.any() else float("nan"),
-                  "loaded_from_cache": loaded})
+                  "loaded_from_cache": loaded,
+                  "digest": digest(reward, value, advantage, data["ref_seq_logps"])})
+    digests = ranks.all_gather(stats["digest"])
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"A-LoL precompute: the ranks hold different advantages (digests {digests})")
     if not kept.any():
         raise ValueError("A-LoL: no training row has a positive advantage (R <= V(x) everywhere); nothing to train on")
-    logger.info("A-LoL precompute%s: %s", " (cached)" if loaded else "", json.dumps(stats))
+    if ranks.main:
+        logger.info("A-LoL precompute%s: %s", " (cached)" if loaded else "", json.dumps(stats))
     return Precomputed(dataset=dataset, reward=reward, value=value, advantage=advantage, ref_seq_logps=data["ref_seq_logps"],
                        kept_fraction=stats["kept_fraction"], stats=stats, path=path, loaded_from_cache=loaded)
 
@@ -360,29 +485,21 @@ def precompute(trainer, reward_funcs, reward_weights, value_dataset, extra: str 
     dataset = trainer.train_dataset
     rewards_id = repr([(repr(f), w) for f, w in zip(reward_funcs or [], reward_weights or [])])
     value_fp = "" if value_dataset is None else f"{value_dataset._fingerprint}:{len(value_dataset)}"
-    key = _key(trainer, rewards_id, value_dataset is not None, value_fp, extra)
+    key = _key(trainer, rewards_id, value_dataset is not None, value_fp, extra)  # on every rank: may gather (ZeRO-3)
     if value_dataset is not None:  # on every rank: TRL's preparation runs collectives (main-first barriers)
         value_dataset = _value_prompts(trainer, value_dataset)
-    path = cache_root(args) / key / "precompute.pt"
-    acc = trainer.accelerator
-    data, loaded = None, False
-    if acc.is_main_process:
-        if path.exists():
-            data, loaded = torch.load(path, weights_only=False), True
-        else:
-            data = _compute(trainer, dataset, reward_funcs, reward_weights, value_dataset)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(data, tmp)
-            tmp.replace(path)
-            (path.parent / "stats.json").write_text(json.dumps(data["stats"], indent=2))
-    if acc.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        acc.wait_for_everyone()
-        holder = [str(path) if acc.is_main_process else None]
-        broadcast_object_list(holder)
-        if not acc.is_main_process:
-            path = Path(holder[0])
-            data, loaded = torch.load(path, weights_only=False), True
-    return _finish(trainer, dataset, data, path, loaded)
+    ranks = _Ranks(trainer.accelerator)
+    path = cache_root(args) / ranks.broadcast(key) / "precompute.pt"  # the main process's key names the cache
+    data = torch.load(path, weights_only=False) if ranks.main and path.exists() else None
+    if ranks.broadcast(data is not None):  # cached: the main process's copy, sent to every rank
+        return _finish(trainer, dataset, ranks.broadcast(data), path, True, ranks)
+    model, _ = _unwrap(trainer)
+    with whole_parameters(list(model.parameters())):
+        data = _compute(trainer, dataset, reward_funcs, reward_weights, value_dataset, ranks)
+    if ranks.main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(data, tmp)
+        tmp.replace(path)
+        (path.parent / "stats.json").write_text(json.dumps(data["stats"], indent=2))
+    return _finish(trainer, dataset, data, path, False, ranks)
