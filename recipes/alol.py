@@ -26,7 +26,7 @@ from .data import load_split, to_sft_format
 from .evaluation import format_table, write_report
 from .modeling import load_model, load_tokenizer, lora_config
 from .reward_eval import reward_report
-from .training import held_out, resume_argument
+from .training import evaluation_model, held_out, outside_zero3, release, resume_argument
 
 
 @dataclass
@@ -61,9 +61,14 @@ def eval_data(cfg: ALoLRecipeConfig) -> dict:
     return out
 
 
-def evaluate(model, tokenizer, tests: dict, rewards, weights, cfg: ALoLRecipeConfig, name: str) -> dict:
-    return {label: reward_report(model, tokenizer, data, rewards, weights, cfg.eval, desc=f"{name} {label}")
-            for label, data in tests.items()}
+def evaluate(trainer, path: str | None, tokenizer, tests: dict, rewards, weights, cfg: ALoLRecipeConfig,
+             name: str) -> dict:
+    """Reward report of every test set, on the main process; under ZeRO-3 / FSDP on a whole copy of
+    the model (``path``: ``None`` for the starting model, else the saved ``output_dir``)."""
+    with outside_zero3(trainer):
+        model = evaluation_model(cfg, trainer, path)
+        return {label: reward_report(model, tokenizer, data, rewards, weights, cfg.eval, desc=f"{name} {label}")
+                for label, data in tests.items()}
 
 
 def run(cfg: ALoLRecipeConfig) -> dict:
@@ -99,14 +104,15 @@ def run(cfg: ALoLRecipeConfig) -> dict:
         main_process = trainer.is_world_process_zero()
         precompute = trainer.alol.stats
         if i == 0 and tests and cfg.eval.before_training and main_process:
-            reports["reference"] = evaluate(trainer.model, tokenizer, tests, eval_funcs, eval_weights, cfg, "reference")
+            reports["reference"] = evaluate(trainer, None, tokenizer, tests, eval_funcs, eval_weights, cfg, "reference")
         if main_process:
             save_config(cfg, args.output_dir)
             (Path(args.output_dir) / "alol_precompute.json").write_text(json.dumps(precompute, indent=2))
         trainer.train(resume_from_checkpoint=resume_argument(args))
         trainer.save_model(args.output_dir)
         if tests and main_process:
-            reports[variant] = evaluate(trainer.model, tokenizer, tests, eval_funcs, eval_weights, cfg, variant)
+            reports[variant] = evaluate(trainer, args.output_dir, tokenizer, tests, eval_funcs, eval_weights, cfg, variant)
+        release(trainer)
         del trainer, model
     if reports:  # filled on the main process only
         flat = {f"{name} [{label}]" if len(tests) > 1 else name: r for name, per in reports.items() for label, r in per.items()}

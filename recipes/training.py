@@ -58,6 +58,16 @@ def outside_zero3(trainer):
         set_hf_deepspeed_config(plugin.hf_ds_config)
 
 
+def release(trainer) -> None:
+    """Let this process build another trainer: accelerate allows one DeepSpeed ``Accelerator`` per
+    process state, so the finished trainer's state is dropped (the process group stays)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    trainer.accelerator.free_memory()
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
 def evaluation_model(cfg: RecipeConfig, trainer, path: str | None):
     """The model the main process evaluates: the trainer's own, or, when its parameters are sharded
     over ranks (ZeRO-3, FSDP), a whole copy loaded from ``path`` (``None``: the starting model;
