@@ -39,7 +39,7 @@ import json
 import logging
 import math
 import os
-from contextlib import contextmanager
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +47,7 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
+from .distributed import Ranks, merge_shards, whole_parameters
 from .signals import token_signals
 
 logger = logging.getLogger("intrinsic")
@@ -175,70 +176,17 @@ def _hidden(causal, ids, mask):
     return causal.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
 
 
-class _Ranks:
-    """Rank, world size and the three object collectives the precompute needs (no-ops on one process)."""
+class _Clock:
+    """``clock(name)`` records the seconds since the previous call under ``name``."""
 
-    def __init__(self, accelerator):
-        self.rank, self.world = accelerator.process_index, accelerator.num_processes
-        self.main = accelerator.is_main_process
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
 
-    def shard(self, indices: list[int]) -> list[int]:
-        """This rank's share of ``indices``, dealt round-robin (sorted rows -> similar lengths everywhere)."""
-        return indices[self.rank :: self.world]
-
-    def all_gather(self, obj) -> list:
-        if self.world == 1:
-            return [obj]
-        import torch.distributed as dist
-
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def gather_to_main(self, obj) -> list | None:
-        if self.world == 1:
-            return [obj]
-        import torch.distributed as dist
-
-        out = [None] * self.world if self.main else None
-        dist.gather_object(obj, out, dst=0)
-        return out
-
-    def broadcast(self, obj):
-        """The main process's ``obj`` on every rank."""
-        if self.world == 1:
-            return obj
-        from accelerate.utils import broadcast_object_list
-
-        return broadcast_object_list([obj if self.main else None])[0]
-
-
-def _partitioned(params) -> list:
-    """The parameters DeepSpeed ZeRO-3 has partitioned (``zero.Init``): each rank holds a slice."""
-    return [p for p in params if hasattr(p, "ds_id")]
-
-
-@contextmanager
-def whole_parameters(params):
-    """Within: ZeRO-3-partitioned ``params`` are whole on every rank (read-only); others untouched."""
-    sharded = _partitioned(params)
-    if not sharded:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None):
-        yield
-
-
-def _merge(parts: list, n: int) -> list:
-    """``[(indices, values), ...]`` from every rank -> one list of ``n`` values in row order."""
-    out: list = [None] * n
-    for indices, values in parts:
-        for i, v in zip(indices, values):
-            out[i] = v
-    assert all(v is not None for v in out), "A-LoL precompute: a row was computed by no rank"
-    return out
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._last, 3)
+        self._last = now
 
 
 # ------------------------------------------------------------------------------------------------
@@ -339,7 +287,7 @@ def _fit_head(args, hidden: list[torch.Tensor], targets: torch.Tensor, device):
     return head, stats
 
 
-def _value_head(trainer, model, causal, reward_funcs, reward_weights, value_dataset, ranks: _Ranks):
+def _value_head(trainer, model, causal, reward_funcs, reward_weights, value_dataset, ranks: Ranks, clock):
     """Each rank answers, scores and encodes its share of the value prompts; the main process fits
     the head on all of them and every rank receives it. Returns ``(head, stats)``."""
     args, tokenizer, device = trainer.args, trainer.processing_class, trainer.accelerator.device
@@ -358,13 +306,15 @@ def _value_head(trainer, model, causal, reward_funcs, reward_weights, value_data
         ids, mask = _pad_right(prompts[i : i + args.precompute_batch_size], tokenizer.pad_token_id)
         states = _hidden(causal, ids.to(device), mask.to(device)).cpu()
         hidden.extend(states[j, : int(mask[j].sum())] for j in range(len(states)))
+    clock("value_answers")
     parts = ranks.gather_to_main((mine, list(zip(targets.tolist(), hidden))))
     state = None
     if ranks.main:
-        rows = _merge(parts, len(prompt_ids))
+        rows = merge_shards(parts, len(prompt_ids))
         head, stats = _fit_head(args, [h for _, h in rows], torch.tensor([t for t, _ in rows]), device)
         state = ({k: v.cpu() for k, v in head.state_dict().items()}, stats)
     state, stats = ranks.broadcast(state)
+    clock("value_fit")  # gather, fit on the main process, broadcast
     from .alol import ValueHead
 
     with torch.random.fork_rng(devices=[]):  # the initial values are overwritten: leave the RNG alone
@@ -374,7 +324,7 @@ def _value_head(trainer, model, causal, reward_funcs, reward_weights, value_data
 
 
 @torch.no_grad()
-def _compute(trainer, dataset: Dataset, reward_funcs, reward_weights, value_dataset, ranks: _Ranks) -> dict:
+def _compute(trainer, dataset: Dataset, reward_funcs, reward_weights, value_dataset, ranks: Ranks) -> dict:
     """This rank's share of rewards, value-prompt work and reference pass; merged over ranks at the end."""
     args, tokenizer = trainer.args, trainer.processing_class
     model, causal = _unwrap(trainer)
@@ -386,6 +336,7 @@ def _compute(trainer, dataset: Dataset, reward_funcs, reward_weights, value_data
     lengths = [len(ids) for ids in dataset["input_ids"]]
     mine = ranks.shard(sorted(range(len(lengths)), key=lengths.__getitem__))  # similar lengths: less padding
     try:
+        clock = _Clock()
         # 2. rewards
         if args.reward_column:
             if args.reward_column not in dataset.column_names:
@@ -396,10 +347,12 @@ def _compute(trainer, dataset: Dataset, reward_funcs, reward_weights, value_data
             texts = [_completion_text(tokenizer, ids[prompt_lens[i]:]) for i, ids in zip(mine, rows["input_ids"])]
             reward = score(reward_funcs, reward_weights, list(rows["prompt"]), texts, _extra_columns(rows),
                            args.reward_batch_size).tolist()
+        clock("rewards")
         # 3. value head
         head = None
         if value_dataset is not None:
-            head, head_stats = _value_head(trainer, model, causal, reward_funcs, reward_weights, value_dataset, ranks)
+            head, head_stats = _value_head(trainer, model, causal, reward_funcs, reward_weights, value_dataset, ranks,
+                                           clock)
             stats.update(head_stats)
         # 4. reference pass
         lm_head = causal.get_output_embeddings()
@@ -427,11 +380,17 @@ def _compute(trainer, dataset: Dataset, reward_funcs, reward_weights, value_data
                 value.extend([0.0] * len(rows))
     finally:
         model.train(was_training)
+    clock("reference_pass")
+    ranks.wait()
+    clock("wait_for_ranks")
     # the one merge: every rank gets every row's values, computed once by exactly one rank
-    parts = ranks.all_gather((mine, list(zip(reward, value, ref_token))))
-    merged = _merge(parts, len(dataset))
+    flat = torch.cat(ref_token) if ref_token else torch.zeros(0)  # one tensor pickles far faster than many
+    parts = ranks.all_gather((mine, reward, value, flat, [len(t) for t in ref_token]))
+    merged = merge_shards([(rows, list(zip(r, v, f.split(n)))) for rows, r, v, f, n in parts], len(dataset))
+    clock("merge")
     ref_token = [t for _, _, t in merged]
-    stats.update(precompute_processes=ranks.world, rows_per_process=[len(indices) for indices, _ in parts])
+    stats.update(precompute_processes=ranks.world, rows_per_process=[len(part[0]) for part in parts],
+                 precompute_phase_seconds=clock.seconds)  # the main process's
     return {"reward": torch.tensor([r for r, _, _ in merged], dtype=torch.float32),
             "value": torch.tensor([v for _, v, _ in merged], dtype=torch.float32), "ref_token_logps": ref_token,
             "ref_seq_logps": torch.stack([t.sum() for t in ref_token]), "stats": stats}
@@ -445,7 +404,7 @@ def digest(*tensors: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
-def _finish(trainer, dataset: Dataset, data: dict, path: Path | None, loaded: bool, ranks: _Ranks) -> Precomputed:
+def _finish(trainer, dataset: Dataset, data: dict, path: Path | None, loaded: bool, ranks: Ranks) -> Precomputed:
     args = trainer.args
     reward, value = data["reward"], data["value"]
     advantage = reward - value
@@ -488,14 +447,16 @@ def precompute(trainer, reward_funcs, reward_weights, value_dataset, extra: str 
     key = _key(trainer, rewards_id, value_dataset is not None, value_fp, extra)  # on every rank: may gather (ZeRO-3)
     if value_dataset is not None:  # on every rank: TRL's preparation runs collectives (main-first barriers)
         value_dataset = _value_prompts(trainer, value_dataset)
-    ranks = _Ranks(trainer.accelerator)
+    ranks = Ranks(trainer.accelerator)
     path = cache_root(args) / ranks.broadcast(key) / "precompute.pt"  # the main process's key names the cache
     data = torch.load(path, weights_only=False) if ranks.main and path.exists() else None
     if ranks.broadcast(data is not None):  # cached: the main process's copy, sent to every rank
         return _finish(trainer, dataset, ranks.broadcast(data), path, True, ranks)
     model, _ = _unwrap(trainer)
+    start = time.perf_counter()
     with whole_parameters(list(model.parameters())):
         data = _compute(trainer, dataset, reward_funcs, reward_weights, value_dataset, ranks)
+    data["stats"]["precompute_seconds"] = round(time.perf_counter() - start, 3)  # the slowest rank's, merge included
     if ranks.main:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")

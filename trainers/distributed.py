@@ -1,0 +1,92 @@
+"""Work split over the processes of one launch (DDP, DeepSpeed, FSDP): who does which rows, how the
+results come back together, and whole weights for a forward outside DeepSpeed's engine.
+
+:class:`Ranks` wraps the rank, the world size and the object collectives (all no-ops on one
+process); :func:`merge_shards` puts per-rank results back in row order; :func:`whole_parameters`
+gathers ZeRO-3-partitioned parameters (``zero.Init``) for a read-only computation.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+
+class Ranks:
+    """Rank, world size, device and object collectives (no-ops on one process).
+
+    ``state``: an ``Accelerator`` or accelerate's ``PartialState`` (the default: the current launch's).
+    """
+
+    def __init__(self, state=None):
+        if state is None:
+            from accelerate import PartialState
+
+            state = PartialState()
+        self.rank, self.world = state.process_index, state.num_processes
+        self.main, self.device = state.is_main_process, state.device
+
+    def shard(self, indices: list[int]) -> list[int]:
+        """This rank's share of ``indices``, dealt round-robin (sorted rows -> similar lengths everywhere)."""
+        return indices[self.rank :: self.world]
+
+    def wait(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def all_gather(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def gather_to_main(self, obj) -> list | None:
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world if self.main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    def broadcast(self, obj):
+        """The main process's ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([obj if self.main else None])[0]
+
+
+def _partitioned(params) -> list:
+    """The parameters DeepSpeed ZeRO-3 has partitioned (``zero.Init``): each rank holds a slice."""
+    return [p for p in params if hasattr(p, "ds_id")]
+
+
+@contextmanager
+def whole_parameters(params):
+    """Within: ZeRO-3-partitioned ``params`` are whole on every rank (read-only); others untouched."""
+    sharded = _partitioned(params)
+    if not sharded:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None):
+        yield
+
+
+def merge_shards(parts: list, n: int) -> list:
+    """``[(indices, values), ...]`` from every rank -> one list of ``n`` values in row order."""
+    out: list = [None] * n
+    for indices, values in parts:
+        for i, v in zip(indices, values):
+            out[i] = v
+    missing = [i for i, v in enumerate(out) if v is None]
+    if missing:
+        raise RuntimeError(f"{len(missing)} row(s) were computed by no rank, e.g. row {missing[0]}")
+    return out
