@@ -65,7 +65,7 @@ def evaluate(trainer, path: str | None, tokenizer, tests: dict, rewards, weights
              name: str) -> dict:
     """Reward report of every test set, on the main process; under ZeRO-3 / FSDP on a whole copy of
     the model (``path``: ``None`` for the starting model, else the saved ``output_dir``)."""
-    with outside_zero3(trainer):
+    with outside_zero3():
         model = evaluation_model(cfg, trainer, path)
         return {label: reward_report(model, tokenizer, data, rewards, weights, cfg.eval, desc=f"{name} {label}")
                 for label, data in tests.items()}

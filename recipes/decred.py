@@ -101,7 +101,7 @@ def evaluate_run(cfg: DeCREDRecipeConfig, trainer, tokenizer, test) -> dict:
 
     Runs on the main process alone; under ZeRO-3 / FSDP, where it holds only a shard of the model,
     on a whole copy of the saved model, heads included."""
-    with outside_zero3(trainer):
+    with outside_zero3():
         model = trainer.model
         if parameters_sharded(trainer):
             model = from_pretrained_with_heads(trainer.args.output_dir).to(trainer.accelerator.device).eval()

@@ -21,6 +21,7 @@ from pathlib import Path
 from datasets import Dataset, load_from_disk
 
 from rewards import answers_match, build_reward, extract_answer
+from trainers.distributed import Ranks, merge_shards
 from trainers.signals import token_signal_dicts
 from trainers.verify import Verifier, ds_filter, ds_weights, gap_metrics, nile_filter, select
 
@@ -62,26 +63,65 @@ def mean_nll(model, tokenizer, prompts: list, completion_ids: list[list[int]], i
     return [-float(d["logps"].mean()) if d["logps"].numel() else math.inf for d in dicts]
 
 
+def sample_shards(model, tokenizer, prompts: list, improve, ranks: Ranks, read=None):
+    """:func:`sample` with the prompts dealt over the ranks (each prompt's samples stay on one rank).
+
+    ``read(rows, ids, groups) -> {name: per-sample list}`` runs on the same rank right after its
+    sampling (model passes: internal signals, NLL). The main process gets ``(rows, texts, ids, groups,
+    read values, samples per rank)`` in prompt order, ``groups`` being prompt indices; the others ``None``.
+    """
+    mine = ranks.shard(list(range(len(prompts))))
+    n = improve.num_samples
+    per_prompt: list = []
+    if mine:
+        rows, texts, ids = sample(model, tokenizer, [prompts[i] for i in mine], improve)
+        groups = [q for q in mine for _ in range(n)]
+        values = read(rows, ids, groups) if read is not None else {}
+        per_prompt = [(rows[j * n : (j + 1) * n], texts[j * n : (j + 1) * n], ids[j * n : (j + 1) * n],
+                       {k: v[j * n : (j + 1) * n] for k, v in values.items()}) for j in range(len(mine))]
+    parts = ranks.gather_to_main((mine, per_prompt))
+    if not ranks.main:
+        return None
+    merged = merge_shards(parts, len(prompts))
+    names = merged[0][3].keys() if merged else ()
+    return ([r for m in merged for r in m[0]], [t for m in merged for t in m[1]], [i for m in merged for i in m[2]],
+            [q for q in range(len(prompts)) for _ in range(n)], {k: [v for m in merged for v in m[3][k]] for k in names},
+            [len(indices) * n for indices, _ in parts])
+
+
 def score_round(model, tokenizer, verifier: Verifier, prompts: list, gold: list | None, improve,
-                valid: Dataset | None = None) -> tuple[Dataset, dict]:
-    """Sample, score with the verifier, select (and DS-screen); the round's samples and metrics."""
-    rows, texts, ids = sample(model, tokenizer, prompts, improve)
-    groups = [q for q in range(len(prompts)) for _ in range(improve.num_samples)]
-    signals = None
-    if verifier.internal:
-        prompt_ids = tokenizer(prompt_texts(tokenizer, rows), add_special_tokens=False)["input_ids"]
-        signals = token_signal_dicts(model, tokenizer, prompt_ids, ids, groups, temperature=improve.temperature,
-                                     signals=verifier.signals, lens_modes=verifier.lens_modes,
-                                     lens_layers=verifier.lens_layers(model), batch_size=improve.batch_size)
-    scores = verifier.score(groups, texts, token_signals=signals)
+                valid: Dataset | None = None, ranks: Ranks | None = None) -> tuple[Dataset | None, dict | None]:
+    """Sample, score with the verifier, select (and DS-screen); the round's samples and metrics.
+
+    Sampling and its model passes are sharded over ``ranks``; scoring and selection (which need
+    whole groups and all samples) run on the main process, which alone gets the result (``None``
+    elsewhere)."""
+    ranks = ranks or Ranks()
+
+    def read(rows, ids, groups) -> dict:
+        values = {}
+        if verifier.internal:
+            prompt_ids = tokenizer(prompt_texts(tokenizer, rows), add_special_tokens=False)["input_ids"]
+            values["signals"] = token_signal_dicts(
+                model, tokenizer, prompt_ids, ids, groups, temperature=improve.temperature, signals=verifier.signals,
+                lens_modes=verifier.lens_modes, lens_layers=verifier.lens_layers(model), batch_size=improve.batch_size)
+        if valid is not None:
+            values["nll"] = mean_nll(model, tokenizer, rows, ids, improve)
+        return values
+
+    gathered = sample_shards(model, tokenizer, prompts, improve, ranks, read)
+    if gathered is None:
+        return None, None
+    rows, texts, _, groups, values, per_rank = gathered
+    scores = verifier.score(groups, texts, token_signals=values.get("signals"))
     answers = [extract_answer(t) for t in texts]
     weights = select(scores, groups, answers, improve.selection, top_k=improve.top_k, threshold=improve.threshold,
                      min_share=improve.min_share)
     columns = {"prompt": rows, "completion": texts, "group": groups, "answer_pred": answers,
                "score": [math.nan if s is None else s for s in scores], "weight": weights}
-    metrics = {}
+    metrics = {"sampled_per_process": per_rank}
     if valid is not None:  # IWSI: drop the most shifted of the kept samples
-        ds = ds_weights(mean_nll(model, tokenizer, rows, ids, improve), valid_nll(model, tokenizer, valid, improve))
+        ds = ds_weights(values["nll"], valid_nll(model, tokenizer, valid, improve))
         screened = ds_filter(weights, ds, improve.ds_keep_fraction)
         metrics["ds_dropped"] = sum(1 for a, b in zip(weights, screened) if a > 0 and b <= 0)
         columns.update(ds_weight=ds, weight=screened)
@@ -113,11 +153,16 @@ def valid_nll(model, tokenizer, valid: Dataset, improve) -> list[float]:
     return mean_nll(model, tokenizer, list(valid["prompt"]), ids, improve)
 
 
-def nile_pairs(model, tokenizer, pairs: Dataset, improve) -> tuple[Dataset, float]:
-    """NILE: the instruction pairs whose answer the model's own plurality answer agrees with."""
-    rows, texts, _ = sample(model, tokenizer, list(pairs["prompt"]), improve)
-    groups = [q for q in range(len(pairs)) for _ in range(improve.num_samples)]
-    keep = nile_filter([extract_answer(c) for c in pairs["completion"]], [extract_answer(t) for t in texts], groups)
+def nile_pairs(model, tokenizer, pairs: Dataset, improve, ranks: Ranks | None = None) -> tuple[Dataset, float]:
+    """NILE: the instruction pairs whose answer the model's own plurality answer agrees with
+    (sampling sharded over ``ranks``; every rank gets the result)."""
+    ranks = ranks or Ranks()
+    gathered = sample_shards(model, tokenizer, list(pairs["prompt"]), improve, ranks)
+    keep = None
+    if gathered is not None:
+        _, texts, _, groups, _, _ = gathered
+        keep = nile_filter([extract_answer(c) for c in pairs["completion"]], [extract_answer(t) for t in texts], groups)
+    keep = ranks.broadcast(keep)
     kept = pairs.select([i for i, k in enumerate(keep) if k])
     return kept, len(kept) / max(len(pairs), 1)
 

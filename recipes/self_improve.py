@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from trl import SFTConfig
 
+from trainers.distributed import Ranks
 from trainers.weighted_sft import WeightedSFTTrainer
 
 from . import rounds
@@ -30,8 +31,8 @@ from .cli import main
 from .config import ConfigError, DataConfig, RecipeConfig, RewardSpec, save_config
 from .data import load_split
 from .evaluation import evaluate_model, format_table
-from .modeling import load_model, load_tokenizer, lora_config
-from .training import held_out
+from .modeling import load_model, load_tokenizer, lora_config, model_init_kwargs
+from .training import held_out, outside_zero3, release
 
 
 @dataclass
@@ -97,7 +98,12 @@ def load_prompts(cfg: SelfImproveRecipeConfig):
 
 
 def run(cfg: SelfImproveRecipeConfig) -> dict:
+    """The rounds. Under ``accelerate launch`` sampling and its model passes are sharded over the
+    processes, each round's fine-tune runs on all of them (DDP, ZeRO, FSDP), and the main process
+    scores, selects, evaluates and writes; ``output_dir`` must be on a filesystem every process
+    reads (each round's samples and model are read back from it)."""
     check(cfg)
+    ranks = Ranks()
     verifier = rounds.build_verifier(cfg.rewards, cfg.source)
     prompts, valid = load_prompts(cfg)
     gold = list(prompts["answer"]) if "answer" in prompts.column_names else None
@@ -107,63 +113,111 @@ def run(cfg: SelfImproveRecipeConfig) -> dict:
         pairs = pairs.select_columns(["prompt", "completion"])
     test, out = held_out(cfg), Path(cfg.trainer.output_dir)
     tokenizer = load_tokenizer(cfg.model)
-    save_config(cfg, out)
+    if ranks.main:
+        save_config(cfg, out)
     base = cfg.model.name_or_path
     report = {}
     if test is not None and cfg.eval.before_training:
-        report["round_0"] = rounds.finished(out / "round_0")
+        report["round_0"] = ranks.broadcast(rounds.finished(out / "round_0"))
         if report["round_0"] is None:
-            report["round_0"] = evaluate_model(load_model(cfg.model), tokenizer, test, cfg.eval, desc="round 0")
-            rounds.mark_done(out / "round_0", report["round_0"])
+            report["round_0"] = ranks.broadcast(evaluate_saved(cfg, base, tokenizer, test, "round 0", ranks))
+            if ranks.main:
+                rounds.mark_done(out / "round_0", report["round_0"])
     current = base
     for k in range(1, cfg.improve.iterations + 1):
         here = out / f"round_{k}"
-        done = rounds.finished(here)
+        done = ranks.broadcast(rounds.finished(here))
         if done is None:
-            done = one_round(cfg, k, here, current, base, tokenizer, verifier, prompts, gold, valid, pairs, test)
-            rounds.mark_done(here, done)
+            done = one_round(cfg, k, here, current, base, tokenizer, verifier, prompts, gold, valid, pairs, test, ranks)
+            if ranks.main:
+                rounds.mark_done(here, done)
         report[f"round_{k}"] = done
         current = str(here / "model")
-    (out / "rounds.json").write_text(json.dumps(report, indent=2))
-    print(format_table({name: {k: v for k, v in r.items() if isinstance(v, int | float) and not isinstance(v, bool)} for name, r in report.items()}),
-          flush=True)
+        ranks.wait()
+    if ranks.main:
+        (out / "rounds.json").write_text(json.dumps(report, indent=2))
+        print(format_table({name: {k: v for k, v in r.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+                            for name, r in report.items()}), flush=True)
     return report
 
 
-def one_round(cfg, k, here, current, base, tokenizer, verifier, prompts, gold, valid, pairs, test) -> dict:
+def whole_model(cfg: SelfImproveRecipeConfig, name_or_path: str, ranks: Ranks):
+    """A whole copy of a model on this rank's device; call it inside :func:`outside_zero3`, which
+    also keeps ``generate`` from syncing with the other ranks (sampling and evaluation)."""
+    return load_model(dataclasses.replace(cfg.model, name_or_path=name_or_path)).to(ranks.device)
+
+
+def evaluate_saved(cfg, name_or_path: str, tokenizer, test, desc: str, ranks: Ranks) -> dict | None:
+    """Held-out metrics of a saved model, on the main process (``None`` elsewhere)."""
+    if not ranks.main:
+        return None
+    with outside_zero3():
+        return evaluate_model(whole_model(cfg, name_or_path, ranks), tokenizer, test, cfg.eval, desc=desc)
+
+
+def one_round(cfg, k, here, current, base, tokenizer, verifier, prompts, gold, valid, pairs, test, ranks) -> dict:
+    """Sample and score (sharded; skipped when a killed run saved them), fine-tune on what is kept
+    (every process), save the model to ``here/model``, evaluate it (main process); the metrics on every rank."""
     imp = cfg.improve
-    model = load_model(dataclasses.replace(cfg.model, name_or_path=current))
+    unsampled = ranks.broadcast(rounds.saved_samples(here) is None or not (here / "sampled.json").is_file())
+    extra, nile_kept = None, None
+    with outside_zero3():  # every rank samples on its own with a whole copy of the current model
+        sampler = whole_model(cfg, current, ranks)
+        if unsampled:
+            torch.manual_seed(cfg.trainer.seed + k + 100_003 * ranks.rank)  # a resumed run samples what an uninterrupted one would
+            rows = rounds.round_rows(len(prompts), imp.prompts_per_round, k)
+            gold_k = None if gold is None else [gold[i] for i in rows]
+            samples, metrics = rounds.score_round(sampler, tokenizer, verifier, [prompts[i]["prompt"] for i in rows],
+                                                  gold_k, imp, valid, ranks)
+            if ranks.main:
+                rounds.save_samples(samples, here)
+                (here / "sampled.json").write_text(json.dumps(metrics))
+        if pairs is not None:
+            extra, nile_kept = rounds.nile_pairs(sampler, tokenizer, pairs, imp, ranks)
+    ranks.wait()
     samples = rounds.saved_samples(here)
-    if samples is None or not (here / "sampled.json").is_file():
-        torch.manual_seed(cfg.trainer.seed + k)  # a resumed run samples what an uninterrupted one would
-        rows = rounds.round_rows(len(prompts), imp.prompts_per_round, k)
-        gold_k = None if gold is None else [gold[i] for i in rows]
-        samples, metrics = rounds.score_round(model, tokenizer, verifier, [prompts[i]["prompt"] for i in rows], gold_k,
-                                              imp, valid)
-        rounds.save_samples(samples, here)
-        (here / "sampled.json").write_text(json.dumps(metrics))
     metrics = json.loads((here / "sampled.json").read_text())
-    extra = None
     if pairs is not None:
-        extra, metrics["nile_kept_fraction"] = rounds.nile_pairs(model, tokenizer, pairs, imp)
+        metrics["nile_kept_fraction"] = nile_kept
     train = rounds.training_set(samples, imp.selection == "reweight", extra)
-    if imp.start_from == "base" and current != base:
-        model = load_model(cfg.model)
     metrics["train_rows"] = 0 if train is None else len(train)
-    if train is not None:
+    if train is None:  # nothing kept: the round's model is the one it sampled from
+        if ranks.main:
+            sampler.save_pretrained(str(here / "model"))
+            tokenizer.save_pretrained(str(here / "model"))
+    else:
+        del sampler
+        model = load_model(cfg.model if imp.start_from == "base" else dataclasses.replace(cfg.model, name_or_path=current))
         args = rounds.round_args(cfg.trainer, here / "trainer", cfg.trainer.seed + k)
         trainer = WeightedSFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
                                      peft_config=lora_config(cfg.peft, model))
         if len(trainer.train_dataset) == 0:
             raise ValueError(f"round {k}: every kept sample lost its completion to trainer.max_length truncation")
         trainer.train()
-        model = trainer.model.merge_and_unload() if cfg.peft is not None else trainer.model
         metrics["train_loss"] = trainer.state.log_history[-1].get("train_loss", float("nan"))
-    model.save_pretrained(str(here / "model"))
-    tokenizer.save_pretrained(str(here / "model"))
-    if test is not None:
-        metrics.update(evaluate_model(model, tokenizer, test, cfg.eval, desc=f"round {k}"))
-    return metrics
+        save_round_model(cfg, trainer, tokenizer, here, ranks)
+        release(trainer)
+        del trainer, model
+    ranks.wait()
+    if test is not None and ranks.main:
+        metrics.update(evaluate_saved(cfg, str(here / "model"), tokenizer, test, f"round {k}", ranks))
+    return ranks.broadcast(metrics)
+
+
+def save_round_model(cfg, trainer, tokenizer, here: Path, ranks: Ranks) -> None:
+    """The fine-tuned weights as a full model in ``here/model`` (whole under ZeRO-3 / FSDP; a LoRA
+    adapter, saved to ``here/adapter``, is merged into its base by the main process)."""
+    if cfg.peft is None:
+        trainer.save_model(str(here / "model"))
+        return
+    trainer.save_model(str(here / "adapter"))
+    if ranks.main:
+        from peft import AutoPeftModelForCausalLM
+
+        with outside_zero3():
+            merged = AutoPeftModelForCausalLM.from_pretrained(str(here / "adapter"), **model_init_kwargs(cfg.model))
+        merged.merge_and_unload().save_pretrained(str(here / "model"))
+        tokenizer.save_pretrained(str(here / "model"))
 
 
 if __name__ == "__main__":

@@ -41,21 +41,20 @@ def parameters_sharded(trainer) -> bool:
 
 
 @contextmanager
-def outside_zero3(trainer):
+def outside_zero3():
     """Within: ``from_pretrained`` builds an ordinary model (no ``zero.Init``) and ``generate`` does not
-    sync with the other ranks, so the main process can load and evaluate a model on its own."""
-    from transformers.integrations.deepspeed import (is_deepspeed_zero3_enabled, set_hf_deepspeed_config,
-                                                     unset_hf_deepspeed_config)
+    sync with the other ranks, so one process can load and run a whole model on its own."""
+    from transformers.integrations import deepspeed as hf_deepspeed
 
-    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-    if not is_deepspeed_zero3_enabled() or plugin is None:
+    if not hf_deepspeed.is_deepspeed_zero3_enabled():
         yield
         return
-    unset_hf_deepspeed_config()
+    config = hf_deepspeed._hf_deepspeed_config_weak_ref()  # the live config (its plugin keeps it alive)
+    hf_deepspeed.unset_hf_deepspeed_config()
     try:
         yield
     finally:
-        set_hf_deepspeed_config(plugin.hf_ds_config)
+        hf_deepspeed.set_hf_deepspeed_config(config)
 
 
 def release(trainer) -> None:
@@ -92,7 +91,7 @@ def train_and_evaluate(cfg: RecipeConfig, trainer, tokenizer, test: Dataset | No
     args, main_process = trainer.args, trainer.is_world_process_zero()
     reports = {}
     if test is not None and cfg.eval.before_training and main_process:
-        with outside_zero3(trainer):
+        with outside_zero3():
             model = evaluation_model(cfg, trainer, None)
             reports["before"] = evaluate_model(model, tokenizer, test, cfg.eval, desc="before")
     if main_process:
@@ -102,7 +101,7 @@ def train_and_evaluate(cfg: RecipeConfig, trainer, tokenizer, test: Dataset | No
     if main_process:  # the logged history beside the model, for `python -m recipes.plot`
         trainer.state.save_to_json(str(Path(args.output_dir) / "trainer_state.json"))
     if test is not None and main_process:
-        with outside_zero3(trainer):
+        with outside_zero3():
             model = evaluation_model(cfg, trainer, args.output_dir)
             reports["after"] = evaluate_model(model, tokenizer, test, cfg.eval, desc="after")
         write_report(reports, args.output_dir)

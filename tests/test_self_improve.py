@@ -286,3 +286,42 @@ def test_config_errors(tiny_config, tmp_path, capsys):
     with pytest.raises(SystemExit):
         _run(tiny_config, tmp_path / "x", "rewards=[{name: majority_vote, weight: 0.0}]")
     assert "weight 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("engine", ["ddp", "zero3"])
+def test_rounds_under_two_process_accelerate_launch(tiny_config, tmp_path, warm_model_dir, engine):
+    """Sampling and the verifier's model passes are sharded (each prompt's samples on one rank, merged
+    in prompt order); the fine-tune runs on both ranks; the main process scores, saves and evaluates.
+
+    DDP fine-tunes a LoRA adapter (merged into the round's model by the main process); ZeRO-3
+    partitions every parameter of an untied model (sampling and evaluation use whole copies)."""
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM
+
+    from tests.launcher import deepspeed_variant, launch_recipe, untie_embeddings
+
+    launch, model_dir, extra = engine, warm_model_dir, ["peft={r: 4, alpha: 8}"]
+    if engine == "zero3":
+        launch = deepspeed_variant("zero3", tmp_path / "launch", stage3_param_persistence_threshold=0)
+        model_dir, extra = untie_embeddings(warm_model_dir, tmp_path / "untied"), []
+    out = tmp_path / "run"
+    launch_recipe("self_improve", tiny_config, launch, f"trainer.output_dir={out}", f"model.name_or_path={model_dir}",
+                  "improve.iterations=1", "rewards=[{name: majority_vote, weight: 1.0}, {name: self_certainty, weight: 0.01}]",
+                  "trainer.learning_rate=1e-3", *extra)
+    report = json.loads((out / "rounds.json").read_text())
+    assert set(report) == {"round_0", "round_1"} and (out / "round_1" / "DONE").is_file()
+    r1 = report["round_1"]
+    assert r1["sampled_per_process"] == [32, 32] and r1["kept"] == r1["train_rows"] > 0  # 16 prompts x 4, halved
+    assert "greedy_accuracy" in report["round_0"] and "greedy_accuracy" in r1 and r1["ds_dropped"] >= 1
+    data = load_from_disk(str(out / "round_1" / "samples"))
+    assert data["group"] == [q for q in range(16) for _ in range(4)]
+    prompts = [data["prompt"][4 * q] for q in range(16)]
+    assert len(set(prompts)) == 16 and all(data["prompt"][4 * q + j] == prompts[q] for q in range(16) for j in range(4))
+    gold = data["gold"]
+    assert all(gold[4 * q] == gold[4 * q + 3] for q in range(16))  # gold answers followed their prompts
+    scores = [s for s in data["score"] if not math.isnan(s)]
+    assert len(scores) > 32 and len(set(scores)) > 8  # self-certainty read on every rank's samples
+    assert (out / "round_1" / "adapter" / "adapter_config.json").is_file() == (engine == "ddp")
+    start = AutoModelForCausalLM.from_pretrained(model_dir)
+    trained = AutoModelForCausalLM.from_pretrained(out / "round_1" / "model")
+    assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), start.state_dict().values()))
