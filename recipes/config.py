@@ -372,17 +372,13 @@ def _build(cls: type, values: dict) -> Any:
     return cls(**kwargs)
 
 
-def _no_accelerator() -> bool:
-    import torch
-
-    return not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()))
-
-
 def build_trainer_args(trainer_class: type, values: dict, source: str, output_dir: str | None = None):
     """The recipe's TRL config object from the ``trainer:`` section (mixed precision off on CPU)."""
     values = dict(values)
     values.setdefault("output_dir", output_dir or "outputs/run")
-    if _no_accelerator():  # CPU machine: gloo process groups under accelerate launch, float32
+    from trainers.distributed import no_accelerator
+
+    if no_accelerator():  # CPU machine: gloo process groups under accelerate launch, float32
         values.setdefault("use_cpu", True)
         values.setdefault("bf16", False)
         for key in ("bf16", "fp16"):

@@ -11,11 +11,13 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from trainers.distributed import Ranks
+
 from .cli import main
 from .config import ConfigError, RecipeConfig, save_config
 from .data import load_split
 from .evaluation import evaluate_model, format_table, read_reports, write_report
-from .modeling import load_model, load_tokenizer
+from .modeling import load_model, load_tokenizer, to_device
 
 
 @dataclass
@@ -35,10 +37,12 @@ def run(cfg: EvaluateRecipeConfig) -> dict:
         if name.startswith(("outputs/", "./", "/")) and not Path(name).exists():
             key = "model.name_or_path" if label == cfg.label else f"compare.{label}"
             raise ConfigError(cfg.source, key, f"no model at {name} (train it first; `make demo` does)")
-    reports = {}
+    reports, ranks = {}, Ranks()  # under `accelerate launch` the rows are dealt over the processes
     for label, model_cfg in models.items():
-        model, tokenizer = load_model(model_cfg), load_tokenizer(model_cfg)
-        reports[label] = evaluate_model(model, tokenizer, test, cfg.eval, desc=label)
+        model, tokenizer = to_device(load_model(model_cfg), ranks.device), load_tokenizer(model_cfg)
+        reports[label] = evaluate_model(model, tokenizer, test, cfg.eval, desc=label, ranks=ranks)
+    if not ranks.main:
+        return {}
     save_config(cfg, cfg.output_dir)
     print(f"held-out: {cfg.data.path} split={cfg.data.eval_split} rows={len(test)} "
           f"sampling T={cfg.eval.temperature} x{cfg.eval.num_samples}")

@@ -17,6 +17,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from rewards import InternalConsistency, answers_match, extract_answer, normalize_answer, plurality
+from trainers.distributed import Ranks, merge_shards
 from trainers.signals import token_signal_dicts
 
 from .config import EvalConfig
@@ -176,39 +177,84 @@ def reliability(values: list[float | None], correct: list[bool], bins: int = 5, 
     return out
 
 
-def evaluate_model(model, tokenizer, data: Dataset, cfg: EvalConfig, desc: str = "eval") -> dict:
+def _outputs(model, tokenizer, prompts: list, cfg: EvalConfig, desc: str, ic: InternalConsistency | None,
+             read_signals: bool) -> list[dict]:
+    """Per prompt: the greedy completion, the sampled ones (texts and ids) and, with ``read_signals``,
+    the sampled completions' internal signals."""
+    out: list[dict] = [{} for _ in prompts]
+    if not prompts:
+        return out
+    common = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    if cfg.greedy:
+        texts, _ = generate(model, tokenizer, prompts, do_sample=False, desc=f"{desc} greedy", **common)
+        for o, t in zip(out, texts):
+            o["greedy"] = t
+    if cfg.sampled:
+        n = cfg.num_samples
+        texts, ids = generate(model, tokenizer, prompts, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
+                              num_return_sequences=n, desc=f"{desc} sampled", **common)
+        for q, o in enumerate(out):
+            o["sampled"], o["ids"] = texts[q * n : (q + 1) * n], ids[q * n : (q + 1) * n]
+        if read_signals:
+            _add_signals(model, tokenizer, prompts, out, cfg, ic)
+    return out
+
+
+def _add_signals(model, tokenizer, prompts: list, outputs: list[dict], cfg: EvalConfig, ic) -> None:
+    n = cfg.num_samples
+    values = internal_signals(model, tokenizer, [p for p in prompts for _ in range(n)],
+                              [i for o in outputs for i in o["ids"]], temperature=cfg.temperature,
+                              batch_size=cfg.batch_size, certainty=cfg.self_certainty, entropy=cfg.negative_entropy,
+                              consistency=ic)
+    for q, o in enumerate(outputs):
+        o["signals"] = {name: v[q * n : (q + 1) * n] for name, v in values.items()}
+
+
+def evaluate_model(model, tokenizer, data: Dataset, cfg: EvalConfig, desc: str = "eval", ranks: Ranks | None = None
+                   ) -> dict | None:
     """Greedy and/or sampled accuracy on ``data``. With ``num_samples > 1`` also self-consistency
     (``vote_accuracy``); with ``cfg.self_certainty`` / ``cfg.internal_consistency`` the signal's
     mean over correct vs incorrect sampled answers and its AUC, and for IC the IC-weighted vote
-    (``ic_vote_accuracy``, the paper's SC+IC)."""
+    (``ic_vote_accuracy``, the paper's SC+IC).
+
+    ``ranks`` (default: this process alone) deals the rows over the processes of a launch: each
+    generates and reads signals for its share, the main process computes the report (``None``
+    elsewhere). IC's ``candidates`` mode, calibrated over every sample, is read on the main process."""
     if "answer" not in data.column_names:
         raise ValueError("evaluation needs an 'answer' column (map one in data.columns)")
-    prompts, answers = data["prompt"], data["answer"]
-    common = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    prompts, answers = list(data["prompt"]), list(data["answer"])
+    ranks = ranks or Ranks(alone=True)
+    ic = InternalConsistency(cfg.ic_mode, cfg.ic_layers) if cfg.internal_consistency else None
+    wants_signals = cfg.sampled and bool(cfg.self_certainty or cfg.negative_entropy or ic)
+    whole_set = ic is not None and ic.mode == "candidates"
+    mine = ranks.shard(list(range(len(prompts))))
+    torch.manual_seed(cfg.seed + 100_003 * ranks.rank)
+    parts = ranks.gather_to_main((mine, _outputs(model, tokenizer, [prompts[i] for i in mine], cfg, desc, ic,
+                                                 wants_signals and not whole_set)))
+    if not ranks.main:
+        return None
+    outputs = merge_shards(parts, len(prompts))
+    if wants_signals and whole_set:
+        _add_signals(model, tokenizer, prompts, outputs, cfg, ic)
     report: dict = {"rows": len(prompts)}
+    if ranks.world > 1:
+        report["processes"] = ranks.world
     if cfg.greedy:
-        texts, _ = generate(model, tokenizer, prompts, do_sample=False, desc=f"{desc} greedy", **common)
-        report["greedy_accuracy"] = accuracy(texts, answers)
+        report["greedy_accuracy"] = accuracy([o["greedy"] for o in outputs], answers)
     if cfg.sampled:
-        torch.manual_seed(cfg.seed)
-        texts, ids = generate(model, tokenizer, prompts, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
-                              num_return_sequences=cfg.num_samples, desc=f"{desc} sampled", **common)
-        gold = [a for a in answers for _ in range(cfg.num_samples)]
+        n = cfg.num_samples
+        texts = [t for o in outputs for t in o["sampled"]]
+        gold = [a for a in answers for _ in range(n)]
         correct = [answers_match(extract_answer(t), a) for t, a in zip(texts, gold)]
         report["sampled_accuracy"] = sum(correct) / max(len(correct), 1)
-        n = cfg.num_samples
         for k in sorted(set(cfg.pass_k or [1, n])):
             if k <= n:
                 report[f"pass@{k}"] = sum(pass_at_k(n, sum(correct[q * n : (q + 1) * n]), k)
                                           for q in range(len(answers))) / max(len(answers), 1)
         if n > 1:
             report["vote_accuracy"] = vote_accuracy(texts, answers, n)
-        if cfg.self_certainty or cfg.negative_entropy or cfg.internal_consistency:
-            ic = InternalConsistency(cfg.ic_mode, cfg.ic_layers) if cfg.internal_consistency else None
-            repeated = [p for p in prompts for _ in range(n)]
-            signals = internal_signals(model, tokenizer, repeated, ids, temperature=cfg.temperature,
-                                       batch_size=cfg.batch_size, certainty=cfg.self_certainty,
-                                       entropy=cfg.negative_entropy, consistency=ic)
+        if wants_signals and outputs:
+            signals = {name: [v for o in outputs for v in o["signals"][name]] for name in outputs[0]["signals"]}
             report["calibration"] = {}
             for name, prefix, wanted in (("self_certainty", "sc", cfg.self_certainty),
                                          ("negative_entropy", "ne", cfg.negative_entropy),
@@ -216,10 +262,8 @@ def evaluate_model(model, tokenizer, data: Dataset, cfg: EvalConfig, desc: str =
                 if wanted:
                     report.update(separation(signals[name], correct, prefix))
                     report["calibration"][name] = reliability(signals[name], correct)
-            if ic is not None:
-                if n > 1:
-                    report["ic_vote_accuracy"] = vote_accuracy(texts, answers, cfg.num_samples,
-                                                               signals["internal_consistency"])
+            if ic is not None and n > 1:
+                report["ic_vote_accuracy"] = vote_accuracy(texts, answers, n, signals["internal_consistency"])
     return report
 
 

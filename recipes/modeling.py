@@ -82,6 +82,13 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
     return model
 
 
+def to_device(model: PreTrainedModel, device) -> PreTrainedModel:
+    """``model`` on ``device`` (a quantized model stays where its loader put it)."""
+    if device is None or getattr(model, "hf_quantizer", None) is not None:
+        return model
+    return model.to(device)
+
+
 def lora_config(section: LoraConfigSection | None, model: PreTrainedModel | None = None):
     """A PEFT ``LoraConfig`` from the ``peft:`` section, or ``None`` for a full fine-tune."""
     if section is None:

@@ -97,14 +97,20 @@ def score_round(model, tokenizer, verifier: Verifier, prompts: list, gold: list 
     whole groups and all samples) run on the main process, which alone gets the result (``None``
     elsewhere)."""
     ranks = ranks or Ranks()
+    # IC's candidates mode calibrates its thresholds over every sample given: read it on the main
+    # process over all of them, so a sharded round scores exactly as a single process would
+    whole_set = verifier.internal and "candidates" in verifier.lens_modes
+
+    def signals(rows, ids, groups) -> list[dict]:
+        prompt_ids = tokenizer(prompt_texts(tokenizer, rows), add_special_tokens=False)["input_ids"]
+        return token_signal_dicts(model, tokenizer, prompt_ids, ids, groups, temperature=improve.temperature,
+                                  signals=verifier.signals, lens_modes=verifier.lens_modes,
+                                  lens_layers=verifier.lens_layers(model), batch_size=improve.batch_size)
 
     def read(rows, ids, groups) -> dict:
         values = {}
-        if verifier.internal:
-            prompt_ids = tokenizer(prompt_texts(tokenizer, rows), add_special_tokens=False)["input_ids"]
-            values["signals"] = token_signal_dicts(
-                model, tokenizer, prompt_ids, ids, groups, temperature=improve.temperature, signals=verifier.signals,
-                lens_modes=verifier.lens_modes, lens_layers=verifier.lens_layers(model), batch_size=improve.batch_size)
+        if verifier.internal and not whole_set:
+            values["signals"] = signals(rows, ids, groups)
         if valid is not None:
             values["nll"] = mean_nll(model, tokenizer, rows, ids, improve)
         return values
@@ -112,7 +118,9 @@ def score_round(model, tokenizer, verifier: Verifier, prompts: list, gold: list 
     gathered = sample_shards(model, tokenizer, prompts, improve, ranks, read)
     if gathered is None:
         return None, None
-    rows, texts, _, groups, values, per_rank = gathered
+    rows, texts, ids, groups, values, per_rank = gathered
+    if whole_set:
+        values["signals"] = signals(rows, ids, groups)
     scores = verifier.score(groups, texts, token_signals=values.get("signals"))
     answers = [extract_answer(t) for t in texts]
     weights = select(scores, groups, answers, improve.selection, top_k=improve.top_k, threshold=improve.threshold,

@@ -31,7 +31,7 @@ from .cli import main
 from .config import ConfigError, DataConfig, RecipeConfig, RewardSpec, save_config
 from .data import load_split
 from .evaluation import evaluate_model, format_table
-from .modeling import load_model, load_tokenizer, lora_config, model_init_kwargs
+from .modeling import load_model, load_tokenizer, lora_config, model_init_kwargs, to_device
 from .training import held_out, outside_zero3, release
 
 
@@ -144,7 +144,7 @@ def run(cfg: SelfImproveRecipeConfig) -> dict:
 def whole_model(cfg: SelfImproveRecipeConfig, name_or_path: str, ranks: Ranks):
     """A whole copy of a model on this rank's device; call it inside :func:`outside_zero3`, which
     also keeps ``generate`` from syncing with the other ranks (sampling and evaluation)."""
-    return load_model(dataclasses.replace(cfg.model, name_or_path=name_or_path)).to(ranks.device)
+    return to_device(load_model(dataclasses.replace(cfg.model, name_or_path=name_or_path)), ranks.device)
 
 
 def evaluate_saved(cfg, name_or_path: str, tokenizer, test, desc: str, ranks: Ranks) -> dict | None:

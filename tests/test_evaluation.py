@@ -1,5 +1,6 @@
 """The evaluator: self-consistency, IC-weighted self-consistency and signal separation."""
 
+import json
 import math
 
 import torch
@@ -149,3 +150,26 @@ def test_hub_dataset_falls_back_to_a_local_copy(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="intrinsic"):
         data = load_split(cfg, "test")
     assert data["answer"] == ["so 2.\n#### 2"] and "fallback" in caplog.text
+
+
+def test_evaluate_recipe_under_two_process_launch(tmp_path, warm_model_dir):
+    """`accelerate launch -m recipes.evaluate`: each process generates and reads signals for half the
+    rows, the main process reports; greedy answers (no sampling noise) give the single-process
+    accuracy only if the merged completions line up with their rows."""
+    from recipes.cli import main
+    from recipes.evaluate import EvaluateRecipeConfig, run
+    from tests.launcher import launch_recipe
+
+    overrides = [f"model.name_or_path={warm_model_dir}", "compare={}", "label=model", "eval.max_rows=40", "eval.num_samples=3",
+                 "eval.self_certainty=true", "eval.internal_consistency=true", "eval.ic_mode=candidates"]
+    single = main("evaluate", EvaluateRecipeConfig, run, ["--config", "configs/evaluate/tiny_arithmetic.yaml",
+                                                          *overrides, f"output_dir={tmp_path / 'single'}"])["model"]
+    launch_recipe("evaluate", "configs/evaluate/tiny_arithmetic.yaml", "ddp", *overrides,
+                  f"output_dir={tmp_path / 'launched'}")
+    launched = json.loads((tmp_path / "launched" / "eval.json").read_text())
+    assert set(launched) - {"_meta"} == {"model"}
+    launched = launched["model"]
+    assert launched["processes"] == 2 and launched["rows"] == single["rows"] == 40
+    assert 0.2 < single["greedy_accuracy"] < 1 and launched["greedy_accuracy"] == single["greedy_accuracy"]
+    for key in ("sampled_accuracy", "vote_accuracy", "ic_vote_accuracy", "sc_auc", "ic_auc", "pass@3"):
+        assert key in launched and 0 <= launched[key] <= 1

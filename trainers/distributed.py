@@ -11,17 +11,28 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 
+def no_accelerator() -> bool:
+    """No GPU (CUDA or XPU) here: processes of a launch talk over gloo on CPU."""
+    import torch
+
+    return not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()))
+
+
 class Ranks:
     """Rank, world size, device and object collectives (no-ops on one process).
 
-    ``state``: an ``Accelerator`` or accelerate's ``PartialState`` (the default: the current launch's).
+    ``state``: an ``Accelerator`` or accelerate's ``PartialState`` (the default: the current launch's);
+    ``alone=True``: this process by itself (work that only one rank calls must not wait for the others).
     """
 
-    def __init__(self, state=None):
-        if state is None:
+    def __init__(self, state=None, alone: bool = False):
+        if alone:
+            self.rank, self.world, self.main, self.device = 0, 1, True, None
+            return
+        if state is None:  # the launch's state (a CPU machine joins its gloo group; a GPU one its NCCL group)
             from accelerate import PartialState
 
-            state = PartialState()
+            state = PartialState(cpu=no_accelerator())
         self.rank, self.world = state.process_index, state.num_processes
         self.main, self.device = state.is_main_process, state.device
 
