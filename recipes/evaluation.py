@@ -268,7 +268,7 @@ def evaluate_model(model, tokenizer, data: Dataset, cfg: EvalConfig, desc: str =
 
 
 def _scalar_metrics(reports: dict[str, dict]) -> list[str]:
-    return sorted({k for r in reports.values() for k, v in r.items() if k != "rows" and isinstance(v, (int, float))})
+    return sorted({k for r in reports.values() for k, v in r.items() if k not in ("rows", "processes") and isinstance(v, (int, float))})
 
 
 def format_table(reports: dict[str, dict]) -> str:
