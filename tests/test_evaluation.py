@@ -3,6 +3,7 @@
 import json
 import math
 
+import pytest
 import torch
 
 from recipes.config import DataConfig, EvalConfig, ModelConfig
@@ -152,7 +153,8 @@ def test_hub_dataset_falls_back_to_a_local_copy(tmp_path, caplog):
     assert data["answer"] == ["so 2.\n#### 2"] and "fallback" in caplog.text
 
 
-def test_evaluate_recipe_under_two_process_launch(tmp_path, warm_model_dir):
+@pytest.mark.parametrize("engine", ["ddp", "zero3"])
+def test_evaluate_recipe_under_two_process_launch(tmp_path, warm_model_dir, engine):
     """`accelerate launch -m recipes.evaluate`: each process generates and reads signals for half the
     rows, the main process reports; greedy answers (no sampling noise) give the single-process
     accuracy only if the merged completions line up with their rows."""
@@ -164,7 +166,7 @@ def test_evaluate_recipe_under_two_process_launch(tmp_path, warm_model_dir):
                  "eval.self_certainty=true", "eval.internal_consistency=true", "eval.ic_mode=candidates"]
     single = main("evaluate", EvaluateRecipeConfig, run, ["--config", "configs/evaluate/tiny_arithmetic.yaml",
                                                           *overrides, f"output_dir={tmp_path / 'single'}"])["model"]
-    launch_recipe("evaluate", "configs/evaluate/tiny_arithmetic.yaml", "ddp", *overrides,
+    launch_recipe("evaluate", "configs/evaluate/tiny_arithmetic.yaml", engine, *overrides,
                   f"output_dir={tmp_path / 'launched'}")
     launched = json.loads((tmp_path / "launched" / "eval.json").read_text())
     assert set(launched) - {"_meta"} == {"model"}
