@@ -178,9 +178,9 @@ def reliability(values: list[float | None], correct: list[bool], bins: int = 5, 
 
 
 def _outputs(model, tokenizer, prompts: list, cfg: EvalConfig, desc: str, ic: InternalConsistency | None,
-             read_signals: bool) -> list[dict]:
-    """Per prompt: the greedy completion, the sampled ones (texts and ids) and, with ``read_signals``,
-    the sampled completions' internal signals."""
+             read_signals: bool, seed: int) -> list[dict]:
+    """Per prompt: the greedy completion, the sampled ones (texts and ids, seeded with ``seed``) and,
+    with ``read_signals``, the sampled completions' internal signals."""
     out: list[dict] = [{} for _ in prompts]
     if not prompts:
         return out
@@ -191,6 +191,7 @@ def _outputs(model, tokenizer, prompts: list, cfg: EvalConfig, desc: str, ic: In
             o["greedy"] = t
     if cfg.sampled:
         n = cfg.num_samples
+        torch.manual_seed(seed)
         texts, ids = generate(model, tokenizer, prompts, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
                               num_return_sequences=n, desc=f"{desc} sampled", **common)
         for q, o in enumerate(out):
@@ -228,9 +229,8 @@ def evaluate_model(model, tokenizer, data: Dataset, cfg: EvalConfig, desc: str =
     wants_signals = cfg.sampled and bool(cfg.self_certainty or cfg.negative_entropy or ic)
     whole_set = ic is not None and ic.mode == "candidates"
     mine = ranks.shard(list(range(len(prompts))))
-    torch.manual_seed(cfg.seed + 100_003 * ranks.rank)
     parts = ranks.gather_to_main((mine, _outputs(model, tokenizer, [prompts[i] for i in mine], cfg, desc, ic,
-                                                 wants_signals and not whole_set)))
+                                                 wants_signals and not whole_set, cfg.seed + 100_003 * ranks.rank)))
     if not ranks.main:
         return None
     outputs = merge_shards(parts, len(prompts))
