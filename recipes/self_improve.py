@@ -133,7 +133,6 @@ def run(cfg: SelfImproveRecipeConfig) -> dict:
                 rounds.mark_done(here, done)
         report[f"round_{k}"] = done
         current = str(here / "model")
-        ranks.wait()
     if ranks.main:
         (out / "rounds.json").write_text(json.dumps(report, indent=2))
         print(format_table({name: {k: v for k, v in r.items() if isinstance(v, int | float) and not isinstance(v, bool)}

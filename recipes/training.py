@@ -11,7 +11,7 @@ from datasets import Dataset
 from .config import RecipeConfig, save_config
 from .data import load_split
 from .evaluation import evaluate_model, format_table, write_report
-from .modeling import load_model, model_init_kwargs
+from .modeling import load_model, model_init_kwargs, to_device
 
 
 def resume_argument(args) -> bool | str | None:
@@ -79,7 +79,7 @@ def evaluation_model(cfg: RecipeConfig, trainer, path: str | None):
         model = AutoPeftModelForCausalLM.from_pretrained(path, **model_init_kwargs(cfg.model))
     else:
         model = load_model(cfg.model if path is None else dataclasses.replace(cfg.model, name_or_path=str(path)))
-    return model.to(trainer.accelerator.device).eval()
+    return to_device(model, trainer.accelerator.device).eval()
 
 
 def train_and_evaluate(cfg: RecipeConfig, trainer, tokenizer, test: Dataset | None) -> dict:
