@@ -92,6 +92,8 @@ def dry_run_overrides(schema: type[RecipeConfig], path: str | os.PathLike, overr
                 "trainer.max_prompt_length=null", "trainer.max_completion_length=null",
                 "trainer.drop_nonpositive=false",  # a random stand-in reward model may leave no A > 0
                 f"trainer.alol_cache_dir={Path(workdir) / 'alol-cache'}"]
+    if "eval_data" in own:  # a separate held-out set (MATH-500): the generated rows stand in
+        out.append("eval_data=null")
     if "value_rows" in own:
         out.append("value_rows=4")
     for section in ("rewards", "eval_rewards"):  # reward models: a tiny random one stands in

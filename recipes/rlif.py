@@ -12,7 +12,7 @@ from rewards import MathAccuracy, build_reward
 from trainers import RLIFConfig, RLIFTrainer
 
 from .cli import main
-from .config import ConfigError, RecipeConfig, RewardSpec
+from .config import ConfigError, DataConfig, RecipeConfig, RewardSpec
 from .data import load_split
 from .modeling import load_tokenizer, lora_config, model_init_kwargs, resolve_model_path
 from .training import held_out, train_and_evaluate
@@ -27,6 +27,11 @@ class RLIFRecipeConfig(RecipeConfig):
     rewards: list[RewardSpec] = field(default_factory=list, metadata={"help": "rewards and their weights"})
     log_accuracy: bool = field(
         default=True, metadata={"help": "add math_accuracy at weight 0 when the data have gold answers"}
+    )
+    eval_data: DataConfig | None = field(
+        default=None,
+        metadata={"help": "held-out data when they are not a split of the training data (e.g. MATH-500 after "
+                          "training on MATH); its eval_split (else split) is read. null: data.eval_split"},
     )
 
 
@@ -51,7 +56,8 @@ def run(cfg: RLIFRecipeConfig) -> dict:
     args: RLIFConfig = cfg.trainer
     train = load_split(cfg.data, cfg.data.split, cfg.data.max_rows, cfg.source)
     train = train.remove_columns([c for c in ("completion",) if c in train.column_names])
-    test = held_out(cfg)
+    test = held_out(cfg) if cfg.eval_data is None else load_split(
+        cfg.eval_data, cfg.eval_data.eval_split or cfg.eval_data.split, cfg.eval.max_rows, cfg.source)
     funcs, args.reward_weights = build_rewards(cfg, train.column_names)
     args.model_init_kwargs = {**model_init_kwargs(cfg.model), **(args.model_init_kwargs or {})}
     tokenizer = load_tokenizer(cfg.model)
