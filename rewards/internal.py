@@ -17,7 +17,7 @@ import logging
 import math
 from typing import Any, ClassVar
 
-from .base import Reward
+from .base import Reward, completion_text
 
 logger = logging.getLogger("intrinsic")
 
@@ -81,26 +81,64 @@ class SelfCertainty(InternalReward):
         return _mean(signals["self_certainty"])
 
 
+def has_boxed_answer(text: str) -> bool:
+    """RENT's parse check: the text's last ``\\boxed`` (or ``\\fbox``) opens a brace group that closes.
+
+    >>> has_boxed_answer("so \\\\boxed{12}."), has_boxed_answer("so 12"), has_boxed_answer("\\\\boxed{1")
+    (True, False, False)
+    """
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return False
+    if text.startswith("\\boxed ", start):  # rent-rl (verl's last_boxed_only_string) reads "\\boxed 5" too
+        return True
+    opening = text.find("{", start)
+    if opening < 0:
+        return False
+    depth = 0
+    for char in text[opening:]:
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if depth == 0:
+            return True
+    return False
+
+
 class NegativeEntropy(InternalReward):
     """RENT / EM-RL: ``-mean_t H(softmax(z_t / T))``, optionally over the last tokens only.
+
+    ``unparseable_entropy``: RENT's format penalty (``trainer.base_format``/``entropy_base`` in
+    rent-rl): a completion without a closed ``\\boxed{}`` answer is scored as if its mean entropy
+    were this value (rent-rl: 7.0), whatever its tokens' entropy.
 
     >>> import torch
     >>> h = {"entropy": torch.tensor([4.0, 2.0, 1.0])}
     >>> NegativeEntropy()(["p"], ["c"], token_signals=[h]), NegativeEntropy(last_k=2)(["p"], ["c"], token_signals=[h])
     ([-2.3333332538604736], [-1.5])
+    >>> NegativeEntropy(unparseable_entropy=7.0)(["p", "p"], ["no box", "\\\\boxed{3}"], token_signals=[h, h])
+    [-7.0, -2.3333332538604736]
     """
 
     name = "negative_entropy"
     signals = ("entropy",)
 
-    def __init__(self, last_k: int | None = None, last_fraction: float | None = None):
+    def __init__(self, last_k: int | None = None, last_fraction: float | None = None,
+                 unparseable_entropy: float | None = None):
         if last_k is not None and last_fraction is not None:
             raise ValueError("negative_entropy: give last_k or last_fraction, not both")
         if last_k is not None and last_k < 1:
             raise ValueError("negative_entropy: last_k must be >= 1")
         if last_fraction is not None and not 0 < last_fraction <= 1:
             raise ValueError("negative_entropy: last_fraction must be in (0, 1]")
-        self.last_k, self.last_fraction = last_k, last_fraction
+        if unparseable_entropy is not None and not math.isfinite(unparseable_entropy):
+            raise ValueError("negative_entropy: unparseable_entropy must be a finite number")
+        self.last_k, self.last_fraction, self.unparseable_entropy = last_k, last_fraction, unparseable_entropy
+
+    def __call__(self, prompts: list, completions: list, token_signals: list[dict] | None = None, **columns):
+        out = super().__call__(prompts, completions, token_signals=token_signals, **columns)
+        if self.unparseable_entropy is None:
+            return out
+        return [value if has_boxed_answer(completion_text(c)) else -float(self.unparseable_entropy)
+                for value, c in zip(out, completions)]
 
     def reduce(self, signals):
         mean = _mean(_tail(signals["entropy"], self.last_k, self.last_fraction))

@@ -38,6 +38,7 @@ from rewards import LENS_SIGNALS, SIGNALS, InternalReward, default_layers
 
 from .lens import LogitLens, lens_modules, locate_answers
 from .signals import pack_prompt_completion, token_signals
+from .vote import VoteSamplesMixin
 
 logger = logging.getLogger("intrinsic")
 
@@ -59,10 +60,28 @@ class RLIFConfig(GRPOConfig):
     ic_quantile: float = field(
         default=0.5, metadata={"help": "internal consistency 'candidates' mode: per-layer threshold quantile"}
     )
+    vote_samples: int | None = field(
+        default=None,
+        metadata={"help": "TTRL: completions per prompt that group rewards (majority_vote) vote over; the first "
+                          "num_generations of them are trained on (null: the training group votes)"},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.vote_samples is not None:  # trainers/vote.py: N >= M, whole groups on every process
+            if self.vote_samples < self.num_generations:
+                raise ValueError(f"vote_samples ({self.vote_samples}) must be >= num_generations "
+                                 f"({self.num_generations}): the trained completions are among the voters")
+            local = self.per_device_train_batch_size * self.steps_per_generation
+            if local % self.num_generations:
+                raise ValueError(f"vote_samples needs whole groups on every process: per_device_train_batch_size "
+                                 f"x steps_per_generation ({local}) must be a multiple of num_generations "
+                                 f"({self.num_generations})")
 
 
-class RLIFTrainer(GRPOTrainer):
-    """``GRPOTrainer`` that feeds internal rewards the current policy's per-token signals."""
+class RLIFTrainer(VoteSamplesMixin, GRPOTrainer):
+    """``GRPOTrainer`` that feeds internal rewards the current policy's per-token signals (and, with
+    ``vote_samples``, lets group rewards vote over more completions than it trains on: trainers/vote.py)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
