@@ -47,6 +47,23 @@ def test_negative_entropy_tails():
         NegativeEntropy(last_fraction=0.0)
 
 
+def test_negative_entropy_rent_format_penalty():
+    """rent-rl: all response tokens; no closed \\boxed{} answer -> scored as entropy 7.0, whatever its entropy."""
+    low, high = {"entropy": torch.tensor([0.5, 0.5])}, {"entropy": torch.tensor([9.0, 11.0])}
+    texts = ["so \\boxed{12}.", "so 12", "\\boxed{1", "\\boxed{\\frac{1}{2}} then \\boxed 7", "\\fbox{x}", "no box"]
+    signals = [low, low, low, low, high, high]
+    rent = NegativeEntropy(unparseable_entropy=7.0)
+    chat = [[{"role": "assistant", "content": t}] for t in texts]
+    expected = [-0.5, -7.0, -7.0, -0.5, -10.0, -7.0]
+    assert rent(prompts=["p"] * 6, completions=texts, token_signals=signals) == pytest.approx(expected)
+    assert rent(prompts=["p"] * 6, completions=chat, token_signals=signals) == pytest.approx(expected)
+    plain = NegativeEntropy()(prompts=["p"] * 6, completions=texts, token_signals=signals)
+    assert plain == pytest.approx([-0.5] * 4 + [-10.0] * 2)  # no penalty unless asked
+    assert pickle.loads(pickle.dumps(rent)).unparseable_entropy == 7.0
+    with pytest.raises(ValueError, match="finite"):
+        NegativeEntropy(unparseable_entropy=float("nan"))
+
+
 @pytest.mark.parametrize("n, fraction, kept", [(7, 0.5, 4), (3, 0.5, 2), (7, 1.0, 7), (7, 0.01, 1), (3, 0.01, 1),
                                                (25, 0.28, 7)])  # 0.28 * 25 = 7.000000000000001 keeps 7, not 8
 def test_negative_entropy_last_fraction_counts(n, fraction, kept):
