@@ -131,6 +131,12 @@ def _evaluate_heads_of(cfg: DeCREDRecipeConfig, trainer, model, tokenizer, test)
 def run(cfg: DeCREDRecipeConfig) -> dict:
     if cfg.speech is None and cfg.decred.ctc_weight > 0:
         raise ConfigError(cfg.source, "decred.ctc_weight", "the CTC head needs a speech encoder-decoder (speech: section)")
+    if cfg.speech is not None:  # the speech model is built from its own section: nothing loads model.* or a LoRA
+        for key, value in (("model.quantization", cfg.model.quantization), ("model.adapter", cfg.model.adapter),
+                           ("peft", cfg.peft)):
+            if value is not None:
+                raise ConfigError(cfg.source, key, "a speech encoder-decoder is built from speech.encoder/decoder and "
+                                  "trained whole: remove it")
     if cfg.speech is not None and cfg.model.name_or_path != "scratch":
         raise ConfigError(cfg.source, "model.name_or_path", "speech models are built from speech.encoder/decoder: "
                           "set it to 'scratch'")

@@ -70,8 +70,10 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     kwargs = model_init_kwargs(cfg)
     quantization = quantization_config(cfg)
-    if quantization is not None:
-        kwargs["quantization_config"] = quantization
+    if quantization is not None:  # 4-bit weights are placed at load time: on this process's GPU
+        from accelerate import PartialState
+
+        kwargs.update(quantization_config=quantization, device_map={"": PartialState().device})
     model = auto.from_pretrained(path, **kwargs)
     if cfg.adapter:
         from peft import PeftModel, prepare_model_for_kbit_training

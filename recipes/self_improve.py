@@ -75,6 +75,9 @@ class SelfImproveRecipeConfig(RecipeConfig):
 
 def check(cfg: SelfImproveRecipeConfig) -> None:
     imp = cfg.improve
+    if cfg.model.adapter:  # each round saves and reloads a whole model; an adapter would be applied again each round
+        raise ConfigError(cfg.source, "model.adapter", "self-improvement rounds fine-tune whole models: merge the adapter "
+                          "into its base first (peft's merge_and_unload), or train a new one with peft:")
     for key, ok in (("iterations", imp.iterations >= 1), ("num_samples", imp.num_samples >= 1),
                     ("top_k", imp.top_k >= 1), ("min_share", 0 <= imp.min_share <= 1),
                     ("prompts_per_round", imp.prompts_per_round is None or imp.prompts_per_round >= 1), ("ds_valid_rows", imp.ds_valid_rows >= 0),
