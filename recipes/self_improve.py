@@ -150,11 +150,10 @@ def whole_model(cfg: SelfImproveRecipeConfig, name_or_path: str, ranks: Ranks):
 
 
 def evaluate_saved(cfg, name_or_path: str, tokenizer, test, desc: str, ranks: Ranks) -> dict | None:
-    """Held-out metrics of a saved model, on the main process (``None`` elsewhere)."""
-    if not ranks.main:
-        return None
+    """Held-out metrics of a saved model, the rows dealt over the processes (every rank calls it; the
+    metrics on the main process, ``None`` elsewhere)."""
     with outside_zero3():
-        return evaluate_model(whole_model(cfg, name_or_path, ranks), tokenizer, test, cfg.eval, desc=desc)
+        return evaluate_model(whole_model(cfg, name_or_path, ranks), tokenizer, test, cfg.eval, desc=desc, ranks=ranks)
 
 
 def one_round(cfg, k, here, current, base, tokenizer, verifier, prompts, gold, valid, pairs, test, ranks) -> dict:
@@ -201,8 +200,10 @@ def one_round(cfg, k, here, current, base, tokenizer, verifier, prompts, gold, v
         release(trainer)
         del trainer, model
     ranks.wait()
-    if test is not None and ranks.main:
-        metrics.update(evaluate_saved(cfg, str(here / "model"), tokenizer, test, f"round {k}", ranks))
+    if test is not None:
+        held = evaluate_saved(cfg, str(here / "model"), tokenizer, test, f"round {k}", ranks)
+        if ranks.main:
+            metrics.update(held)
     return ranks.broadcast(metrics)
 
 
