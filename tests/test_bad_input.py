@@ -149,6 +149,31 @@ def k_nonexistent_model_path(d, m):
     return _write(d / "c.yaml", _rlif(d, m)), [f"model.name_or_path={d / 'no-such-model'}"]
 
 
+def k_unknown_hub_model(d, m):
+    return _write(d / "c.yaml", _rlif(d, m)), ["model.name_or_path=nobody-here/no-such-model"]
+
+
+def k_unknown_hub_model_evaluate(d, m):
+    text = HEADER.format(model=m) + f"output_dir: '{d / 'out'}'\n"
+    return _write(d / "c.yaml", text), ["model.name_or_path=nobody-here/no-such-model"]
+
+
+def k_tokenizer_without_pad_or_eos(d, m):
+    model = d / "model"
+    shutil.copytree(m, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.update(pad_token=None, eos_token=None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = json.loads((model / "tokenizer.json").read_text())
+    tokenizer["padding"] = None
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return _write(d / "c.yaml", _rlif(d, model)), []
+
+
+def k_config_is_a_directory(d, m):
+    return d, []
+
+
 def k_model_dir_without_config(d, m):
     (d / "empty-model").mkdir()
     return _write(d / "c.yaml", _rlif(d, m)), [f"model.name_or_path={d / 'empty-model'}"]
@@ -246,6 +271,10 @@ KINDS = {
     "bad reward kwargs": ("rlif", k_bad_reward_kwargs, "rewards.0.kwargs"),
     "nonexistent model path": ("rlif", k_nonexistent_model_path, "model.name_or_path"),
     "model dir without config.json": ("rlif", k_model_dir_without_config, "model.name_or_path"),
+    "unknown Hub model": ("rlif", k_unknown_hub_model, "model.name_or_path: cannot load the tokenizer"),
+    "unknown Hub model (evaluate)": ("evaluate", k_unknown_hub_model_evaluate, "model.name_or_path: cannot load the config"),
+    "tokenizer without pad or EOS": ("rlif", k_tokenizer_without_pad_or_eos, "neither a pad nor an EOS"),
+    "config path is a directory": ("rlif", k_config_is_a_directory, "is a directory"),
     "override without =": ("rlif", k_bad_override_syntax, "trainer.learning_rate"),
     "override value unparsable": ("rlif", k_bad_override_value, "trainer.learning_rate"),
     "base file missing": ("rlif", k_base_missing, "nowhere.yaml"),

@@ -19,7 +19,9 @@ def test_sft_before_after_evaluation_dealt_over_two_processes(tmp_path, tiny_mod
     from rewards import extract_answer
     from tests.launcher import launch_recipe
 
-    rows = [{"question": f"{a}+{b}=", "answer": "", "completion": str(a + b)} for a in range(10, 30) for b in (11, 47)]
+    # A random tied-embedding model repeats the prompt's last character: each row's greedy answer is its own digit.
+    rows = [{"question": f"{a}+{b}={(7 * a + b) % 10}", "answer": "", "completion": str(a + b)}
+            for a in range(10, 30) for b in (11, 47)]
     data = tmp_path / "rows.jsonl"
     out = tmp_path / "ddp"
     overrides = [f"model.name_or_path={tiny_model_dir}", f"data.path={data}", "trainer.max_steps=2",
@@ -37,7 +39,7 @@ def test_sft_before_after_evaluation_dealt_over_two_processes(tmp_path, tiny_mod
     test = load_split(cfg.data, cfg.data.eval_split, cfg.eval.max_rows)
     single = evaluate_model(model, tokenizer, test, cfg.eval, desc="single")
     expected = sum(r["answer"] != "99999" for r in rows) / len(rows)
-    assert single["greedy_accuracy"] == expected >= 0.3, (single, expected)
+    assert single["greedy_accuracy"] == expected >= 0.6, (single, expected)
 
     launch_recipe("sft", "configs/sft/tiny_arithmetic.yaml", "ddp", *overrides)
     launched = json.loads((out / "eval.json").read_text())
