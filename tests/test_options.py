@@ -774,3 +774,27 @@ def test_every_field_has_a_probe():
 @pytest.mark.parametrize("field", sorted(PROBES))
 def test_option_reaches_what_is_built(field, h):
     PROBES[field](h)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="4-bit loading (QLoRA) needs a CUDA GPU")
+def test_qlora_rlif_trains_a_lora_on_a_4bit_policy(h):
+    """On a GPU: ``model.quantization`` + ``peft:`` in the RLIF recipe gives a 4-bit policy whose
+    LoRA weights (and only they) change in a training step."""
+    pytest.importorskip("bitsandbytes")
+    from recipes import rlif
+
+    trained = []
+
+    def train_only(cfg, trainer, tokenizer, test):
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        trainer.train()
+        trained.append((trainer, before))
+        return {}
+    h.mp.setattr(rlif, "train_and_evaluate", train_only)
+    rlif.run(h.config("rlif", "model.quantization={bits: 4, compute_dtype: float32}", "peft={r: 4}",
+                      "rewards=[{name: self_certainty}]", "model.name_or_path=tiny://qwen2?layers=2&hidden=128"))
+    trainer, before = trained[0]
+    assert any(type(m).__name__ == "Linear4bit" for m in trainer.model.modules())
+    assert before and all("lora_" in n for n in before)
+    changed = [n for n, p in trainer.model.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert changed, "no LoRA weight changed"
