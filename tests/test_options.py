@@ -650,9 +650,14 @@ def p_decred_target_length(h):
     assert max(len(x) for x in built.kwargs["train_dataset"]["labels"]) == 1
 
 
+SPEECH = ("model.name_or_path=scratch", "model.dtype=auto")  # a speech model is built from its section
+
+
 def p_decred_speech(h):
-    built = h.build("decred", "model.name_or_path=scratch", "speech={bpe_vocab: 77}", stop="speech_data")
+    built = h.build("decred", *SPEECH, "speech={bpe_vocab: 77}", stop="speech_data")
     assert built.args[0].speech.bpe_vocab == 77
+    for option in ("model.dtype=bfloat16", "model.revision=v2", "peft={r: 2}"):  # nothing loads model.* for speech
+        h.refused("decred", *SPEECH, "speech={bpe_vocab: 77}", option, key=option.split("=")[0])
 
 
 SPEECH_VALUES = {"encoder": "{hidden_size: 32}", "decoder": "{hidden_size: 32}", "tokenizer": "some/tokenizer",
@@ -662,7 +667,7 @@ SPEECH_VALUES = {"encoder": "{hidden_size: 32}", "decoder": "{hidden_size: 32}",
 
 def p_speech_option(field):
     def probe(h):
-        built = h.build("decred", "model.name_or_path=scratch", f"speech={{{field}: {SPEECH_VALUES[field]}}}",
+        built = h.build("decred", *SPEECH, f"speech={{{field}: {SPEECH_VALUES[field]}}}",
                         stop="speech_data")
         value = getattr(built.args[0].speech, field)
         expected = yaml.safe_load(SPEECH_VALUES[field])
