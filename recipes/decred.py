@@ -132,7 +132,8 @@ def run(cfg: DeCREDRecipeConfig) -> dict:
     if cfg.speech is None and cfg.decred.ctc_weight > 0:
         raise ConfigError(cfg.source, "decred.ctc_weight", "the CTC head needs a speech encoder-decoder (speech: section)")
     if cfg.speech is not None:  # the speech model is built from its own section: nothing loads model.* or a LoRA
-        defaults = ModelConfig(name_or_path=cfg.model.name_or_path)
+        defaults = ModelConfig(name_or_path=cfg.model.name_or_path, dtype=cfg.model.dtype if cfg.model.dtype in
+                               ("auto", "float32") else "auto")  # a model built from scratch is float32
         for key, value in (*((f"model.{f.name}", getattr(cfg.model, f.name)) for f in dataclasses.fields(ModelConfig)
                              if getattr(cfg.model, f.name) != getattr(defaults, f.name)), ("peft", cfg.peft)):
             if value is not None:
