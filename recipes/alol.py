@@ -19,6 +19,7 @@ from pathlib import Path
 
 from rewards import build_reward
 from trainers import ALOL_VARIANTS, ALoLConfig, ALoLTrainer
+from trainers.distributed import Ranks
 
 from .cli import main
 from .config import ConfigError, DataConfig, RecipeConfig, RewardSpec, check_section, save_config
@@ -63,12 +64,14 @@ def eval_data(cfg: ALoLRecipeConfig) -> dict:
 
 def evaluate(trainer, path: str | None, tokenizer, tests: dict, rewards, weights, cfg: ALoLRecipeConfig,
              name: str) -> dict:
-    """Reward report of every test set, on the main process; under ZeRO-3 / FSDP on a whole copy of
-    the model (``path``: ``None`` for the starting model, else the saved ``output_dir``)."""
+    """Reward report of every test set, the prompts dealt over the processes (the reports on the main
+    process, ``None`` elsewhere); under ZeRO-3 / FSDP on a whole copy of the model (``path``: ``None``
+    for the starting model, else the saved ``output_dir``)."""
+    ranks = Ranks(trainer.accelerator)
     with outside_zero3():
         model = evaluation_model(cfg, trainer, path)
-        return {label: reward_report(model, tokenizer, data, rewards, weights, cfg.eval, desc=f"{name} {label}")
-                for label, data in tests.items()}
+        return {label: reward_report(model, tokenizer, data, rewards, weights, cfg.eval, desc=f"{name} {label}",
+                                     ranks=ranks) for label, data in tests.items()}
 
 
 def run(cfg: ALoLRecipeConfig) -> dict:
@@ -103,15 +106,19 @@ def run(cfg: ALoLRecipeConfig) -> dict:
                               cache_key_extra=f"{cfg.model.name_or_path}@{cfg.model.revision}:{cfg.model.adapter}")
         main_process = trainer.is_world_process_zero()
         precompute = trainer.alol.stats
-        if i == 0 and tests and cfg.eval.before_training and main_process:
-            reports["reference"] = evaluate(trainer, None, tokenizer, tests, eval_funcs, eval_weights, cfg, "reference")
+        if i == 0 and tests and cfg.eval.before_training:  # every process evaluates its share
+            reference = evaluate(trainer, None, tokenizer, tests, eval_funcs, eval_weights, cfg, "reference")
+            if main_process:
+                reports["reference"] = reference
         if main_process:
             save_config(cfg, args.output_dir)
             (Path(args.output_dir) / "alol_precompute.json").write_text(json.dumps(precompute, indent=2))
         trainer.train(resume_from_checkpoint=resume_argument(args))
         trainer.save_model(args.output_dir)
-        if tests and main_process:
-            reports[variant] = evaluate(trainer, args.output_dir, tokenizer, tests, eval_funcs, eval_weights, cfg, variant)
+        if tests:
+            result = evaluate(trainer, args.output_dir, tokenizer, tests, eval_funcs, eval_weights, cfg, variant)
+            if main_process:
+                reports[variant] = result
         release(trainer)
         del trainer, model
     if reports:  # filled on the main process only

@@ -55,5 +55,7 @@ def main(prog: str, schema: type[RecipeConfig], run: Callable[[RecipeConfig], ob
     except ConfigError as err:
         if args.debug:
             raise
+        if err.source == "config":  # raised where the file's name is not known (data and model loading)
+            err = ConfigError(args.config, err.key, err.problem, err.suggestion)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

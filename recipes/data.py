@@ -70,9 +70,32 @@ def _load_split(cfg: DataConfig, split: str) -> Dataset:
         return _load_split(replace(cfg, path=cfg.fallback, fallback=None), split)
 
 
+def _innermost(err: BaseException) -> str:
+    """The first line of the deepest cause's message (datasets wraps the parser's error)."""
+    while err.__cause__ is not None or (err.__context__ is not None and not str(err)):
+        err = err.__cause__ or err.__context__
+    return (str(err).splitlines() or [""])[0] or type(err).__name__
+
+
+def read_split(cfg: DataConfig, split: str, source: str = "config") -> Dataset:
+    """:func:`_load_split`, a local file that cannot be read (empty, truncated, not its type's
+    format) or an unsupported file being a :class:`ConfigError` naming the file."""
+    local = not is_tiny(cfg.path) and Path(os.path.expanduser(cfg.path)).is_file()
+    if local and Path(os.path.expanduser(cfg.path)).stat().st_size == 0:
+        raise ConfigError(source, "data.path", f"{cfg.path} is empty")
+    try:
+        return _load_split(cfg, split)
+    except ConfigError:
+        raise
+    except Exception as err:
+        if not local:
+            raise
+        raise ConfigError(source, "data.path", f"cannot read {cfg.path}: {_innermost(err)}") from None
+
+
 def load_rows(cfg: DataConfig, split: str, max_rows: int | None = None, source: str = "config") -> Dataset:
     """One split as stored (no column mapping, no prompt), at most ``max_rows`` rows; non-empty."""
-    data = _load_split(cfg, split)
+    data = read_split(cfg, split, source)
     if max_rows is not None:
         data = data.select(range(min(max_rows, len(data))))
     if len(data) == 0:
@@ -82,7 +105,7 @@ def load_rows(cfg: DataConfig, split: str, max_rows: int | None = None, source: 
 
 def load_split(cfg: DataConfig, split: str, max_rows: int | None = None, source: str = "config") -> Dataset:
     """One split, with our column names and a ``prompt`` column (raises :class:`ConfigError`)."""
-    data = _load_split(cfg, split)
+    data = read_split(cfg, split, source)
     for ours, theirs in cfg.columns.items():
         if ours not in COLUMNS:
             close = difflib.get_close_matches(ours, COLUMNS, n=1)
@@ -110,6 +133,7 @@ def load_split(cfg: DataConfig, split: str, max_rows: int | None = None, source:
         raise ConfigError(source, "data.columns.question",
                           f"dataset {cfg.path} has no 'question' column (columns: {data.column_names}); map one",
                           close[0] if close else None)
+    check_text_column(data, "question", source)
     if cfg.split_on:
         data = data.map(lambda row: _split_on(row["question"], cfg.split_on, source))
     if max_rows is not None:
@@ -127,6 +151,18 @@ def load_split(cfg: DataConfig, split: str, max_rows: int | None = None, source:
         return {"prompt": [*messages, {"role": "user", "content": text}]}
 
     return data.map(make_prompt)
+
+
+def check_text_column(data: Dataset, column: str, source: str) -> None:
+    """``column`` holds text (or chat messages): a number or a mapping would become a prompt silently."""
+    feature = data.features.get(column)
+    dtype = getattr(feature, "dtype", None)
+    if dtype is not None and dtype not in ("string", "large_string"):
+        raise ConfigError(source, f"data.columns.{column}", f"column {column!r} holds {dtype}, not text "
+                                                            f"(first row: {data[0][column]!r})")
+    if isinstance(feature, dict):  # a struct: mappings per row
+        raise ConfigError(source, f"data.columns.{column}", f"column {column!r} holds mappings, not text "
+                                                            f"(first row: {data[0][column]!r})")
 
 
 def _split_on(text: str, marker: str, source: str) -> dict:

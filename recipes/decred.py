@@ -27,7 +27,7 @@ from trainers.decred import (DeCREDOptions, DeCREDSeq2SeqTrainer, DeCREDSFTTrain
                              from_pretrained_with_heads, seq2seq_args)
 
 from .cli import main
-from .config import ConfigError, RecipeConfig
+from .config import ConfigError, ModelConfig, RecipeConfig
 from .data import load_split, to_sft_format
 from .modeling import load_model, load_tokenizer, lora_config
 from .speech import SpeechConfig, speech_batches, speech_data, speech_model, speech_report
@@ -131,6 +131,14 @@ def _evaluate_heads_of(cfg: DeCREDRecipeConfig, trainer, model, tokenizer, test)
 def run(cfg: DeCREDRecipeConfig) -> dict:
     if cfg.speech is None and cfg.decred.ctc_weight > 0:
         raise ConfigError(cfg.source, "decred.ctc_weight", "the CTC head needs a speech encoder-decoder (speech: section)")
+    if cfg.speech is not None:  # the speech model is built from its own section: nothing loads model.* or a LoRA
+        defaults = ModelConfig(name_or_path=cfg.model.name_or_path, dtype=cfg.model.dtype if cfg.model.dtype in
+                               ("auto", "float32") else "auto")  # a model built from scratch is float32
+        for key, value in (*((f"model.{f.name}", getattr(cfg.model, f.name)) for f in dataclasses.fields(ModelConfig)
+                             if getattr(cfg.model, f.name) != getattr(defaults, f.name)), ("peft", cfg.peft)):
+            if value is not None:
+                raise ConfigError(cfg.source, key, "a speech encoder-decoder is built from speech.encoder/decoder and "
+                                  "trained whole: remove it")
     if cfg.speech is not None and cfg.model.name_or_path != "scratch":
         raise ConfigError(cfg.source, "model.name_or_path", "speech models are built from speech.encoder/decoder: "
                           "set it to 'scratch'")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
-from .config import LoraConfigSection, ModelConfig
+from .config import ConfigError, LoraConfigSection, ModelConfig
 from .tiny import is_tiny, resolve_tiny_model
 
 logger = logging.getLogger("intrinsic")
@@ -32,12 +33,25 @@ def model_init_kwargs(cfg: ModelConfig) -> dict:
     return kwargs
 
 
+@contextmanager
+def _unloadable(cfg: ModelConfig, what: str):
+    """A model name the Hub does not know (or that is not cached offline), a gated or private one, a
+    directory that holds no such file: a config error naming ``model.name_or_path``, before any weights."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError("config", "model.name_or_path", f"cannot load the {what} of {cfg.name_or_path}: {first}") from None
+
+
 def load_tokenizer(cfg: ModelConfig, padding_side: str = "left"):
     """The model's tokenizer with a pad token (EOS when it has none, as TRL does; logged)."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.name_or_path), **_hub_kwargs(cfg))
+    with _unloadable(cfg, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.name_or_path), **_hub_kwargs(cfg))
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"{cfg.name_or_path}: tokenizer has neither a pad nor an EOS token")
+            raise ConfigError("config", "model.name_or_path", f"the tokenizer of {cfg.name_or_path} has neither a pad "
+                                                              "nor an EOS token")
         logger.warning("%s: tokenizer has no pad token; using EOS (%r)", cfg.name_or_path, tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
@@ -66,12 +80,15 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
     """A causal LM or a seq2seq model, whichever the checkpoint's config says it is (4-bit with
     ``model.quantization``; with ``model.adapter`` a trainable PEFT model carrying that adapter)."""
     path = resolve_model_path(cfg.name_or_path)
-    config = AutoConfig.from_pretrained(path, **_hub_kwargs(cfg))
+    with _unloadable(cfg, "config"):
+        config = AutoConfig.from_pretrained(path, **_hub_kwargs(cfg))
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     kwargs = model_init_kwargs(cfg)
     quantization = quantization_config(cfg)
-    if quantization is not None:
-        kwargs["quantization_config"] = quantization
+    if quantization is not None:  # 4-bit weights are placed at load time: on this process's GPU
+        from accelerate import PartialState
+
+        kwargs.update(quantization_config=quantization, device_map={"": PartialState().device})
     model = auto.from_pretrained(path, **kwargs)
     if cfg.adapter:
         from peft import PeftModel, prepare_model_for_kbit_training

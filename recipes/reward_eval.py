@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from datasets import Dataset
 
+from trainers.distributed import Ranks, merge_shards
+
 from .config import EvalConfig
 from .evaluation import generate
 
@@ -28,11 +30,20 @@ def distinct_n(texts: list[str], n: int, tokenize=str.split) -> float:
 
 
 def reward_report(model, tokenizer, data: Dataset, rewards: list, weights: list[float], cfg: EvalConfig,
-                  desc: str = "eval") -> dict:
-    """Mean weighted reward of greedy responses on ``data``, each reward's mean, length, distinct-1/2."""
+                  desc: str = "eval", ranks: Ranks | None = None) -> dict | None:
+    """Mean weighted reward of greedy responses on ``data``, each reward's mean, length, distinct-1/2.
+
+    ``ranks`` (default: this process alone) deals the prompts over the processes of a launch: each
+    generates its share, the main process scores every response and reports (``None`` elsewhere)."""
     prompts = list(data["prompt"])
-    texts, ids = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                          do_sample=False, desc=f"{desc} greedy")
+    ranks = ranks or Ranks(alone=True)
+    mine = ranks.shard(list(range(len(prompts))))
+    texts, ids = generate(model, tokenizer, [prompts[i] for i in mine], max_new_tokens=cfg.max_new_tokens,
+                          batch_size=cfg.batch_size, do_sample=False, desc=f"{desc} greedy")
+    parts = ranks.gather_to_main((mine, list(zip(texts, ids))))
+    if not ranks.main:
+        return None
+    texts, ids = map(list, zip(*merge_shards(parts, len(prompts)))) if prompts else ([], [])
     columns = {c: list(data[c]) for c in data.column_names if c not in ("prompt", "completion")}
     report: dict = {"rows": len(prompts)}
     total = [0.0] * len(texts)

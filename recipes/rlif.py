@@ -14,7 +14,8 @@ from trainers import RLIFConfig, RLIFTrainer
 from .cli import main
 from .config import ConfigError, DataConfig, RecipeConfig, RewardSpec
 from .data import load_split
-from .modeling import load_tokenizer, lora_config, model_init_kwargs, resolve_model_path
+from .modeling import (load_model, load_tokenizer, lora_config, model_init_kwargs, quantization_config,
+                       resolve_model_path)
 from .training import held_out, train_and_evaluate
 
 
@@ -52,6 +53,19 @@ def build_rewards(cfg: RLIFRecipeConfig, columns: list[str]) -> tuple[list, list
     return funcs, weights
 
 
+def policy_arguments(cfg: RLIFRecipeConfig) -> dict:
+    """``model``, ``quantization_config`` and ``peft_config`` of the trainer: a path that TRL loads with
+    ``model_init_kwargs`` (4-bit under ``model.quantization``, then a new LoRA from ``peft:``: QLoRA),
+    or, with ``model.adapter``, the loaded model carrying that adapter, trained further."""
+    if cfg.model.adapter:
+        if cfg.trainer.model_init_kwargs:
+            raise ConfigError(cfg.source, "trainer.model_init_kwargs", "with model.adapter the recipe loads the model "
+                              "itself: set loading options in the model: section")
+        return {"model": load_model(cfg.model), "quantization_config": None, "peft_config": None}
+    return {"model": resolve_model_path(cfg.model.name_or_path), "quantization_config": quantization_config(cfg.model),
+            "peft_config": lora_config(cfg.peft)}
+
+
 def run(cfg: RLIFRecipeConfig) -> dict:
     args: RLIFConfig = cfg.trainer
     train = load_split(cfg.data, cfg.data.split, cfg.data.max_rows, cfg.source)
@@ -59,10 +73,11 @@ def run(cfg: RLIFRecipeConfig) -> dict:
     test = held_out(cfg) if cfg.eval_data is None else load_split(
         cfg.eval_data, cfg.eval_data.eval_split or cfg.eval_data.split, cfg.eval.max_rows, cfg.source)
     funcs, args.reward_weights = build_rewards(cfg, train.column_names)
-    args.model_init_kwargs = {**model_init_kwargs(cfg.model), **(args.model_init_kwargs or {})}
     tokenizer = load_tokenizer(cfg.model)
-    trainer = RLIFTrainer(model=resolve_model_path(cfg.model.name_or_path), reward_funcs=funcs, args=args,
-                          train_dataset=train, processing_class=tokenizer, peft_config=lora_config(cfg.peft))
+    policy = policy_arguments(cfg)
+    if isinstance(policy["model"], str):  # TRL loads it (and warns if it is given kwargs it would ignore)
+        args.model_init_kwargs = {**model_init_kwargs(cfg.model), **(args.model_init_kwargs or {})}
+    trainer = RLIFTrainer(reward_funcs=funcs, args=args, train_dataset=train, processing_class=tokenizer, **policy)
     return train_and_evaluate(cfg, trainer, tokenizer, test)
 
 

@@ -75,6 +75,9 @@ class SelfImproveRecipeConfig(RecipeConfig):
 
 def check(cfg: SelfImproveRecipeConfig) -> None:
     imp = cfg.improve
+    if cfg.model.adapter:  # each round saves and reloads a whole model; an adapter would be applied again each round
+        raise ConfigError(cfg.source, "model.adapter", "self-improvement rounds fine-tune whole models: merge the adapter "
+                          "into its base first (peft's merge_and_unload), or train a new one with peft:")
     for key, ok in (("iterations", imp.iterations >= 1), ("num_samples", imp.num_samples >= 1),
                     ("top_k", imp.top_k >= 1), ("min_share", 0 <= imp.min_share <= 1),
                     ("prompts_per_round", imp.prompts_per_round is None or imp.prompts_per_round >= 1), ("ds_valid_rows", imp.ds_valid_rows >= 0),
@@ -147,11 +150,10 @@ def whole_model(cfg: SelfImproveRecipeConfig, name_or_path: str, ranks: Ranks):
 
 
 def evaluate_saved(cfg, name_or_path: str, tokenizer, test, desc: str, ranks: Ranks) -> dict | None:
-    """Held-out metrics of a saved model, on the main process (``None`` elsewhere)."""
-    if not ranks.main:
-        return None
+    """Held-out metrics of a saved model, the rows dealt over the processes (every rank calls it; the
+    metrics on the main process, ``None`` elsewhere)."""
     with outside_zero3():
-        return evaluate_model(whole_model(cfg, name_or_path, ranks), tokenizer, test, cfg.eval, desc=desc)
+        return evaluate_model(whole_model(cfg, name_or_path, ranks), tokenizer, test, cfg.eval, desc=desc, ranks=ranks)
 
 
 def one_round(cfg, k, here, current, base, tokenizer, verifier, prompts, gold, valid, pairs, test, ranks) -> dict:
@@ -198,8 +200,10 @@ def one_round(cfg, k, here, current, base, tokenizer, verifier, prompts, gold, v
         release(trainer)
         del trainer, model
     ranks.wait()
-    if test is not None and ranks.main:
-        metrics.update(evaluate_saved(cfg, str(here / "model"), tokenizer, test, f"round {k}", ranks))
+    if test is not None:
+        held = evaluate_saved(cfg, str(here / "model"), tokenizer, test, f"round {k}", ranks)
+        if ranks.main:
+            metrics.update(held)
     return ranks.broadcast(metrics)
 
 

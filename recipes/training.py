@@ -8,6 +8,8 @@ from pathlib import Path
 
 from datasets import Dataset
 
+from trainers.distributed import Ranks
+
 from .config import RecipeConfig, save_config
 from .data import load_split
 from .evaluation import evaluate_model, format_table, write_report
@@ -68,11 +70,14 @@ def release(trainer) -> None:
 
 
 def evaluation_model(cfg: RecipeConfig, trainer, path: str | None):
-    """The model the main process evaluates: the trainer's own, or, when its parameters are sharded
-    over ranks (ZeRO-3, FSDP), a whole copy loaded from ``path`` (``None``: the starting model;
-    else the saved ``output_dir``, a full model or a PEFT adapter); call it inside :func:`outside_zero3`."""
+    """The model this process evaluates (its share of the rows): the trainer's own, or, when its
+    parameters are sharded over ranks (ZeRO-3, FSDP), a whole copy loaded from ``path`` (``None``:
+    the starting model; else the saved ``output_dir``, a full model or a PEFT adapter, read once every
+    rank has finished saving); call it inside :func:`outside_zero3`."""
     if not parameters_sharded(trainer):
         return trainer.model
+    if path is not None:
+        trainer.accelerator.wait_for_everyone()
     if path is not None and (Path(path) / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
 
@@ -86,24 +91,30 @@ def train_and_evaluate(cfg: RecipeConfig, trainer, tokenizer, test: Dataset | No
     """Evaluate (optionally), save the resolved config beside the checkpoints, train (resuming
     if asked), save the model, evaluate again; the main process reports ``{before, after}``.
 
-    Evaluation runs on the main process alone; under ZeRO-3 / FSDP (where it holds only a shard)
-    it evaluates a whole copy: the starting model before training, the saved model after."""
+    Evaluation deals the held-out rows over the processes (as ``recipes.evaluate`` does: the same
+    numbers as one process for greedy decoding); under ZeRO-3 / FSDP (where a process holds only a
+    shard) each evaluates a whole copy: the starting model before training, the saved model after."""
     args, main_process = trainer.args, trainer.is_world_process_zero()
+    ranks = Ranks(trainer.accelerator)
     reports = {}
-    if test is not None and cfg.eval.before_training and main_process:
+    if test is not None and cfg.eval.before_training:
         with outside_zero3():
             model = evaluation_model(cfg, trainer, None)
-            reports["before"] = evaluate_model(model, tokenizer, test, cfg.eval, desc="before")
+            before = evaluate_model(model, tokenizer, test, cfg.eval, desc="before", ranks=ranks)
+        if main_process:
+            reports["before"] = before
     if main_process:
         save_config(cfg, args.output_dir)
     trainer.train(resume_from_checkpoint=resume_argument(args))
     trainer.save_model(args.output_dir)
     if main_process:  # the logged history beside the model, for `python -m recipes.plot`
         trainer.state.save_to_json(str(Path(args.output_dir) / "trainer_state.json"))
-    if test is not None and main_process:
+    if test is not None:
         with outside_zero3():
             model = evaluation_model(cfg, trainer, args.output_dir)
-            reports["after"] = evaluate_model(model, tokenizer, test, cfg.eval, desc="after")
-        write_report(reports, args.output_dir)
-        print(format_table(reports), flush=True)
+            after = evaluate_model(model, tokenizer, test, cfg.eval, desc="after", ranks=ranks)
+        if main_process:
+            reports["after"] = after
+            write_report(reports, args.output_dir)
+            print(format_table(reports), flush=True)
     return reports
