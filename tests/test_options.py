@@ -509,6 +509,13 @@ def p_rlif_log_accuracy(h):
     assert any(isinstance(f, MathAccuracy) for f in on) and not any(isinstance(f, MathAccuracy) for f in off)
 
 
+def p_rlif_eval_data(h):
+    other = h.tmp / "eval_rows.jsonl"
+    other.write_text("".join(json.dumps({"question": f"{a}*3=", "answer": str(3 * a)}) + "\n" for a in range(1, 6)))
+    test = h.build("rlif", f"eval_data={{path: {other}, split: train}}", stop="train_and_evaluate").args[3]
+    assert list(test["question"]) == [f"{a}*3=" for a in range(1, 5)]  # eval.max_rows=4 rows of eval_data
+
+
 def p_recipe_model(h):
     p_model_name(h)
 
@@ -754,6 +761,7 @@ PROBES = {
     "EvalConfig.ic_layers": p_eval_ic_layers, "EvalConfig.before_training": p_eval_before, "EvalConfig.seed": p_eval_seed,
     "RewardSpec.name": p_reward_name, "RewardSpec.weight": p_reward_weight, "RewardSpec.kwargs": p_reward_kwargs,
     "RLIFRecipeConfig.rewards": p_rlif_rewards, "RLIFRecipeConfig.log_accuracy": p_rlif_log_accuracy,
+    "RLIFRecipeConfig.eval_data": p_rlif_eval_data,
     "ALoLRecipeConfig.rewards": p_alol_rewards, "ALoLRecipeConfig.eval_rewards": p_alol_eval_rewards,
     "ALoLRecipeConfig.value_split": p_alol_value_split, "ALoLRecipeConfig.value_rows": p_alol_value_rows,
     "ALoLRecipeConfig.eval_sets": p_alol_eval_sets, "ALoLRecipeConfig.variants": p_alol_variants,
