@@ -28,11 +28,13 @@ def distinct_n(texts: list[str], n: int, tokenize=str.split) -> float:
 
 
 def reward_report(model, tokenizer, data: Dataset, rewards: list, weights: list[float], cfg: EvalConfig,
-                  desc: str = "eval") -> dict:
-    """Mean weighted reward of greedy responses on ``data``, each reward's mean, length, distinct-1/2."""
+                  desc: str = "eval", responses: tuple[list[str], list[list[int]]] | None = None) -> dict:
+    """Mean weighted reward of greedy responses on ``data``, each reward's mean, length, distinct-1/2.
+    ``responses`` (texts, token ids), when given, are scored instead of generating them here."""
     prompts = list(data["prompt"])
-    texts, ids = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                          do_sample=False, desc=f"{desc} greedy")
+    texts, ids = responses if responses is not None else generate(
+        model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, do_sample=False,
+        desc=f"{desc} greedy")
     columns = {c: list(data[c]) for c in data.column_names if c not in ("prompt", "completion")}
     report: dict = {"rows": len(prompts)}
     total = [0.0] * len(texts)
