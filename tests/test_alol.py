@@ -447,9 +447,9 @@ def test_hh_layout_is_the_references():
                 "The assistant gives helpful, detailed, and polite answers to the user's questions.\n")
     reference = preamble + joined.strip()
     assert format_prompt(HH_PROMPT, args.prompt_preamble, args.prompt_replace) == reference
-    assert reference.endswith("?\n### Human: What are some good vegetables to plant in the fall? ### Assistant: Kale, "
-                              "spinach, garlic and onions all do well in cool weather. ### Human: Which of those grows "
-                              "fastest? ### Assistant:".split("?\n", 1)[1]) and reference.startswith(preamble)
+    assert reference == preamble + ("### Human: What are some good vegetables to plant in the fall? ### Assistant: "
+                                    "Kale, spinach, garlic and onions all do well in cool weather. ### Human: Which of "
+                                    "those grows fastest? ### Assistant:")
     assert format_prompt(HH_PROMPT) == HH_PROMPT  # no options: unchanged
 
 

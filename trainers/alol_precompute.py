@@ -4,14 +4,16 @@ Runs inside :class:`trainers.alol.ALoLTrainer`'s ``__init__``, after TRL tokenis
 pairs and before any optimiser step, so the policy *is* the frozen reference here (eval mode, no
 grad: no dropout, LoRA adapters exactly as loaded). Steps:
 
-1. optional length limits: the last ``max_prompt_length`` prompt tokens, the first
-   ``max_completion_length`` response tokens (+ EOS when the response had one);
+1. (already done by the trainer's dataset preparation, :func:`limit_lengths`: the last
+   ``max_prompt_length`` prompt tokens, the first ``max_completion_length`` response tokens, EOS
+   counted, before TRL's ``max_length`` truncation);
 2. ``R``: a precomputed column, or the weighted sum of reward callables on (prompt, decoded
    response) in batches;
-3. value head (:class:`trainers.alol.ValueHead`): the reference answers the value prompts greedily,
-   the answers are scored with the same rewards, the head is fit by MSE on the reference's prompt
-   hidden states (``value_val_fraction`` held out; its MSE is reported, with the MSE of predicting
-   the mean as a baseline);
+3. value head (:class:`trainers.alol.ValueHead`): the reference answers the value prompts greedily
+   (``stop_strings``, then ``response_cut``: :func:`greedy_responses`), the answers are scored with
+   the same rewards, the head is fit by MSE on the reference's prompt hidden states
+   (``value_val_fraction`` held out, or ``value_cv_folds``-fold cross-validation; the MSE is
+   reported with the MSE of predicting the mean as a baseline);
 4. one reference pass over the training rows: per-token log-probs of the response
    (:func:`trainers.signals.token_signals`, chunked) and ``V(x)`` from the same forward's prompt
    hidden states;
