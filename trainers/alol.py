@@ -387,8 +387,9 @@ class ALoLConfig(SFTConfig):
             raise ValueError(f"value_val_fraction must be in [0, 1), got {self.value_val_fraction}")
         if self.value_cv_folds == 1 or self.value_cv_folds < 0:
             raise ValueError(f"value_cv_folds must be 0 (off) or >= 2, got {self.value_cv_folds}")
-        if self.max_prompt_length is not None and self.max_prompt_length < 1:
-            raise ValueError(f"max_prompt_length must be >= 1, got {self.max_prompt_length}")
+        for name in ("max_prompt_length", "max_completion_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.packing or self.padding_free:
             raise ValueError("A-LoL scores one (prompt, response) pair per row: packing/padding_free are not supported")
 
