@@ -336,8 +336,8 @@ class ALoLConfig(SFTConfig):
     )
     prompt_preamble: str | None = field(default=None, metadata={"help": "text put before every (text) prompt the policy sees"})
     prompt_replace: dict[str, str] | None = field(
-        default=None, metadata={"help": "substitutions (in order) turning a text prompt into the policy's layout; "
-                                        "with a preamble the result is stripped (rewards still see the raw prompt)"}
+        default=None, metadata={"help": "substitutions (in order) turning a text prompt into the policy's layout, "
+                                        "then stripped (rewards still see the raw prompt)"}
     )
     stop_strings: list[str] | None = field(
         default=None, metadata={"help": "greedy generations (value targets, evaluation) stop at any of these or EOS"}
@@ -362,7 +362,8 @@ class ALoLConfig(SFTConfig):
     value_head: str = field(default="query", metadata={"help": "pooling: query (one learned query) or mha "
                                                                "(the reference's multi-head attention)"})
     value_num_heads: int = field(default=8, metadata={"help": "heads of the mha value head"})
-    value_dropout: float = field(default=0.0, metadata={"help": "dropout on the value head's input and pooled state"})
+    value_dropout: float = field(default=0.0, metadata={"help": "value-head dropout (mha: on its input states and pooled vector; "
+                                                                 "query: on the pooled vector)"})
     value_select: str = field(
         default="last", metadata={"help": "last epoch, or best: lowest held-out MSE (lowest mean training loss of "
                                           "the epoch when nothing is held out, as the reference)"}
