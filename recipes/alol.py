@@ -19,6 +19,7 @@ from pathlib import Path
 
 from rewards import build_reward
 from trainers import ALOL_VARIANTS, ALoLConfig, ALoLTrainer
+from trainers.alol_precompute import greedy_responses, policy_prompt_ids
 from trainers.distributed import Ranks
 
 from .cli import main
@@ -70,8 +71,13 @@ def evaluate(trainer, path: str | None, tokenizer, tests: dict, rewards, weights
     ranks = Ranks(trainer.accelerator)
     with outside_zero3():
         model = evaluation_model(cfg, trainer, path)
+
+        def respond(prompts, desc):  # generated as the value head's targets are: A-LoL layout and stop rule
+            ids = policy_prompt_ids(tokenizer, prompts, trainer.args)
+            return greedy_responses(model, tokenizer, ids, trainer.args, cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                                    desc=desc)
         return {label: reward_report(model, tokenizer, data, rewards, weights, cfg.eval, desc=f"{name} {label}",
-                                     ranks=ranks) for label, data in tests.items()}
+                                     ranks=ranks, respond=respond) for label, data in tests.items()}
 
 
 def run(cfg: ALoLRecipeConfig) -> dict:
@@ -126,7 +132,8 @@ def run(cfg: ALoLRecipeConfig) -> dict:
         write_report({"precompute": precompute, **reports}, cfg.trainer.output_dir)
         print(f"A-LoL precompute: kept {precompute['kept_fraction']:.3f} of {precompute['rows']} rows, "
               f"reward mean {precompute['reward_mean']:.3f}, value val MSE {precompute.get('value_val_mse')} "
-              f"(predicting the mean: {precompute.get('value_val_mse_of_mean')})")
+              f"(predicting the mean: {precompute.get('value_val_mse_of_mean')}; "
+              f"{precompute.get('value_val_method')})")
         print(format_table(flat), flush=True)
     return reports
 

@@ -89,7 +89,7 @@ def dry_run_overrides(schema: type[RecipeConfig], path: str | os.PathLike, overr
             out += [f"instructions.path={pairs}", "instructions.name=null", "instructions.max_rows=null"]
     if "value_max_new_tokens" in fields:  # A-LoL: a short precompute in a throwaway cache
         out += ["trainer.value_max_new_tokens=4", "trainer.precompute_batch_size=4", "trainer.value_epochs=1",
-                "trainer.max_prompt_length=null", "trainer.max_completion_length=null",
+                "trainer.max_prompt_length=48", "trainer.max_completion_length=16",  # 48 + 16 = max_length
                 "trainer.drop_nonpositive=false",  # a random stand-in reward model may leave no A > 0
                 f"trainer.alol_cache_dir={Path(workdir) / 'alol-cache'}"]
     if "eval_data" in own:  # a separate held-out set (MATH-500): the generated rows stand in

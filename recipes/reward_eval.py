@@ -30,16 +30,21 @@ def distinct_n(texts: list[str], n: int, tokenize=str.split) -> float:
 
 
 def reward_report(model, tokenizer, data: Dataset, rewards: list, weights: list[float], cfg: EvalConfig,
-                  desc: str = "eval", ranks: Ranks | None = None) -> dict | None:
+                  desc: str = "eval", ranks: Ranks | None = None, respond=None) -> dict | None:
     """Mean weighted reward of greedy responses on ``data``, each reward's mean, length, distinct-1/2.
 
     ``ranks`` (default: this process alone) deals the prompts over the processes of a launch: each
-    generates its share, the main process scores every response and reports (``None`` elsewhere)."""
+    generates its share, the main process scores every response and reports (``None`` elsewhere).
+    ``respond(prompts, desc) -> (texts, token ids)`` generates a share's responses (default: plain
+    greedy ``generate``; A-LoL passes its own prompt layout and stop rule)."""
     prompts = list(data["prompt"])
     ranks = ranks or Ranks(alone=True)
     mine = ranks.shard(list(range(len(prompts))))
-    texts, ids = generate(model, tokenizer, [prompts[i] for i in mine], max_new_tokens=cfg.max_new_tokens,
-                          batch_size=cfg.batch_size, do_sample=False, desc=f"{desc} greedy")
+    if respond is None:
+        def respond(share, desc):
+            return generate(model, tokenizer, share, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                            do_sample=False, desc=desc)
+    texts, ids = respond([prompts[i] for i in mine], f"{desc} greedy")
     parts = ranks.gather_to_main((mine, list(zip(texts, ids))))
     if not ranks.main:
         return None

@@ -412,3 +412,208 @@ def test_sampler_shards_one_priority_sample_over_ranks():
     shards = [[i for b in BatchSamplerShard(batches, num_processes=2, process_index=r) for i in b] for r in range(2)]
     assert len(shards[0]) == len(shards[1]) == 20 and sorted(shards[0] + shards[1]) == sorted(drawn)
     assert shards[0] == [i for k in range(0, 40, 8) for i in drawn[k : k + 4]]  # rank 0: batches 0, 2, 4, ...
+
+
+# ------------------------------------------------------------------------------------------------
+# the reference's HH layout, stop rule, length rule, baseline sampling and value head (issue 15)
+# ------------------------------------------------------------------------------------------------
+
+# an Anthropic HH dialogue as stored in the dataset's "chosen" column, split at the last assistant turn
+HH_PROMPT = ("\n\nHuman: What are some good vegetables to plant in the fall?\n\nAssistant: Kale, spinach, garlic and "
+             "onions all do well in cool weather.\n\nHuman: Which of those grows fastest?\n\nAssistant:")
+HH_RESPONSE = " Spinach is usually ready to pick in about six weeks."
+
+
+def _hh_args():
+    from tests.test_alol_configs import load_hh
+
+    return load_hh().trainer
+
+
+def test_hh_layout_is_the_references():
+    """The HH config turns an HH dialogue into the layout the reference builds from the same turns
+    (PRO's ``<|prompter|>`` / ``<|assistant|>`` list: joined, markers replaced, stripped, preamble first)."""
+    from trainers.alol import format_prompt
+
+    args = _hh_args()
+    turns = ["<|prompter|>What are some good vegetables to plant in the fall?",
+             "<|assistant|>Kale, spinach, garlic and onions all do well in cool weather.",
+             "<|prompter|>Which of those grows fastest?", "<|assistant|>"]
+    joined = "".join(turns)
+    for marker, turn in (("<|prompter|>", " ### Human: "), ("<|assistant|>", " ### Assistant: ")):
+        joined = joined.replace(marker, turn)
+    preamble = ("A chat between a curious human and an artificial intelligence assistant. "
+                "The assistant gives helpful, detailed, and polite answers to the user's questions.\n")
+    reference = preamble + joined.strip()
+    assert format_prompt(HH_PROMPT, args.prompt_preamble, args.prompt_replace) == reference
+    assert reference == preamble + ("### Human: What are some good vegetables to plant in the fall? ### Assistant: "
+                                    "Kale, spinach, garlic and onions all do well in cool weather. ### Human: Which of "
+                                    "those grows fastest? ### Assistant:")
+    assert format_prompt(HH_PROMPT) == HH_PROMPT  # no options: unchanged
+
+
+def test_hh_generation_is_cut_at_the_next_human_turn():
+    from trainers.alol import finish_response
+
+    args = _hh_args()
+    assert args.stop_strings == ["###"]
+    cut, stops = args.response_cut, args.stop_strings
+    assert finish_response(HH_RESPONSE + "\nHuman: Thanks! And garlic?\nAssistant: Garlic", cut, stops) == HH_RESPONSE.strip()
+    assert finish_response(HH_RESPONSE + "\n Human: ok", cut, stops) == HH_RESPONSE.strip()
+    assert finish_response(HH_RESPONSE + "\n### Human: more", cut, stops) == HH_RESPONSE.strip()
+    assert finish_response(HH_RESPONSE + " ###", cut, stops) == HH_RESPONSE.strip()  # stopped on "###"
+    assert finish_response(HH_RESPONSE, cut, stops) == HH_RESPONSE.strip()
+    assert finish_response(" a\nHuman: b", (), ()) == " a\nHuman: b"  # no options: unchanged
+
+
+def test_stop_strings_end_greedy_generation(tiny_model_dir):
+    """With a stop string, each greedy answer is the stop-free answer up to and including its first
+    occurrence; greedy_responses then drops it (the reference's '###' rule)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainers.alol_precompute import _greedy, greedy_responses
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [tok(f"{a}+{b}=")["input_ids"] for a in range(6) for b in range(3)]
+    full = [tok.decode(r, skip_special_tokens=True) for r in _greedy(model, tok, prompts, 12, 8)]
+    chars = Counter(c for text in full for c in text if not c.isspace())
+    stop = chars.most_common(1)[0][0]
+    stopped = [tok.decode(r, skip_special_tokens=True) for r in _greedy(model, tok, prompts, 12, 8, [stop])]
+    expected = [t[: t.index(stop) + 1] if stop in t else t for t in full]
+    assert stopped == expected and any(stop in t for t in full)
+    args = SimpleNamespace(stop_strings=[stop], response_cut=[])
+    texts, ids = greedy_responses(model, tok, prompts, args, 12, 8)
+    assert texts == [e.strip()[: -len(stop)].strip() if e.strip().endswith(stop) else e.strip() for e in expected]
+    assert all(tok.decode(i, skip_special_tokens=True) == t for i, t in zip(ids, texts))
+
+
+def test_long_prompt_keeps_its_response_and_a_cut_response_has_no_eos(tiny_model_dir, tmp_path):
+    """Through the trainer's own dataset preparation: prompts left-truncated to 640 tokens and
+    responses cut to 128 (EOS counted) *before* TRL's max_length (768, keep-start) truncation, so a
+    700- or 900-token prompt keeps its response; a cut response carries no EOS, an uncut one keeps it."""
+    import copy
+
+    trainer = _trainer(tiny_model_dir, tmp_path, value=False)
+    tok = trainer.processing_class
+    args = copy.deepcopy(trainer.args)
+    args.max_prompt_length, args.max_completion_length, args.max_length = 640, 128, 768
+    digits = "0123456789" * 100
+    rows = [{"prompt": digits[:700], "completion": "a" * 100, "answer": "1"},   # TRL alone: 68 response tokens
+            {"prompt": digits[:900], "completion": "b" * 50, "answer": "1"},    # TRL alone: row dropped
+            {"prompt": "1+1=", "completion": "c" * 200, "answer": "1"},         # cut: no EOS
+            {"prompt": "1+2=", "completion": "d" * 127, "answer": "1"}]         # 127 + EOS = 128: kept whole
+    prepared = trainer._prepare_dataset(Dataset.from_list(rows), tok, args, False, None, "long")
+    assert len(prepared) == 4 and args.max_length == 768 and args.shuffle_dataset is False
+    out = []
+    for ids, labels in zip(prepared["input_ids"], prepared["labels"]):
+        p = sum(1 for x in labels if x == -100)
+        out.append((tok.decode(ids[:p]), ids[p:]))
+    eos = tok.eos_token_id
+    assert out[0][0] == digits[60:700] and out[0][1] == tok("a" * 100)["input_ids"] + [eos]
+    assert out[1][0] == digits[260:900] and out[1][1] == tok("b" * 50)["input_ids"] + [eos]
+    assert out[2][1] == tok("c" * 128)["input_ids"] and eos not in out[2][1]
+    assert out[3][1] == tok("d" * 127)["input_ids"] + [eos]
+    # the HH layout reaches the policy's tokens; the rewards keep the raw prompt
+    args.prompt_preamble, args.prompt_replace = "Chat.\n", {"\n\nHuman: ": " ### Human: ", "\n\nAssistant:": " ### Assistant:"}
+    hh = trainer._prepare_dataset(Dataset.from_list([{"prompt": "\n\nHuman: 1+1?\n\nAssistant:", "completion": " 2",
+                                                      "answer": "2"}]), tok, args, False, None, "hh")
+    assert hh["prompt"] == ["\n\nHuman: 1+1?\n\nAssistant:"]
+    assert hh["input_ids"][0] == tok("Chat.\n### Human: 1+1? ### Assistant: 2")["input_ids"] + [eos]
+
+
+def _reward_column_trainer(model_dir, tmp_path, variant, rewards, **overrides):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = [{"prompt": f"{i}+0=", "completion": str(i), "r": r} for i, r in enumerate(rewards)]
+    args = ALoLConfig(output_dir=str(tmp_path / "out"), variant=variant, max_steps=1, per_device_train_batch_size=4,
+                      report_to=[], save_strategy="no", use_cpu=True, alol_cache_dir=str(tmp_path / "cache"),
+                      max_length=32, seed=0, dataloader_num_workers=0, reward_column="r", **overrides)
+    return ALoLTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args,
+                       train_dataset=Dataset.from_list(rows), processing_class=AutoTokenizer.from_pretrained(model_dir),
+                       value_dataset=None)
+
+
+def test_baseline_sampling_follows_the_reward(tiny_model_dir, tmp_path):
+    """wbc / r_gold / r_lol with baseline_priority_sampling draw row i with probability R_i / sum R
+    (the reference's good_priority for the baselines); nll and the option off stay uniform."""
+    rewards = [0.05, 0.1, 0.2, 0.4, 0.8, 0.0, 1.6, 0.85]
+    total = sum(rewards)
+    trainer = _reward_column_trainer(tiny_model_dir, tmp_path, "wbc", rewards, baseline_priority_sampling=True)
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, AdvantageSampler) and len(sampler) == 7
+    draws = 40000
+    sampler.num_samples = draws
+    counts = Counter(sampler)
+    assert counts[5] == 0  # R = 0: never drawn
+    observed = [counts[i] / draws for i in range(len(rewards))]
+    assert max(abs(o - r / total) for o, r in zip(observed, rewards)) < 0.01
+    assert max(abs(o - 1 / 7) for o in observed) > 0.1  # uniform sampling would fail the check above
+    for variant in ("r_gold", "r_lol"):
+        other = _reward_column_trainer(tiny_model_dir, tmp_path, variant, rewards, baseline_priority_sampling=True)
+        assert torch.equal(other._get_train_sampler().weights, sampler.weights)
+    for variant, option in (("wbc", False), ("nll", True)):
+        plain = _reward_column_trainer(tiny_model_dir, tmp_path, variant, rewards, baseline_priority_sampling=option)
+        assert not isinstance(plain._get_train_sampler(), AdvantageSampler)
+
+
+def test_mha_value_head_ignores_padding_and_drops_out_in_training():
+    torch.manual_seed(0)
+    head = ValueHead(16, max_reward=2.0, kind="mha", num_heads=8, dropout=0.1)
+    assert sum(p.numel() for p in head.parameters()) > 4 * 16 * 16  # input/output projections of 8 heads
+    head.eval()
+    real = torch.randn(2, 4, 16)
+    padded = torch.cat([real, 1e4 * torch.randn(2, 3, 16)], dim=1)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0]] * 2)
+    torch.testing.assert_close(head(padded, mask), head(real, torch.ones(2, 4)))
+    assert torch.isfinite(head(padded, torch.zeros(2, 7))).all()
+    head.train()
+    assert not torch.equal(head(real, torch.ones(2, 4)), head(real, torch.ones(2, 4)))  # dropout is on
+    with pytest.raises(ValueError, match="divisible"):
+        ValueHead(12, kind="mha", num_heads=8)
+
+
+def _synthetic_value_data(n=120, width=16, learnable=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = [torch.randn(int(torch.randint(3, 7, (1,), generator=g)), width, generator=g) for _ in range(n)]
+    w = torch.randn(width, generator=g)
+    if learnable:
+        targets = torch.sigmoid(torch.stack([3 * (h.mean(0) @ w) / math.sqrt(width) for h in hidden]))
+    else:
+        targets = torch.rand(n, generator=g)
+    return hidden, targets
+
+
+def test_value_head_best_epoch_and_cross_validation():
+    from trainers.alol_precompute import cross_validate_value_head, fit_value_head
+
+    hidden, targets = _synthetic_value_data()
+    # best epoch on a held-out split: the kept head is the epoch with the lowest held-out MSE
+    torch.manual_seed(0)
+    head = ValueHead(16, kind="mha", num_heads=4, dropout=0.1)
+    stats = fit_value_head(head, hidden, targets, epochs=8, lr=3e-2, batch_size=16, val_fraction=0.25, seed=0,
+                           device="cpu", select="best")
+    criteria = stats["value_epoch_criteria"]
+    assert len(criteria) == 8 and stats["value_epoch"] == 1 + criteria.index(min(criteria))
+    assert stats["value_val_mse"] == pytest.approx(min(criteria), rel=1e-5)
+    # nothing held out: the epoch with the lowest mean training loss (the reference's rule)
+    torch.manual_seed(0)
+    stats = fit_value_head(ValueHead(16, kind="mha", num_heads=4), hidden, targets, epochs=5, lr=3e-2, batch_size=16,
+                           val_fraction=0.0, seed=0, device="cpu", select="best")
+    assert stats["value_val_mse"] is None and stats["value_val_rows"] == 0 and len(stats["value_epoch_criteria"]) == 5
+    assert stats["value_epoch"] == 1 + stats["value_epoch_criteria"].index(min(stats["value_epoch_criteria"]))
+    # the cross-validated diagnostic: a head beats the mean where the targets depend on the states, not where they are noise
+    options = dict(folds=4, epochs=15, lr=1e-2, batch_size=16, seed=0, device="cpu")
+    cv = cross_validate_value_head(lambda: ValueHead(16), hidden, targets, **options)
+    assert cv["value_val_mse"] < 0.5 * cv["value_val_mse_of_mean"], cv
+    noise_hidden, noise = _synthetic_value_data(learnable=False)
+    cv = cross_validate_value_head(lambda: ValueHead(16), noise_hidden, noise, **options)
+    assert cv["value_val_mse"] > 0.9 * cv["value_val_mse_of_mean"], cv
+
+
+def test_hh_config_value_head_and_lengths():
+    args = _hh_args()
+    assert (args.value_head, args.value_num_heads, args.value_dropout, args.value_select) == ("mha", 8, 0.1, "best")
+    assert args.value_val_fraction == 0.0 and args.value_cv_folds == 5 and args.baseline_priority_sampling
+    assert (args.max_prompt_length, args.max_completion_length, args.max_length) == (640, 128, 768)

@@ -159,34 +159,112 @@ def alol_loss(
 class ValueHead(nn.Module):
     """``V(x) = min + (max - min) * sigmoid(w . pool(h) + b)`` on the reference's prompt hidden states.
 
-    ``pool`` is attention pooling with one learned query ``q``: ``a = softmax_t(h_t . q / sqrt(H))``
-    over the prompt's real tokens only (padding gets weight 0), ``pool(h) = sum_t a_t h_t``.
-    The input is layer-normalised (no affine) so the head's scale does not depend on the model's.
+    Two poolings over the prompt's real tokens only (padding never contributes):
+
+    * ``kind="query"``: one learned query ``q`` on layer-normalised (no affine) states,
+      ``a = softmax_t(h_t . q / sqrt(H))``, ``pool(h) = sum_t a_t h_t``;
+    * ``kind="mha"`` (the A-LoL reference's capacity): ``pool(h) = drop(MHA(q, drop(h), drop(h)))``,
+      multi-head attention (``num_heads`` heads, input/output projections) of one learned query
+      over the raw states, with dropout ``dropout`` on its input and output.
 
     >>> head = ValueHead(8, max_reward=2.0)
     >>> v = head(torch.randn(3, 5, 8), torch.tensor([[1, 1, 1, 0, 0]] * 3))
     >>> v.shape, bool(((v > 0) & (v < 2)).all())
     (torch.Size([3]), True)
+    >>> ValueHead(16, kind="mha", num_heads=8, dropout=0.1).eval()(torch.randn(2, 4, 16), torch.ones(2, 4)).shape
+    torch.Size([2])
     """
 
-    def __init__(self, hidden_size: int, max_reward: float = 1.0, min_reward: float = 0.0):
+    KINDS = ("query", "mha")
+
+    def __init__(self, hidden_size: int, max_reward: float = 1.0, min_reward: float = 0.0, kind: str = "query",
+                 num_heads: int = 8, dropout: float = 0.0):
         super().__init__()
         if not max_reward > min_reward:
             raise ValueError(f"value head: max_reward ({max_reward}) must exceed min_reward ({min_reward})")
+        if kind not in self.KINDS:
+            raise ValueError(f"value head: kind must be one of {self.KINDS}, got {kind!r}")
+        if kind == "mha" and hidden_size % num_heads:
+            raise ValueError(f"value head: hidden size {hidden_size} is not divisible by value_num_heads={num_heads}")
         self.hidden_size, self.max_reward, self.min_reward = hidden_size, float(max_reward), float(min_reward)
-        self.query = nn.Parameter(torch.randn(hidden_size) / math.sqrt(hidden_size))
+        self.kind = kind
+        self.dropout = nn.Dropout(dropout)
+        if kind == "mha":
+            self.query = nn.Parameter(torch.randn(hidden_size))  # unscaled, as the reference initialises it
+            self.attention = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
+        else:
+            self.query = nn.Parameter(torch.randn(hidden_size) / math.sqrt(hidden_size))
         self.out = nn.Linear(hidden_size, 1)
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        mask = mask.bool()
+        if self.kind == "mha":
+            hidden = self.dropout(hidden.float())
+            query = self.query.expand(hidden.shape[0], 1, -1)
+            # an all-padding row would attend to nothing (NaN): let it attend anywhere, then zero it
+            empty = ~mask.any(-1)
+            pooled, _ = self.attention(query, hidden, hidden, key_padding_mask=~(mask | empty[:, None]),
+                                       need_weights=False)
+            return self.dropout(pooled[:, 0].masked_fill(empty[:, None], 0.0))
         hidden = nn.functional.layer_norm(hidden.float(), (self.hidden_size,))
         scores = (hidden @ self.query) / math.sqrt(self.hidden_size)
-        scores = scores.masked_fill(~mask.bool(), float("-inf"))
+        scores = scores.masked_fill(~mask, float("-inf"))
         weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an all-padding row pools to 0
-        return (weights.unsqueeze(-1) * hidden).sum(1)
+        return self.dropout((weights.unsqueeze(-1) * hidden).sum(1))
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         logit = self.out(self.pool(hidden, mask)).squeeze(-1)
         return self.min_reward + (self.max_reward - self.min_reward) * torch.sigmoid(logit)
+
+    @classmethod
+    def from_args(cls, args, hidden_size: int) -> "ValueHead":
+        """The head an :class:`ALoLConfig` asks for."""
+        return cls(hidden_size, max_reward=args.max_reward, min_reward=args.min_reward, kind=args.value_head,
+                   num_heads=args.value_num_heads, dropout=args.value_dropout)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dialogue layout and stop rule (the reference's HH prompt format)
+# ------------------------------------------------------------------------------------------------
+
+
+def format_prompt(text: str, preamble: str | None = None, replace: dict[str, str] | None = None) -> str:
+    """The policy's view of a text prompt: ``preamble + strip(replace(text))``; unchanged when neither is set.
+
+    ``replace`` substitutions apply in order. With the A-LoL reference's HH values (preamble
+    ``"A chat between ... questions.\\n"``, ``"\\n\\nHuman: " -> " ### Human: "``,
+    ``"\\n\\nAssistant:" -> " ### Assistant:"``) an Anthropic HH dialogue becomes
+    ``"<preamble>### Human: ... ### Assistant: ... ### Human: ... ### Assistant:"``.
+
+    >>> format_prompt("\\n\\nHuman: Hi\\n\\nAssistant:", "P\\n", {"\\n\\nHuman: ": " ### Human: ", "\\n\\nAssistant:": " ### Assistant:"})
+    'P\\n### Human: Hi ### Assistant:'
+    """
+    if preamble is None and not replace:
+        return text
+    for old, new in (replace or {}).items():
+        text = text.replace(old, new)
+    return (preamble or "") + text.strip()
+
+
+def finish_response(text: str, cut: Sequence[str] = (), stop_strings: Sequence[str] = ()) -> str:
+    """A generated response after the reference's post-hoc rule: cut at the first occurrence of each
+    ``cut`` string (in order), strip, and drop a trailing stop string (generation stopped on it).
+    Unchanged when neither is set.
+
+    >>> finish_response(" Sure.\\nHuman: and then?", ["\\n Human:", "\\nHuman:", "\\n### Human"], ["###"])
+    'Sure.'
+    >>> finish_response(" Yes, gladly. ###", ["\\nHuman:"], ["###"])
+    'Yes, gladly.'
+    """
+    if not cut and not stop_strings:
+        return text
+    for marker in cut:
+        text = text.split(marker)[0]
+    text = text.strip()
+    for stop in stop_strings:
+        if stop and text.endswith(stop):
+            return text[: -len(stop)].strip()
+    return text
 
 
 # ------------------------------------------------------------------------------------------------
@@ -251,7 +329,22 @@ class ALoLConfig(SFTConfig):
     reward_column: str | None = field(default=None, metadata={"help": "dataset column with precomputed rewards"})
     max_prompt_length: int | None = field(default=None, metadata={"help": "keep the last N prompt tokens"})
     max_completion_length: int | None = field(
-        default=None, metadata={"help": "keep the first N response tokens (+ EOS when the response had one)"}
+        default=None, metadata={"help": "keep the first N response tokens, its EOS counted (a cut response has none)"}
+    )
+    baseline_priority_sampling: bool = field(
+        default=False, metadata={"help": "wbc, r_gold, r_lol: sample rows with probability ∝ R (R <= 0 never); else uniformly"}
+    )
+    prompt_preamble: str | None = field(default=None, metadata={"help": "text put before every (text) prompt the policy sees"})
+    prompt_replace: dict[str, str] | None = field(
+        default=None, metadata={"help": "substitutions (in order) turning a text prompt into the policy's layout, "
+                                        "then stripped (rewards still see the raw prompt)"}
+    )
+    stop_strings: list[str] | None = field(
+        default=None, metadata={"help": "greedy generations (value targets, evaluation) stop at any of these or EOS"}
+    )
+    response_cut: list[str] | None = field(
+        default=None, metadata={"help": "a generated response is cut at the first occurrence of each (in order), "
+                                        "stripped and loses a trailing stop string before it is scored"}
     )
     precompute_batch_size: int = field(default=16, metadata={"help": "rows per reference forward in the precompute"})
     reward_batch_size: int = field(default=64, metadata={"help": "rows per reward call in the precompute"})
@@ -262,6 +355,19 @@ class ALoLConfig(SFTConfig):
     value_learning_rate: float = field(default=1e-5, metadata={"help": "value-head learning rate"})
     value_batch_size: int = field(default=16, metadata={"help": "value-head batch size"})
     value_val_fraction: float = field(default=0.2, metadata={"help": "share of value prompts held out for its MSE"})
+    value_cv_folds: int = field(
+        default=0, metadata={"help": "with value_val_fraction 0: k-fold cross-validated MSE of the same recipe, as a "
+                                     "diagnostic (the head used is fit on every prompt)"}
+    )
+    value_head: str = field(default="query", metadata={"help": "pooling: query (one learned query) or mha "
+                                                               "(the reference's multi-head attention)"})
+    value_num_heads: int = field(default=8, metadata={"help": "heads of the mha value head"})
+    value_dropout: float = field(default=0.0, metadata={"help": "value-head dropout (mha: on its input states and pooled vector; "
+                                                                 "query: on the pooled vector)"})
+    value_select: str = field(
+        default="last", metadata={"help": "last epoch, or best: lowest held-out MSE (lowest mean training loss of "
+                                          "the epoch when nothing is held out, as the reference)"}
+    )
     value_max_new_tokens: int = field(default=128, metadata={"help": "greedy response length on value prompts"})
     max_reward: float = field(default=1.0, metadata={"help": "upper end of the value head's range"})
     min_reward: float = field(default=0.0, metadata={"help": "lower end of the value head's range"})
@@ -274,8 +380,23 @@ class ALoLConfig(SFTConfig):
             raise ValueError(f"epsilon must be in (0, 1), got {self.epsilon}")
         if self.token_reduction not in ("sum", "mean"):
             raise ValueError(f"token_reduction must be 'sum' or 'mean', got {self.token_reduction!r}")
+        if self.value_head not in ValueHead.KINDS:
+            raise ValueError(f"value_head must be one of {ValueHead.KINDS}, got {self.value_head!r}")
+        if self.value_select not in ("last", "best"):
+            raise ValueError(f"value_select must be 'last' or 'best', got {self.value_select!r}")
+        if not 0 <= self.value_val_fraction < 1:
+            raise ValueError(f"value_val_fraction must be in [0, 1), got {self.value_val_fraction}")
+        if self.value_cv_folds == 1 or self.value_cv_folds < 0:
+            raise ValueError(f"value_cv_folds must be 0 (off) or >= 2, got {self.value_cv_folds}")
+        for name in ("max_prompt_length", "max_completion_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.packing or self.padding_free:
             raise ValueError("A-LoL scores one (prompt, response) pair per row: packing/padding_free are not supported")
+
+
+def _layout_row(row: dict, preamble: str | None, replace: dict[str, str]) -> dict:
+    return {"alol_raw_prompt": row["prompt"], "prompt": format_prompt(row["prompt"], preamble, replace)}
 
 
 class _ALoLCollator:
@@ -313,7 +434,7 @@ class ALoLTrainer(SFTTrainer):
 
         self.data_collator = _ALoLCollator(self.data_collator)
         # the advantage drives sampling for the A-LoL variants only; the baselines (nll, wbc, r_gold, r_lol)
-        # see every row uniformly, as in the paper
+        # see every row uniformly, or (wbc, r_gold, r_lol with baseline_priority_sampling) ∝ R as the HH reference
         self.uses_advantage = self.args.variant.startswith("a_lol")
         self.alol = precompute(self, reward_funcs, reward_weights, value_dataset, cache_key_extra)
         self.train_dataset = self.alol.dataset
@@ -326,8 +447,9 @@ class ALoLTrainer(SFTTrainer):
             "alol/kept_fraction": self.alol.kept_fraction, "alol/advantage_mean": self.alol.stats["advantage_mean"],
             "alol/advantage_std": self.alol.stats["advantage_std"], "alol/reward_mean": self.alol.stats["reward_mean"],
         }
-        if self.alol.stats.get("value_val_mse") is not None:
-            self._alol_constants["alol/value_val_mse"] = self.alol.stats["value_val_mse"]
+        for key in ("value_val_mse", "value_val_mse_of_mean"):
+            if self.alol.stats.get(key) is not None:
+                self._alol_constants[f"alol/{key}"] = self.alol.stats[key]
 
     # -- overrides ------------------------------------------------------------------------------
 
@@ -335,7 +457,49 @@ class ALoLTrainer(SFTTrainer):
         super()._set_signature_columns_if_needed()
         self._signature_columns = list(dict.fromkeys([*self._signature_columns, *COLUMNS]))
 
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        """TRL's preparation with A-LoL's length rule applied *before* TRL's ``max_length`` truncation.
+
+        Text prompts are put into the policy's layout (``prompt_preamble`` / ``prompt_replace``;
+        the raw prompt stays in the ``prompt`` column for the rewards). TRL tokenises (appending EOS
+        to the response) with ``max_length`` switched off; then :func:`limit_lengths` keeps the last
+        ``max_prompt_length`` prompt tokens (a leading BOS kept) and the first
+        ``max_completion_length`` response tokens (EOS counted: a cut response has no EOS); TRL's own
+        truncation then runs on the limited rows (a safety net: ``max_length`` >= both limits drops nothing).
+        """
+        from datasets import Dataset
+
+        from .alol_precompute import limit_lengths
+
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        columns = dataset.column_names if isinstance(dataset, Dataset) else None
+        if columns is None or "input_ids" in columns:  # pre-tokenised rows: the limits first if they carry labels
+            if columns is not None and "labels" in columns:
+                dataset = limit_lengths(dataset, args.max_prompt_length, args.max_completion_length, tokenizer.bos_token_id)
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        formatted = "prompt" in columns and (args.prompt_preamble is not None or bool(args.prompt_replace))
+        if formatted:
+            if not isinstance(dataset[0]["prompt"], str):
+                raise ValueError("prompt_preamble / prompt_replace format text prompts; these prompts are chat messages")
+            dataset = dataset.map(_layout_row, fn_kwargs={"preamble": args.prompt_preamble,
+                                                          "replace": dict(args.prompt_replace or {})},
+                                  desc="A-LoL prompt layout")
+        saved = args.max_length, args.shuffle_dataset
+        args.max_length, args.shuffle_dataset = None, False
+        try:
+            dataset = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        finally:
+            args.max_length, args.shuffle_dataset = saved
+        dataset = limit_lengths(dataset, args.max_prompt_length, args.max_completion_length, tokenizer.bos_token_id)
+        if formatted:
+            dataset = dataset.remove_columns("prompt").rename_column("alol_raw_prompt", "prompt")
+        return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+
     def _get_train_sampler(self, train_dataset=None):
+        if hasattr(self, "alol") and not self.uses_advantage and self.args.baseline_priority_sampling \
+                and self.args.variant in ("wbc", "r_gold", "r_lol"):  # the reference's reward-priority sampling
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return AdvantageSampler(self.alol.reward, num_samples=int((self.alol.reward > 0).sum()), seed=seed)
         if not hasattr(self, "alol") or not self.uses_advantage:  # baselines: TRL's own (random) sampler
             return super()._get_train_sampler(train_dataset)
         weights = self.alol.advantage.clone()

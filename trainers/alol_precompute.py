@@ -4,14 +4,16 @@ Runs inside :class:`trainers.alol.ALoLTrainer`'s ``__init__``, after TRL tokenis
 pairs and before any optimiser step, so the policy *is* the frozen reference here (eval mode, no
 grad: no dropout, LoRA adapters exactly as loaded). Steps:
 
-1. optional length limits: the last ``max_prompt_length`` prompt tokens, the first
-   ``max_completion_length`` response tokens (+ EOS when the response had one);
+1. (already done by the trainer's dataset preparation, :func:`limit_lengths`: the last
+   ``max_prompt_length`` prompt tokens, the first ``max_completion_length`` response tokens, EOS
+   counted, before TRL's ``max_length`` truncation);
 2. ``R``: a precomputed column, or the weighted sum of reward callables on (prompt, decoded
    response) in batches;
-3. value head (:class:`trainers.alol.ValueHead`): the reference answers the value prompts greedily,
-   the answers are scored with the same rewards, the head is fit by MSE on the reference's prompt
-   hidden states (``value_val_fraction`` held out; its MSE is reported, with the MSE of predicting
-   the mean as a baseline);
+3. value head (:class:`trainers.alol.ValueHead`): the reference answers the value prompts greedily
+   (``stop_strings``, then ``response_cut``: :func:`greedy_responses`), the answers are scored with
+   the same rewards, the head is fit by MSE on the reference's prompt hidden states
+   (``value_val_fraction`` held out, or ``value_cv_folds``-fold cross-validation; the MSE is
+   reported with the MSE of predicting the mean as a baseline);
 4. one reference pass over the training rows: per-token log-probs of the response
    (:func:`trainers.signals.token_signals`, chunked) and ``V(x)`` from the same forward's prompt
    hidden states;
@@ -87,8 +89,11 @@ def prompt_length(labels: list[int]) -> int:
     return len(labels)
 
 
-def limit_lengths(dataset: Dataset, max_prompt: int | None, max_completion: int | None, eos_id: int | None) -> Dataset:
-    """Keep the last ``max_prompt`` prompt tokens and the first ``max_completion`` response tokens."""
+def limit_lengths(dataset: Dataset, max_prompt: int | None, max_completion: int | None, bos_id: int | None = None
+                  ) -> Dataset:
+    """Keep the last ``max_prompt`` prompt tokens (a leading ``bos_id`` stays first and counts) and the
+    first ``max_completion`` response tokens, its EOS counted, so a cut response ends without EOS (the
+    reference tokenises ``response + EOS`` and truncates it to 128 tokens)."""
     if max_prompt is None and max_completion is None:
         return dataset
 
@@ -97,11 +102,10 @@ def limit_lengths(dataset: Dataset, max_prompt: int | None, max_completion: int 
         p = prompt_length(labels)
         prompt, completion = ids[:p], ids[p:]
         if max_prompt is not None and len(prompt) > max_prompt:
-            prompt = prompt[len(prompt) - max_prompt :]
+            bos = [prompt[0]] if bos_id is not None and prompt[0] == bos_id and max_prompt > 1 else []
+            prompt = bos + prompt[len(prompt) - (max_prompt - len(bos)) :]
         if max_completion is not None:
-            ends = eos_id is not None and completion and completion[-1] == eos_id
-            body = completion[:-1] if ends else completion
-            completion = body[:max_completion] + ([eos_id] if ends else [])
+            completion = completion[:max_completion]
         return {"input_ids": prompt + completion, "labels": [-100] * len(prompt) + completion}
 
     return dataset.map(cut, desc="A-LoL length limits")
@@ -123,6 +127,9 @@ def _key(trainer, rewards_id: str, has_value: bool, value_fp: str, extra: str) -
     options = {k: getattr(a, k) for k in ("reward_column", "max_prompt_length", "max_completion_length", "value_epochs",
                                            "value_learning_rate", "value_batch_size", "value_val_fraction",
                                            "value_max_new_tokens", "max_reward", "min_reward", "seed")}
+    options.update({k: getattr(a, k) for k in ("value_head", "value_num_heads", "value_dropout", "value_select",
+                                               "value_cv_folds", "prompt_preamble", "prompt_replace", "stop_strings",
+                                               "response_cut")})
     blob = json.dumps([CACHE_VERSION, trainer.train_dataset._fingerprint, len(trainer.train_dataset),
                        model_fingerprint(trainer.model), rewards_id, has_value, value_fp, options, extra,
                        len(trainer.processing_class)], sort_keys=True, default=str)
@@ -195,66 +202,185 @@ class _Clock:
 
 
 @torch.no_grad()
-def _greedy(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int) -> list[list[int]]:
+def _greedy(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int,
+            stop_strings: list[str] | None = None, desc: str = "A-LoL value: greedy answers") -> list[list[int]]:
+    """Greedy continuations (left-padded batches), each cut after its first EOS (kept) or, with
+    ``stop_strings``, where generation stopped on one (transformers' ``StopStringCriteria``)."""
     out = []
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    for i in tqdm(range(0, len(prompt_ids), batch_size), desc="A-LoL value: greedy answers", leave=False):
+    stop = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
+    for i in tqdm(range(0, len(prompt_ids), batch_size), desc=desc, leave=False):
         chunk = prompt_ids[i : i + batch_size]
         width = max(len(p) for p in chunk)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=model.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=eos)
+                             pad_token_id=pad, eos_token_id=eos, **stop)
         for row in gen[:, width:].tolist():
-            out.append(row[: row.index(eos) + 1] if eos in row else row)
+            row = row[: row.index(eos) + 1] if eos in row else row
+            if stop and pad != eos and pad in row:  # a row stopped by a stop string is padded after it
+                row = row[: row.index(pad)]
+            out.append(row)
     return out
 
 
+def policy_prompt_ids(tokenizer, prompts: list, args) -> list[list[int]]:
+    """Prompt token ids as the policy sees them in training: the A-LoL layout (``prompt_preamble``,
+    ``prompt_replace``), tokenised as TRL tokenises a prompt (a text prompt through the tokenizer
+    with its special tokens, a chat prompt through its template with the generation prompt), the
+    last ``max_prompt_length`` tokens kept (a leading BOS stays). Runs no collective."""
+    from .alol import format_prompt
+
+    out = []
+    limit, bos = args.max_prompt_length, tokenizer.bos_token_id
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            ids = tokenizer(text=format_prompt(prompt, args.prompt_preamble, args.prompt_replace))["input_ids"]
+        else:
+            ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+        if limit is not None and len(ids) > limit:
+            head = [ids[0]] if bos is not None and ids[0] == bos and limit > 1 else []
+            ids = head + ids[len(ids) - (limit - len(head)) :]
+        out.append(list(ids))
+    return out
+
+
+def greedy_responses(model, tokenizer, prompt_ids: list[list[int]], args, max_new_tokens: int, batch_size: int,
+                     desc: str = "A-LoL greedy") -> tuple[list[str], list[list[int]]]:
+    """The reference policy's answers as A-LoL scores them: greedy, stopped at EOS or a ``stop_strings``
+    entry, decoded without special tokens and finished by :func:`trainers.alol.finish_response`
+    (``response_cut``). Returns the texts and their token ids (re-tokenised after finishing when the
+    rule changed the text)."""
+    from .alol import finish_response
+
+    was_training = model.training
+    model.eval()
+    try:
+        rows = _greedy(model, tokenizer, prompt_ids, max_new_tokens, batch_size, args.stop_strings, desc)
+    finally:
+        model.train(was_training)
+    cut, stops = list(args.response_cut or ()), list(args.stop_strings or ())
+    texts, ids = [], []
+    for row in rows:
+        raw = _completion_text(tokenizer, row)
+        text = finish_response(raw, cut, stops)
+        texts.append(text)
+        ids.append(row if text == raw else tokenizer(text, add_special_tokens=False)["input_ids"])
+    return texts, ids
+
+
+def _padded(hidden: list[torch.Tensor], targets: torch.Tensor, indices: list[int], device):
+    states = [hidden[i] for i in indices]
+    width = max(s.shape[0] for s in states)
+    h = torch.zeros(len(states), width, states[0].shape[-1], dtype=torch.float32)
+    m = torch.zeros(len(states), width, dtype=torch.bool)
+    for j, s in enumerate(states):
+        h[j, : s.shape[0]], m[j, : s.shape[0]] = s.float(), True
+    return h.to(device), m.to(device), targets[indices].to(device)
+
+
+@torch.no_grad()
+def _predict(head, hidden, targets, indices: list[int], batch_size: int, device) -> torch.Tensor:
+    """Eval-mode squared errors of ``head`` on ``indices``."""
+    head.eval()
+    errs = [torch.zeros(0, device=device)]
+    for i in range(0, len(indices), batch_size):
+        h, m, y = _padded(hidden, targets, indices[i : i + batch_size], device)
+        errs.append((head(h, m) - y) ** 2)
+    return torch.cat(errs).cpu()
+
+
+def _train_head(head, hidden, targets, fit: list[int], val: list[int], *, epochs: int, lr: float, batch_size: int,
+                generator: torch.Generator, device, select: str) -> tuple[int, list[float]]:
+    """AdamW on the MSE, ``epochs`` passes over ``fit`` in shuffled batches. ``select="best"`` keeps
+    the epoch with the lowest held-out MSE on ``val`` or, when ``val`` is empty, the lowest mean
+    training-batch loss of the epoch (the reference's rule); ``"last"`` the last. Returns the epoch
+    kept (1-based) and each epoch's selection criterion (empty with ``"last"``)."""
+    head.to(device)
+    optim = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    best, best_epoch, best_state, criteria = math.inf, epochs, None, []
+    for epoch in tqdm(range(1, epochs + 1), desc="A-LoL value head", leave=False):
+        head.train()
+        perm = torch.randperm(len(fit), generator=generator).tolist()
+        losses = []
+        for i in range(0, len(fit), batch_size):
+            h, m, y = _padded(hidden, targets, [fit[j] for j in perm[i : i + batch_size]], device)
+            loss = torch.nn.functional.mse_loss(head(h, m), y)
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+            losses.append(float(loss.detach()))
+        if select == "best":
+            criterion = float(_predict(head, hidden, targets, val, batch_size, device).mean()) if val else \
+                sum(losses) / len(losses)
+            criteria.append(criterion)
+            if criterion < best:
+                best, best_epoch = criterion, epoch
+                best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+    if best_state is not None:
+        head.load_state_dict(best_state)
+    head.eval()
+    return best_epoch, criteria
+
+
 def fit_value_head(head, hidden: list[torch.Tensor], targets: torch.Tensor, *, epochs: int, lr: float, batch_size: int,
-                   val_fraction: float, seed: int, device) -> dict:
-    """MSE fit of ``head`` on per-prompt hidden states; returns validation MSE (eval mode) and baselines."""
+                   val_fraction: float, seed: int, device, select: str = "last") -> dict:
+    """MSE fit of ``head`` on per-prompt hidden states (``val_fraction`` held out; 0: every prompt is
+    fit); returns the held-out MSE (eval mode) next to the MSE of predicting the fit set's mean."""
     n = len(hidden)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=generator).tolist()
     n_val = int(round(n * val_fraction)) if n > 1 else 0
     val, fit = order[:n_val], order[n_val:] or order
-    head.to(device)
-    optim = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
-
-    def batch(indices):
-        states = [hidden[i] for i in indices]
-        width = max(s.shape[0] for s in states)
-        h = torch.zeros(len(states), width, states[0].shape[-1], dtype=torch.float32)
-        m = torch.zeros(len(states), width, dtype=torch.bool)
-        for j, s in enumerate(states):
-            h[j, : s.shape[0]], m[j, : s.shape[0]] = s.float(), True
-        return h.to(device), m.to(device), targets[indices].to(device)
-
-    for _ in tqdm(range(epochs), desc="A-LoL value head", leave=False):
-        head.train()
-        perm = torch.randperm(len(fit), generator=generator).tolist()
-        for i in range(0, len(fit), batch_size):
-            h, m, y = batch([fit[j] for j in perm[i : i + batch_size]])
-            loss = torch.nn.functional.mse_loss(head(h, m), y)
-            optim.zero_grad()
-            loss.backward()
-            optim.step()
-    head.eval()
-
-    @torch.no_grad()
-    def mse(indices):
-        if not indices:
-            return None
-        errs = []
-        for i in range(0, len(indices), batch_size):
-            h, m, y = batch(indices[i : i + batch_size])
-            errs.append((head(h, m) - y) ** 2)
-        return float(torch.cat(errs).mean())
-
+    epoch, criteria = _train_head(head, hidden, targets, fit, val, epochs=epochs, lr=lr, batch_size=batch_size,
+                        generator=generator, device=device, select=select)
     fit_mean = float(targets[fit].mean())
-    return {"value_val_mse": mse(val), "value_fit_mse": mse(fit), "value_rows": n, "value_val_rows": len(val),
+    return {"value_val_mse": float(_predict(head, hidden, targets, val, batch_size, device).mean()) if val else None,
+            "value_fit_mse": float(_predict(head, hidden, targets, fit, batch_size, device).mean()),
+            "value_rows": n, "value_val_rows": len(val),
             "value_val_mse_of_mean": float(((targets[val] - fit_mean) ** 2).mean()) if val else None,
+            "value_val_method": "held_out" if val else None, "value_epoch": epoch, "value_epoch_criteria": criteria,
             "value_target_mean": float(targets.mean())}
+
+
+def cross_validate_value_head(make_head, hidden: list[torch.Tensor], targets: torch.Tensor, *, folds: int,
+                              epochs: int, lr: float, batch_size: int, seed: int, device, select: str = "last") -> dict:
+    """``folds``-fold cross-validated MSE of the value-head recipe that fits every prompt (epoch kept
+    by the training loss, as with nothing held out), next to the MSE of predicting each fold's
+    training mean: how well such a head generalises, measured without taking prompts from it."""
+    n = len(hidden)
+    folds = min(folds, n)
+    generator = torch.Generator().manual_seed(seed + 1)
+    order = torch.randperm(n, generator=generator).tolist()
+    errors, of_mean = [], []
+    for k in range(folds):
+        val = order[k::folds]
+        held = set(val)
+        fit = [i for i in order if i not in held]
+        torch.manual_seed(seed + 1 + k)
+        head = make_head()
+        _train_head(head, hidden, targets, fit, [], epochs=epochs, lr=lr, batch_size=batch_size, generator=generator,
+                    device=device, select=select)
+        errors.append(_predict(head, hidden, targets, val, batch_size, device))
+        of_mean.append((targets[val] - targets[fit].mean()) ** 2)
+    return {"value_val_mse": float(torch.cat(errors).mean()), "value_val_mse_of_mean": float(torch.cat(of_mean).mean()),
+            "value_val_rows": n, "value_val_method": f"{folds}-fold cross-validation"}
+
+
+def _fit_head(args, hidden: list[torch.Tensor], targets: torch.Tensor, device):
+    """The value head, fit on the value prompts (main process); the global RNG is left as it was."""
+    from .alol import ValueHead
+
+    options = dict(epochs=args.value_epochs, lr=args.value_learning_rate, batch_size=args.value_batch_size,
+                   seed=args.seed, device=device, select=args.value_select)
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        torch.manual_seed(args.seed)
+        head = ValueHead.from_args(args, hidden[0].shape[-1])
+        stats = fit_value_head(head, hidden, targets, val_fraction=args.value_val_fraction, **options)
+        if args.value_cv_folds and not args.value_val_fraction and len(hidden) > 1:
+            stats.update(cross_validate_value_head(lambda: ValueHead.from_args(args, hidden[0].shape[-1]), hidden,
+                                                   targets, folds=args.value_cv_folds, **options))
+    return head, stats
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,19 +400,6 @@ def _value_prompts(trainer, value_dataset: Dataset) -> tuple[list[list[int]], Da
     return [p[len(p) - limit :] if limit and len(p) > limit else p for p in prompts], prepared
 
 
-def _fit_head(args, hidden: list[torch.Tensor], targets: torch.Tensor, device):
-    """The value head, fit on every value prompt (main process); the global RNG is left as it was."""
-    from .alol import ValueHead
-
-    with torch.random.fork_rng(devices=[]), torch.enable_grad():
-        torch.manual_seed(args.seed)
-        head = ValueHead(hidden[0].shape[-1], max_reward=args.max_reward, min_reward=args.min_reward)
-        stats = fit_value_head(head, hidden, targets, epochs=args.value_epochs, lr=args.value_learning_rate,
-                               batch_size=args.value_batch_size, val_fraction=args.value_val_fraction,
-                               seed=args.seed, device=device)
-    return head, stats
-
-
 def _value_head(trainer, model, causal, reward_funcs, reward_weights, value_dataset, ranks: Ranks, clock):
     """Each rank answers, scores and encodes its share of the value prompts; the main process fits
     the head on all of them and every rank receives it. Returns ``(head, stats)``."""
@@ -297,10 +410,11 @@ def _value_head(trainer, model, causal, reward_funcs, reward_weights, value_data
     prompt_ids, prepared = value_dataset
     mine = ranks.shard(sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i])))
     prompts = [prompt_ids[i] for i in mine]
-    answers = _greedy(model, tokenizer, prompts, args.value_max_new_tokens, args.precompute_batch_size)
+    answers, _ = greedy_responses(model, tokenizer, prompts, args, args.value_max_new_tokens,
+                                  args.precompute_batch_size, desc="A-LoL value: greedy answers")
     columns = {k: [v[i] for i in mine] for k, v in _extra_columns(prepared).items()}
-    targets = score(reward_funcs, reward_weights, [prepared["prompt"][i] for i in mine],
-                    [_completion_text(tokenizer, a) for a in answers], columns, args.reward_batch_size)
+    targets = score(reward_funcs, reward_weights, [prepared["prompt"][i] for i in mine], answers, columns,
+                    args.reward_batch_size)
     hidden = []
     for i in range(0, len(prompts), args.precompute_batch_size):
         ids, mask = _pad_right(prompts[i : i + args.precompute_batch_size], tokenizer.pad_token_id)
@@ -318,7 +432,7 @@ def _value_head(trainer, model, causal, reward_funcs, reward_weights, value_data
     from .alol import ValueHead
 
     with torch.random.fork_rng(devices=[]):  # the initial values are overwritten: leave the RNG alone
-        head = ValueHead(state["query"].shape[0], max_reward=args.max_reward, min_reward=args.min_reward)
+        head = ValueHead.from_args(args, state["query"].shape[0])
     head.load_state_dict(state)
     return head.to(device).eval(), stats
 
@@ -439,8 +553,6 @@ def precompute(trainer, reward_funcs, reward_weights, value_dataset, extra: str 
         reward_weights = [1.0] * len(reward_funcs) if reward_weights is None else list(reward_weights)
         if len(reward_weights) != len(reward_funcs):
             raise ValueError(f"{len(reward_funcs)} reward functions but {len(reward_weights)} weights")
-    trainer.train_dataset = limit_lengths(trainer.train_dataset, args.max_prompt_length, args.max_completion_length,
-                                          trainer.processing_class.eos_token_id)
     dataset = trainer.train_dataset
     rewards_id = repr([(repr(f), w) for f, w in zip(reward_funcs or [], reward_weights or [])])
     value_fp = "" if value_dataset is None else f"{value_dataset._fingerprint}:{len(value_dataset)}"
