@@ -37,7 +37,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 from rewards import LENS_SIGNALS, SIGNALS, InternalReward, default_layers
 
 from .lens import LogitLens, lens_modules, locate_answers
-from .signals import pack_prompt_completion, token_signals
+from .signals import in_vocab_targets, pack_prompt_completion, skip_outside_vocab, token_signals
 
 logger = logging.getLogger("intrinsic")
 
@@ -118,7 +118,8 @@ class RLIFTrainer(GRPOTrainer):
         with maybe_gather_lm_head_ctx(head.weight, head.bias):
             weight = head.weight
             vocab = vocab if vocab < weight.shape[0] else None  # Qwen pads its head past the tokenizer
-            part = token_signals(hidden, weight, input_ids[:, -c:], bias=head.bias, temperature=self.temperature,
+            targets = in_vocab_targets(input_ids[:, -c:], vocab)  # padding-row ids: skipped in _calculate_rewards
+            part = token_signals(hidden, weight, targets, bias=head.bias, temperature=self.temperature,
                                  signals=self.signal_names, chunk_size=self.args.signal_chunk_size, vocab_size=vocab)
         self._signal_parts.append(part)
 
@@ -182,6 +183,9 @@ class RLIFTrainer(GRPOTrainer):
             for signals, extra in zip(per_completion, lens):
                 signals.update(extra)
             self._log_gathered("signals/ic_answer_found", sum(self._lens_found) / max(len(self._lens_found), 1))
+        # padding rows of the head: signals are defined over the tokenizer's tokens only (METHODS.md, section 6)
+        self._log_gathered("signals/outside_vocab",
+                           float(skip_outside_vocab(per_completion, completion_ids_list, len(self._tokenizer))))
         for example, signals in zip(inputs, per_completion):
             example["token_signals"] = signals  # TRL passes every extra key to rewards as a list kwarg
         try:
