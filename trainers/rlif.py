@@ -27,7 +27,7 @@ structure is known (in :meth:`_calculate_rewards`).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from trl import GRPOConfig, GRPOTrainer
@@ -61,8 +61,34 @@ class RLIFConfig(GRPOConfig):
     )
 
 
+RLIF_DEFAULTS = {f.name: f.default for f in fields(RLIFConfig) if f.name not in {g.name for g in fields(GRPOConfig)}}
+"""The options :class:`RLIFConfig` adds to ``GRPOConfig``, with their defaults."""
+
+
 class RLIFTrainer(GRPOTrainer):
-    """``GRPOTrainer`` that feeds internal rewards the current policy's per-token signals."""
+    """``GRPOTrainer`` that feeds internal rewards the current policy's per-token signals.
+
+    ``args`` may be an :class:`RLIFConfig`, a plain ``GRPOConfig`` or ``None`` (TRL builds a
+    ``GRPOConfig``): the RLIF options missing from it take their :class:`RLIFConfig` defaults.
+    """
+
+    # per-batch state: class-level defaults, so every override works before (or without) ``__init__``'s body
+    signal_names: tuple[str, ...] = ()
+    lens_modes: tuple[str, ...] = ()
+    _signals: dict[str, torch.Tensor] | None = None
+    _signal_parts: list[dict[str, torch.Tensor]] | None = None
+    _prompt_ids_list: list | None = None
+    _completion_length: int | None = None
+    _lens: LogitLens | None = None
+    _lens_states = None
+    _lens_indices: list | None = None
+    _lens_found: list | None = None
+    _lens_answer_ids: list | None = None
+    _pass_done = False
+
+    def _option(self, name: str):
+        """An RLIF option from ``args``, or its :class:`RLIFConfig` default when ``args`` lacks it (a ``GRPOConfig``)."""
+        return getattr(self.args, name, RLIF_DEFAULTS[name])
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -72,7 +98,7 @@ class RLIFTrainer(GRPOTrainer):
         if unknown:
             raise ValueError(f"unknown internal signals {sorted(unknown)}; available: {list(SIGNALS + LENS_SIGNALS)}")
         # all three come out of the same chunked projection, and every step logs them
-        self.signal_names = SIGNALS if needed & set(SIGNALS) or getattr(self.args, "log_signals", False) else ()
+        self.signal_names = SIGNALS if needed & set(SIGNALS) or self._option("log_signals") else ()
         self.lens_modes = tuple(m[3:] for m in LENS_SIGNALS if m in needed)
         self._signals: dict[str, torch.Tensor] | None = None
         self._signal_parts: list[dict[str, torch.Tensor]] | None = None
@@ -120,7 +146,7 @@ class RLIFTrainer(GRPOTrainer):
             vocab = vocab if vocab < weight.shape[0] else None  # Qwen pads its head past the tokenizer
             targets = in_vocab_targets(input_ids[:, -c:], vocab)  # padding-row ids: skipped in _calculate_rewards
             part = token_signals(hidden, weight, targets, bias=head.bias, temperature=self.temperature,
-                                 signals=self.signal_names, chunk_size=self.args.signal_chunk_size, vocab_size=vocab)
+                                 signals=self.signal_names, chunk_size=self._option("signal_chunk_size"), vocab_size=vocab)
         self._signal_parts.append(part)
 
     # -- overrides (each calls super) -----------------------------------------------------------
@@ -130,7 +156,7 @@ class RLIFTrainer(GRPOTrainer):
         self._prompt_ids_list, self._signals, self._lens_states = out[0], None, None  # a new batch: no signals yet
         if self._lens is not None:  # where each completion's answer is: known before any pass runs
             self._lens_indices, self._lens_found, self._lens_answer_ids = locate_answers(
-                self._tokenizer, out[1], self.args.ic_fallback_last_k)
+                self._tokenizer, out[1], self._option("ic_fallback_last_k"))
         return out
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
@@ -178,7 +204,7 @@ class RLIFTrainer(GRPOTrainer):
             self._log_signals(per_completion)
         if self._lens is not None:
             lens = self._lens.signals(*self._lens_states, self._lens_answer_ids, self._lens_found, self.lens_modes,
-                                      prompts=prompts, quantile=self.args.ic_quantile)
+                                      prompts=prompts, quantile=self._option("ic_quantile"))
             self._lens_states = None  # (K, N, H) rows: freed once read
             for signals, extra in zip(per_completion, lens):
                 signals.update(extra)
