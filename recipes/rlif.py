@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from rewards import MathAccuracy, build_reward
 from trainers import RLIFConfig, RLIFTrainer
+from trainers.rlif import group_layout_problem
 
 from .cli import main
 from .config import ConfigError, RecipeConfig, RewardSpec
@@ -53,6 +54,9 @@ def run(cfg: RLIFRecipeConfig) -> dict:
     train = train.remove_columns([c for c in ("completion",) if c in train.column_names])
     test = held_out(cfg)
     funcs, args.reward_weights = build_rewards(cfg, train.column_names)
+    problem = group_layout_problem(args, funcs)
+    if problem is not None:  # a vote over part of a group: refused before the model loads
+        raise ConfigError(cfg.source, f"trainer.{problem[0]}", problem[1])
     args.model_init_kwargs = {**model_init_kwargs(cfg.model), **(args.model_init_kwargs or {})}
     tokenizer = load_tokenizer(cfg.model)
     trainer = RLIFTrainer(model=resolve_model_path(cfg.model.name_or_path), reward_funcs=funcs, args=args,

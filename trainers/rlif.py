@@ -26,7 +26,9 @@ structure is known (in :meth:`_calculate_rewards`).
 
 from __future__ import annotations
 
+import inspect
 import logging
+import math
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -61,6 +63,55 @@ class RLIFConfig(GRPOConfig):
     )
 
 
+def whole_group_rewards(reward_funcs) -> list[str]:
+    """Names of the rewards that must see every completion of a prompt in one call: those declaring
+    ``needs_whole_group`` (votes: ``majority_vote``, ``consistency_vote``) and internal consistency in
+    ``candidates`` mode (its candidate tokens are the group's answers)."""
+    funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    return [getattr(f, "__name__", type(f).__name__) for f in funcs
+            if getattr(f, "needs_whole_group", False) or "ic_candidates" in (getattr(f, "signals", None) or ())]
+
+
+def groups_split(rows_per_process: int, num_generations: int, world_size: int) -> bool:
+    """Whether TRL's layout can put the completions of one prompt on two processes.
+
+    TRL 1.16 (``RepeatSampler`` + accelerate's batch sharding) hands each of the ``world_size``
+    processes ``rows_per_process`` consecutive rows of the generation batch (training:
+    ``per_device_train_batch_size * steps_per_generation``; evaluation: ``per_device_eval_batch_size``),
+    in which the ``G = num_generations`` completions of a prompt are consecutive; so every group
+    stays on one process iff ``world_size == 1`` or ``rows_per_process % G == 0``.
+
+    >>> groups_split(6, 4, 2), groups_split(8, 4, 2), groups_split(6, 4, 1)
+    (True, False, False)
+    """
+    return world_size > 1 and rows_per_process % num_generations != 0
+
+
+def group_layout_problem(args: GRPOConfig, reward_funcs, world_size: int | None = None) -> tuple[str, str] | None:
+    """``(option, problem)`` when a reward that needs whole groups is configured and ``args`` lets TRL
+    split a group over processes (:func:`groups_split`), else ``None``. ``world_size``: ``args.world_size``
+    unless given (tests simulate a launch with it)."""
+    names = whole_group_rewards(reward_funcs)
+    if not names:
+        return None
+    world = args.world_size if world_size is None else world_size
+    layouts = [("per_device_train_batch_size", args.per_device_train_batch_size, args.steps_per_generation,
+                args.num_generations)]
+    if args.do_eval and args.eval_strategy != "no":
+        layouts.append(("per_device_eval_batch_size", args.per_device_eval_batch_size, 1,
+                        args.num_generations_eval or args.num_generations))
+    for option, batch, steps, group in layouts:
+        if groups_split(batch * steps, group, world):
+            step = group // math.gcd(group, steps)
+            fix = -(-batch // step) * step
+            rows = f"{option} x steps_per_generation = {batch} x {steps}" if option.endswith("train_batch_size") \
+                else f"{option} = {batch}"
+            return option, (f"{', '.join(names)} compare(s) the {group} completions of a prompt, but each of the "
+                            f"{world} processes holds {rows} rows, not a multiple of {group}, so a group would be "
+                            f"split across processes; set {option}={fix}")
+    return None
+
+
 RLIF_DEFAULTS = {f.name: f.default for f in fields(RLIFConfig) if f.name not in {g.name for g in fields(GRPOConfig)}}
 """The options :class:`RLIFConfig` adds to ``GRPOConfig``, with their defaults."""
 
@@ -91,7 +142,11 @@ class RLIFTrainer(GRPOTrainer):
         return getattr(self.args, name, RLIF_DEFAULTS[name])
 
     def __init__(self, *args, **kwargs):
+        given = inspect.signature(GRPOTrainer.__init__).bind(self, *args, **kwargs).arguments
+        if given.get("args") is not None and given.get("reward_funcs") is not None:
+            self._refuse_split_groups(given["args"], given["reward_funcs"])  # before the model loads
         super().__init__(*args, **kwargs)
+        self._refuse_split_groups(self.args, self.reward_funcs)
         internal = [f for f in self.reward_funcs if isinstance(f, InternalReward)]
         needed = {s for f in internal for s in f.signals} - {"ic_layers", "ic_answer_found"}
         unknown = needed - set(SIGNALS) - set(LENS_SIGNALS)
@@ -123,6 +178,12 @@ class RLIFTrainer(GRPOTrainer):
         self._pass_done = False
 
     # -- plumbing -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _refuse_split_groups(args, reward_funcs) -> None:
+        problem = group_layout_problem(args, reward_funcs)
+        if problem is not None:
+            raise ValueError(f"{problem[0]}: {problem[1]}")
 
     def _policy_adapters_active(self) -> bool:
         """False inside TRL's reference pass on a PEFT model (adapters disabled or the "ref" adapter)."""
