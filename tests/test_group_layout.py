@@ -72,7 +72,8 @@ def two_processes(monkeypatch):
 
 def test_trainer_refuses_before_the_model_loads(two_processes, tmp_path):
     args = RLIFConfig(per_device_train_batch_size=6, num_generations=4, **SMALL)
-    with pytest.raises(ValueError, match=r"^per_device_train_batch_size: majority_vote .* set per_device_train_batch_size=8$"):
+    expected = r"^per_device_train_batch_size: majority_vote .* set per_device_train_batch_size=8$"
+    with pytest.raises(ValueError, match=expected):
         RLIFTrainer(model=str(tmp_path / "no-such-model"), reward_funcs=[MajorityVote()], args=args)
 
 
@@ -98,7 +99,8 @@ def test_two_process_launch_refuses_a_split_layout_and_votes_over_whole_groups(t
     config.write_text(f"""base: [{ROOT / 'configs/rlif/tiny_arithmetic_ttrl.yaml'}]
 rewards:
   - {{name: majority_vote, weight: 1.0}}
-  - {{name: tests.signal_probe.RecordSignals, weight: 0.0, kwargs: {{directory: {tmp_path / 'probe'}, signals: [entropy]}}}}
+  - {{name: tests.signal_probe.RecordSignals, weight: 0.0,
+      kwargs: {{directory: {tmp_path / 'probe'}, signals: [entropy]}}}}
 """)
     common = ["--config", str(config), f"model.name_or_path={tiny_model_dir}", "trainer.max_steps=1",
               "trainer.num_generations=4", "data.eval_split=null"]

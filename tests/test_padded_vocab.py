@@ -20,6 +20,7 @@ from rewards import InternalConsistency, NegativeEntropy, SelfCertainty
 from trainers import RLIFConfig, RLIFTrainer
 from trainers.lens import answer_token_indices
 from trainers.signals import outside_vocab, token_signal_dicts
+from trainers.verify import Verifier
 
 EXTRA_ROWS = 8
 PROMPTS = ["12+34=", "7+5=", "99+1=", "3+4="]
@@ -128,6 +129,11 @@ def test_token_signal_dicts_and_evaluator_skip_completions_outside_the_tokenizer
                                lens_layers=[1, 2])
     assert [all_nan(d) for d in dicts] == flagged
     assert all(torch.isfinite(d["self_certainty"]).all() for d, bad in zip(dicts, flagged) if not bad)
+    # the self-improvement verifier reads these dicts: a skipped completion has no score, so it is never kept
+    texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
+    scores = Verifier([SelfCertainty(), InternalConsistency("soft", layers=[1, 2])], [1.0, 1.0]).score(
+        prompts, texts, token_signals=dicts)
+    assert [s is None for s in scores] == flagged
 
     # the evaluator end to end: the model samples its padding rows and the report is still written
     data = Dataset.from_dict({"prompt": PROMPTS * 2, "answer": ["46", "12", "100", "7"] * 2})

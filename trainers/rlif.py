@@ -138,11 +138,14 @@ class RLIFTrainer(GRPOTrainer):
     _pass_done = False
 
     def _option(self, name: str):
-        """An RLIF option from ``args``, or its :class:`RLIFConfig` default when ``args`` lacks it (a ``GRPOConfig``)."""
+        """An RLIF option from ``args``, or its :class:`RLIFConfig` default (``args`` a plain ``GRPOConfig``)."""
         return getattr(self.args, name, RLIF_DEFAULTS[name])
 
     def __init__(self, *args, **kwargs):
-        given = inspect.signature(GRPOTrainer.__init__).bind(self, *args, **kwargs).arguments
+        try:
+            given = inspect.signature(GRPOTrainer.__init__).bind(self, *args, **kwargs).arguments
+        except TypeError:  # a call TRL will refuse with its own message
+            given = {}
         if given.get("args") is not None and given.get("reward_funcs") is not None:
             self._refuse_split_groups(given["args"], given["reward_funcs"])  # before the model loads
         super().__init__(*args, **kwargs)
@@ -207,7 +210,8 @@ class RLIFTrainer(GRPOTrainer):
             vocab = vocab if vocab < weight.shape[0] else None  # Qwen pads its head past the tokenizer
             targets = in_vocab_targets(input_ids[:, -c:], vocab)  # padding-row ids: skipped in _calculate_rewards
             part = token_signals(hidden, weight, targets, bias=head.bias, temperature=self.temperature,
-                                 signals=self.signal_names, chunk_size=self._option("signal_chunk_size"), vocab_size=vocab)
+                                 signals=self.signal_names, chunk_size=self._option("signal_chunk_size"),
+                                 vocab_size=vocab)
         self._signal_parts.append(part)
 
     # -- overrides (each calls super) -----------------------------------------------------------
