@@ -72,7 +72,8 @@ def internal_signals(model, tokenizer, prompts: list, completion_ids: list[list[
       answer tokens; consecutive identical prompts form the groups of the ``candidates`` mode, whose
       thresholds are estimated over the whole set (the paper's dataset-level calibration).
 
-    A completion without tokens (or answer positions) gets ``None``.
+    A completion without tokens (or answer positions) gets ``None``, and so does one holding an id
+    outside the tokenizer (a padding row of the LM head; its signals are skipped, METHODS.md section 6).
     """
     prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts(tokenizer, prompts)]
     names = ("self_certainty",) * certainty + ("entropy",) * entropy
@@ -84,9 +85,12 @@ def internal_signals(model, tokenizer, prompts: list, completion_ids: list[list[
     def mean(values: torch.Tensor, sign: float = 1.0) -> float | None:
         return sign * float(values.mean()) if values.numel() else None
 
-    return {"self_certainty": [mean(d["self_certainty"]) for d in dicts] if certainty else [],
-            "negative_entropy": [mean(d["entropy"], -1.0) for d in dicts] if entropy else [],
-            "internal_consistency": [consistency.reduce(d) for d in dicts] if consistency else []}
+    def finite(value: float | None) -> float | None:
+        return value if value is not None and math.isfinite(value) else None
+
+    return {"self_certainty": [finite(mean(d["self_certainty"])) for d in dicts] if certainty else [],
+            "negative_entropy": [finite(mean(d["entropy"], -1.0)) for d in dicts] if entropy else [],
+            "internal_consistency": [finite(consistency.reduce(d)) for d in dicts] if consistency else []}
 
 
 def mann_whitney_auc(positive: list[float], negative: list[float]) -> float:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from rewards import MathAccuracy, build_reward
 from trainers import RLIFConfig, RLIFTrainer
+from trainers.rlif import group_layout_problem
 
 from .cli import main
 from .config import ConfigError, DataConfig, RecipeConfig, RewardSpec
@@ -73,6 +74,9 @@ def run(cfg: RLIFRecipeConfig) -> dict:
     test = held_out(cfg) if cfg.eval_data is None else load_split(
         cfg.eval_data, cfg.eval_data.eval_split or cfg.eval_data.split, cfg.eval.max_rows, cfg.source)
     funcs, args.reward_weights = build_rewards(cfg, train.column_names)
+    problem = group_layout_problem(args, funcs)
+    if problem is not None:  # a vote over part of a group: refused before the model loads
+        raise ConfigError(cfg.source, f"trainer.{problem[0]}", problem[1])
     tokenizer = load_tokenizer(cfg.model)
     policy = policy_arguments(cfg)
     if isinstance(policy["model"], str):  # TRL loads it (and warns if it is given kwargs it would ignore)

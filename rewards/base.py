@@ -45,6 +45,9 @@ class Reward:
     """Base of every reward. Override :meth:`score` (one completion) or ``__call__`` (a batch)."""
 
     name: ClassVar[str] = ""
+    needs_whole_group: ClassVar[bool] = False
+    """True for rewards that compare a completion with the rest of its group (a vote): each call must
+    see every completion of a prompt, so the trainer refuses a layout that splits groups over processes."""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -109,6 +109,7 @@ class ConsistencyVote(InternalConsistency):
     """
 
     name = "consistency_vote"
+    needs_whole_group = True
 
     def __call__(self, prompts: list, completions: list, token_signals: list[dict] | None = None, **columns):
         weights = super().__call__(prompts, completions, token_signals=token_signals, **columns)

@@ -56,6 +56,7 @@ class MajorityVote(Reward):
     """
 
     name = "majority_vote"
+    needs_whole_group = True
 
     def __call__(self, prompts: list, completions: list, **columns) -> list[float]:
         answers = [extract_answer(completion_text(c)) for c in completions]

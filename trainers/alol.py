@@ -530,7 +530,9 @@ class ALoLTrainer(SFTTrainer):
             self._metrics[mode][f"alol/{key}"].append(value)
         for key, value in self._alol_constants.items():
             self._metrics[mode][key] = [value]
-        if mode == "train":
-            self._total_train_tokens += self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
-        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        if mode == "train" and self.args.include_num_input_tokens_seen == "no":  # else the Trainer counts them
+            # in the TrainerState (saved with each checkpoint), so the count continues after a resume
+            self.state.num_input_tokens_seen += self.accelerator.gather_for_metrics(
+                inputs["attention_mask"].sum()).sum().item()
+        self._metrics[mode]["num_tokens"] = [self.state.num_input_tokens_seen]
         return (loss, outputs) if return_outputs else loss

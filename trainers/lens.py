@@ -92,7 +92,8 @@ def answer_token_indices(tokenizer, completion_ids: Sequence[int], fallback_last
     its first emission is the first occurrence of that text standing on its own (not inside a
     longer number or word), at or before the extracted span. Every token overlapping those
     characters counts. When no answer parses, the last ``fallback_last_k`` tokens that decode to
-    text (``[]`` when ``None``).
+    text (``[]`` when ``None``). Ids outside the tokenizer (padding rows of the LM head; checked
+    when the tokenizer has a length) decode to nothing and are never answer positions.
 
     >>> class Chars:  # any tokenizer with ``batch_decode``; here one character per token
     ...     def batch_decode(self, ids, skip_special_tokens=True):
@@ -103,7 +104,10 @@ def answer_token_indices(tokenizer, completion_ids: Sequence[int], fallback_last
     ([5, 6], False)
     """
     ids = list(completion_ids)
-    pieces = tokenizer.batch_decode([[t] for t in ids], skip_special_tokens=True)
+    vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+    known = [t for t in ids if vocab is None or t < vocab]
+    decoded = iter(tokenizer.batch_decode([[t] for t in known], skip_special_tokens=True) if known else [])
+    pieces = [next(decoded) if vocab is None or t < vocab else "" for t in ids]
     text = "".join(pieces)
     answer = find_answer(text)
     if answer is None or not answer.text:

@@ -26,8 +26,10 @@ structure is known (in :meth:`_calculate_rewards`).
 
 from __future__ import annotations
 
+import inspect
 import logging
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 
 import torch
 from trl import GRPOConfig, GRPOTrainer
@@ -37,7 +39,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 from rewards import LENS_SIGNALS, SIGNALS, InternalReward, default_layers
 
 from .lens import LogitLens, lens_modules, locate_answers
-from .signals import pack_prompt_completion, token_signals
+from .signals import in_vocab_targets, pack_prompt_completion, skip_outside_vocab, token_signals
 from .vote import VoteSamplesMixin
 
 logger = logging.getLogger("intrinsic")
@@ -79,19 +81,101 @@ class RLIFConfig(GRPOConfig):
                                  f"({self.num_generations})")
 
 
+def whole_group_rewards(reward_funcs) -> list[str]:
+    """Names of the rewards that must see every completion of a prompt in one call: those declaring
+    ``needs_whole_group`` (votes: ``majority_vote``, ``consistency_vote``) and internal consistency in
+    ``candidates`` mode (its candidate tokens are the group's answers)."""
+    funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    return [getattr(f, "__name__", type(f).__name__) for f in funcs
+            if getattr(f, "needs_whole_group", False) or "ic_candidates" in (getattr(f, "signals", None) or ())]
+
+
+def groups_split(rows_per_process: int, num_generations: int, world_size: int) -> bool:
+    """Whether TRL's layout can put the completions of one prompt on two processes.
+
+    TRL 1.16 (``RepeatSampler`` + accelerate's batch sharding) hands each of the ``world_size``
+    processes ``rows_per_process`` consecutive rows of the generation batch (training:
+    ``per_device_train_batch_size * steps_per_generation``; evaluation: ``per_device_eval_batch_size``),
+    in which the ``G = num_generations`` completions of a prompt are consecutive; so every group
+    stays on one process iff ``world_size == 1`` or ``rows_per_process % G == 0``.
+
+    >>> groups_split(6, 4, 2), groups_split(8, 4, 2), groups_split(6, 4, 1)
+    (True, False, False)
+    """
+    return world_size > 1 and rows_per_process % num_generations != 0
+
+
+def group_layout_problem(args: GRPOConfig, reward_funcs, world_size: int | None = None) -> tuple[str, str] | None:
+    """``(option, problem)`` when a reward that needs whole groups is configured and ``args`` lets TRL
+    split a group over processes (:func:`groups_split`), else ``None``. ``world_size``: ``args.world_size``
+    unless given (tests simulate a launch with it)."""
+    names = whole_group_rewards(reward_funcs)
+    if not names:
+        return None
+    world = args.world_size if world_size is None else world_size
+    layouts = [("per_device_train_batch_size", args.per_device_train_batch_size, args.steps_per_generation,
+                args.num_generations)]
+    if args.do_eval and args.eval_strategy != "no":
+        layouts.append(("per_device_eval_batch_size", args.per_device_eval_batch_size, 1,
+                        args.num_generations_eval or args.num_generations))
+    for option, batch, steps, group in layouts:
+        if groups_split(batch * steps, group, world):
+            step = group // math.gcd(group, steps)
+            fix = -(-batch // step) * step
+            rows = f"{option} x steps_per_generation = {batch} x {steps}" if option.endswith("train_batch_size") \
+                else f"{option} = {batch}"
+            return option, (f"{', '.join(names)} compare(s) the {group} completions of a prompt, but each of the "
+                            f"{world} processes holds {rows} rows, not a multiple of {group}, so a group would be "
+                            f"split across processes; set {option}={fix}")
+    return None
+
+
+RLIF_DEFAULTS = {f.name: f.default for f in fields(RLIFConfig) if f.name not in {g.name for g in fields(GRPOConfig)}}
+"""The options :class:`RLIFConfig` adds to ``GRPOConfig``, with their defaults."""
+
+
 class RLIFTrainer(VoteSamplesMixin, GRPOTrainer):
     """``GRPOTrainer`` that feeds internal rewards the current policy's per-token signals (and, with
-    ``vote_samples``, lets group rewards vote over more completions than it trains on: trainers/vote.py)."""
+    ``vote_samples``, lets group rewards vote over more completions than it trains on: trainers/vote.py).
+
+    ``args`` may be an :class:`RLIFConfig`, a plain ``GRPOConfig`` or ``None`` (TRL builds a
+    ``GRPOConfig``): the RLIF options missing from it take their :class:`RLIFConfig` defaults.
+    """
+
+    # per-batch state: class-level defaults, so every override works before (or without) ``__init__``'s body
+    signal_names: tuple[str, ...] = ()
+    lens_modes: tuple[str, ...] = ()
+    _signals: dict[str, torch.Tensor] | None = None
+    _signal_parts: list[dict[str, torch.Tensor]] | None = None
+    _prompt_ids_list: list | None = None
+    _completion_length: int | None = None
+    _lens: LogitLens | None = None
+    _lens_states = None
+    _lens_indices: list | None = None
+    _lens_found: list | None = None
+    _lens_answer_ids: list | None = None
+    _pass_done = False
+
+    def _option(self, name: str):
+        """An RLIF option from ``args``, or its :class:`RLIFConfig` default (``args`` a plain ``GRPOConfig``)."""
+        return getattr(self.args, name, RLIF_DEFAULTS[name])
 
     def __init__(self, *args, **kwargs):
+        try:
+            given = inspect.signature(GRPOTrainer.__init__).bind(self, *args, **kwargs).arguments
+        except TypeError:  # a call TRL will refuse with its own message
+            given = {}
+        if given.get("args") is not None and given.get("reward_funcs") is not None:
+            self._refuse_split_groups(given["args"], given["reward_funcs"])  # before the model loads
         super().__init__(*args, **kwargs)
+        self._refuse_split_groups(self.args, self.reward_funcs)
         internal = [f for f in self.reward_funcs if isinstance(f, InternalReward)]
         needed = {s for f in internal for s in f.signals} - {"ic_layers", "ic_answer_found"}
         unknown = needed - set(SIGNALS) - set(LENS_SIGNALS)
         if unknown:
             raise ValueError(f"unknown internal signals {sorted(unknown)}; available: {list(SIGNALS + LENS_SIGNALS)}")
         # all three come out of the same chunked projection, and every step logs them
-        self.signal_names = SIGNALS if needed & set(SIGNALS) or getattr(self.args, "log_signals", False) else ()
+        self.signal_names = SIGNALS if needed & set(SIGNALS) or self._option("log_signals") else ()
         self.lens_modes = tuple(m[3:] for m in LENS_SIGNALS if m in needed)
         self._signals: dict[str, torch.Tensor] | None = None
         self._signal_parts: list[dict[str, torch.Tensor]] | None = None
@@ -117,6 +201,12 @@ class RLIFTrainer(VoteSamplesMixin, GRPOTrainer):
 
     # -- plumbing -------------------------------------------------------------------------------
 
+    @staticmethod
+    def _refuse_split_groups(args, reward_funcs) -> None:
+        problem = group_layout_problem(args, reward_funcs)
+        if problem is not None:
+            raise ValueError(f"{problem[0]}: {problem[1]}")
+
     def _policy_adapters_active(self) -> bool:
         """False inside TRL's reference pass on a PEFT model (adapters disabled or the "ref" adapter)."""
         if self._peft is None:
@@ -137,8 +227,10 @@ class RLIFTrainer(VoteSamplesMixin, GRPOTrainer):
         with maybe_gather_lm_head_ctx(head.weight, head.bias):
             weight = head.weight
             vocab = vocab if vocab < weight.shape[0] else None  # Qwen pads its head past the tokenizer
-            part = token_signals(hidden, weight, input_ids[:, -c:], bias=head.bias, temperature=self.temperature,
-                                 signals=self.signal_names, chunk_size=self.args.signal_chunk_size, vocab_size=vocab)
+            targets = in_vocab_targets(input_ids[:, -c:], vocab)  # padding-row ids: skipped in _calculate_rewards
+            part = token_signals(hidden, weight, targets, bias=head.bias, temperature=self.temperature,
+                                 signals=self.signal_names, chunk_size=self._option("signal_chunk_size"),
+                                 vocab_size=vocab)
         self._signal_parts.append(part)
 
     # -- overrides (each calls super) -----------------------------------------------------------
@@ -148,7 +240,7 @@ class RLIFTrainer(VoteSamplesMixin, GRPOTrainer):
         self._prompt_ids_list, self._signals, self._lens_states = out[0], None, None  # a new batch: no signals yet
         if self._lens is not None:  # where each completion's answer is: known before any pass runs
             self._lens_indices, self._lens_found, self._lens_answer_ids = locate_answers(
-                self._tokenizer, out[1], self.args.ic_fallback_last_k)
+                self._tokenizer, out[1], self._option("ic_fallback_last_k"))
         return out
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
@@ -196,11 +288,14 @@ class RLIFTrainer(VoteSamplesMixin, GRPOTrainer):
             self._log_signals(per_completion)
         if self._lens is not None:
             lens = self._lens.signals(*self._lens_states, self._lens_answer_ids, self._lens_found, self.lens_modes,
-                                      prompts=prompts, quantile=self.args.ic_quantile)
+                                      prompts=prompts, quantile=self._option("ic_quantile"))
             self._lens_states = None  # (K, N, H) rows: freed once read
             for signals, extra in zip(per_completion, lens):
                 signals.update(extra)
             self._log_gathered("signals/ic_answer_found", sum(self._lens_found) / max(len(self._lens_found), 1))
+        # padding rows of the head: signals are defined over the tokenizer's tokens only (METHODS.md, section 6)
+        self._log_gathered("signals/outside_vocab",
+                           float(skip_outside_vocab(per_completion, completion_ids_list, len(self._tokenizer))))
         for example, signals in zip(inputs, per_completion):
             example["token_signals"] = signals  # TRL passes every extra key to rewards as a list kwarg
         try:

@@ -81,8 +81,11 @@ __all__ = [
     "SIGNALS",
     "completion_hidden_states",
     "completion_signals",
+    "in_vocab_targets",
     "masked_mean",
+    "outside_vocab",
     "pack_prompt_completion",
+    "skip_outside_vocab",
     "token_signal_dicts",
     "token_signals",
 ]
@@ -269,6 +272,48 @@ def completion_signals(
     return token_signals(states, weight, targets, **kwargs)
 
 
+def outside_vocab(completion_ids: Sequence[Sequence[int]], vocab_size: int) -> list[bool]:
+    """Which completions hold a sampled id outside the tokenizer (``>= vocab_size``).
+
+    Such an id is one of the LM head's padding rows (Qwen2.5: 151,936 rows for 151,665 tokens),
+    which sampling can draw. Signals are defined over the tokenizer's tokens only, so these
+    completions are not scored by internal rewards (:func:`skip_outside_vocab`).
+
+    >>> outside_vocab([[1, 2], [3, 104], []], 104)
+    [False, True, False]
+    """
+    return [any(int(t) >= vocab_size for t in ids) for ids in completion_ids]
+
+
+def in_vocab_targets(targets: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """``targets`` with every id ``>= vocab_size`` replaced by 0, so a vocabulary-restricted
+    projection can run; the values at those positions mean nothing and the completions holding
+    them are skipped (:func:`skip_outside_vocab`). ``vocab_size=None``: unchanged.
+
+    >>> in_vocab_targets(torch.tensor([[3, 105], [7, 1]]), 104).tolist()
+    [[3, 0], [7, 1]]
+    """
+    return targets if vocab_size is None else targets.masked_fill(targets >= vocab_size, 0)
+
+
+def skip_outside_vocab(signal_dicts: Sequence[dict], completion_ids: Sequence[Sequence[int]], vocab_size: int) -> int:
+    """The padded-rows rule: a completion holding an id ``>= vocab_size`` gets NaN in every per-token
+    signal tensor of its dict (in place; ``ic_layers`` / ``ic_answer_found`` are kept), so every
+    internal reward of it is skipped (``None``, left out of its group). Returns how many.
+
+    >>> d = [{"entropy": torch.tensor([1.0, 2.0]), "ic_layers": [2]}, {"entropy": torch.tensor([1.0])}]
+    >>> skip_outside_vocab(d, [[5, 200], [5]], 104), d[0]["entropy"].isnan().all().item(), d[1]["entropy"].tolist()
+    (1, True, [1.0])
+    """
+    flags = outside_vocab(completion_ids, vocab_size)
+    for signals, flagged in zip(signal_dicts, flags):
+        if flagged:
+            for name, value in signals.items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    signals[name] = torch.full_like(value, float("nan"))
+    return sum(flags)
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, empty: float = float("nan")) -> torch.Tensor:
     """Per-sequence mean over the last dimension: ``sum_t m_t v_t / sum_t m_t``.
 
@@ -327,6 +372,8 @@ def token_signal_dicts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], co
     (:mod:`trainers.lens`). ``prompts`` define the groups of the ``candidates`` mode, whose
     per-layer thresholds are estimated over all the completions given (dataset-level calibration);
     only the lens statistics of each batch are kept between batches, not its hidden states.
+    A completion holding an id outside the tokenizer (a padding row of the head) gets NaN
+    signals throughout (:func:`skip_outside_vocab`), so its internal rewards are skipped.
     """
     unknown = (set(signals) - set(SIGNALS)) | ({f"ic_{m}" for m in lens_modes} - set(LENS_SIGNALS))
     if unknown:
@@ -351,7 +398,8 @@ def token_signal_dicts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], co
                 lens.arm(indices[i : i + batch_size], ids.shape[1] - p)
             hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
             if signals:
-                values = completion_signals(hidden, head.weight, ids, p, bias=head.bias, temperature=temperature,
+                values = completion_signals(hidden, head.weight, in_vocab_targets(ids, vocab), p, bias=head.bias,
+                                            temperature=temperature,
                                             signals=tuple(signals), vocab_size=vocab)
                 for j, c in enumerate(batch):
                     out[i + j].update({name: v[j, : len(c)].float().cpu() for name, v in values.items()})
@@ -370,4 +418,5 @@ def token_signal_dicts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], co
         model.train(was_training)
         if lens is not None:
             lens.remove()
+    skip_outside_vocab(out, completion_ids, len(tokenizer))
     return out

@@ -74,6 +74,7 @@ class VoteSamplesMixin:
 
     #: per-completion reward kwargs a subclass attaches to inputs (left empty on the vote-only rows)
     per_completion_keys: tuple[str, ...] = ("token_signals",)
+    _vote_extra: list | None = None  # per-batch state (class default: overrides work before __init__'s body)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
