@@ -22,9 +22,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .answers import extract_answer, normalize_answer
 from .base import completion_text
-from .group import group_rows, plurality
+from .grading import final_answers
+from .group import answer_clusters, group_rows, plurality
 from .internal import InternalReward
 
 LENS_SIGNALS = ("ic_hard", "ic_soft", "ic_candidates")
@@ -98,7 +98,7 @@ class InternalConsistency(InternalReward):
 class ConsistencyVote(InternalConsistency):
     """Label-free: 1.0 when the completion's answer is its group's IC-weighted plurality answer.
 
-    Each completion votes for its (normalised) answer with weight ``IC`` (the paper's SC+IC); a
+    Each completion votes for its answer's cluster (answers math-verify calls equal) with weight ``IC`` (the paper's SC+IC); a
     completion without an answer, or without a finite IC, does not vote and gets 0.0. Takes the
     arguments of :class:`InternalConsistency`.
 
@@ -112,12 +112,11 @@ class ConsistencyVote(InternalConsistency):
 
     def __call__(self, prompts: list, completions: list, token_signals: list[dict] | None = None, **columns):
         weights = super().__call__(prompts, completions, token_signals=token_signals, **columns)
-        answers = [extract_answer(completion_text(c)) for c in completions]
-        answers = [None if a is None else normalize_answer(a) for a in answers]
+        labels = answer_clusters(prompts, final_answers([completion_text(c) for c in completions]))
         rewards = [0.0] * len(completions)
         for rows in group_rows(prompts):
-            votes = [answers[i] if weights[i] is not None and math.isfinite(weights[i]) else None for i in rows]
+            votes = [labels[i] if weights[i] is not None and math.isfinite(weights[i]) else None for i in rows]
             label = plurality(votes, [weights[i] or 0.0 for i in rows])
             for i in rows:
-                rewards[i] = float(label is not None and answers[i] == label)
+                rewards[i] = float(label is not None and labels[i] == label)
         return rewards
