@@ -142,13 +142,33 @@ def bare_latex(text: str) -> bool:
             and re.search(r"[A-Za-z]{2,}", _COMMAND.sub(" ", text)) is None)
 
 
+_INTEGER = re.compile(r"-?\d{1,15}")
+_known_answers: dict[str, object] = {}  # extracted answer string -> its parse, filled by completion parses
+
+
+def _integer(text: str):
+    """A plain integer (up to 15 digits) as math-verify would parse it, without its LaTeX parser."""
+    import sympy
+
+    return sympy.Integer(int(text))
+
+
 @functools.lru_cache(maxsize=CACHE_SIZE)
 def _parse_completion(text: str):
-    if bare_latex(text):
-        found = _guarded(_parse, "\\boxed{" + text.strip().rstrip(".") + "}", what="parsing a completion")
-        if found is not None:
-            return found
-    return _guarded(_parse, text, what="parsing a completion")
+    stripped = text.strip()
+    if _INTEGER.fullmatch(stripped):
+        found = _integer(stripped), str(int(stripped))
+    elif bare_latex(text):
+        found = _guarded(_parse, "\\boxed{" + stripped.rstrip(".") + "}", what="parsing a completion")
+        if found is None:
+            found = _guarded(_parse, text, what="parsing a completion")
+    else:
+        found = _guarded(_parse, text, what="parsing a completion")
+    if found is not None:  # the extracted string will be graded or voted on next: keep its parse
+        if len(_known_answers) >= CACHE_SIZE:
+            _known_answers.clear()
+        _known_answers[found[1]] = found[0]
+    return found
 
 
 @functools.lru_cache(maxsize=CACHE_SIZE)
@@ -156,8 +176,23 @@ def _parse_answer(answer: str):
     answer = answer.strip()
     if not answer:
         return None
+    if _INTEGER.fullmatch(answer):
+        return _integer(answer)
     found = _guarded(_parse, "\\boxed{" + answer + "}", what="parsing an answer")
     return None if found is None else found[0]
+
+
+def _answer(answer: str):
+    """The parse of an answer string (from a completion already parsed, else :func:`_parse_answer`)."""
+    known = _known_answers.get(answer)
+    return known if known is not None else _parse_answer(answer)
+
+
+def clear_caches() -> None:
+    """Forget every cached parse (benchmarks, tests)."""
+    for cached in (_parse_completion, _parse_answer, _parse_gold):
+        cached.cache_clear()
+    _known_answers.clear()
 
 
 def _verify(gold, target) -> bool:
@@ -169,17 +204,26 @@ def _verify(gold, target) -> bool:
 
 def _equal(a, b) -> bool:
     """Whether two parsed answers are equal (``a`` plays math-verify's gold)."""
+    import sympy
+
     try:
         if a == b:  # structurally identical: no need for sympy's comparisons
             return True
+        if isinstance(a, sympy.Integer) and isinstance(b, sympy.Integer):  # two different integers
+            return False
     except Exception:  # noqa: BLE001
         pass
     return bool(_guarded(_verify, a, b, default=False, what="comparing answers"))
 
 
 def _equivalent(a, b) -> bool:
-    """Symmetric equality for votes: math-verify's ``verify`` is not symmetric (assignments, intervals)."""
-    return _equal(a, b) or _equal(b, a)
+    """Symmetric equality for votes: math-verify's ``verify`` is not symmetric when one side is a
+    relation (``x=5`` against ``5``), so then both directions are tried."""
+    from sympy.core.relational import Relational
+
+    if _equal(a, b):
+        return True
+    return (isinstance(a, Relational) or isinstance(b, Relational)) and _equal(b, a)
 
 
 # ---------------------------------------------------------------- main thread, or the worker process
@@ -299,7 +343,7 @@ def answers_match_many(predicted: Sequence[str | None], gold: Sequence[str | Non
     out = []
     for p, g in zip(predicted, gold):
         gold_parsed = None if g is None else _parse_gold(str(g))
-        pred_parsed = None if p is None else _parse_answer(str(p))
+        pred_parsed = None if p is None else _answer(str(p))
         out.append(gold_parsed is not None and pred_parsed is not None and _equal(gold_parsed, pred_parsed))
     return out
 
@@ -326,8 +370,7 @@ def grade(texts: Sequence[str], gold: Sequence[str]) -> list[float | None]:
             out.append(None)
             continue
         found = _parse_completion(str(text))
-        answer = None if found is None else _parse_answer(found[1])
-        out.append(float(answer is not None and _equal(gold_parsed, answer)))
+        out.append(float(found is not None and _equal(gold_parsed, found[0])))
     return out
 
 
@@ -345,7 +388,7 @@ def clusters(answers: Sequence[str | None]) -> list[int | None]:
     heads: list = []
     out: list[int | None] = []
     for answer in answers:
-        parsed = None if answer is None else _parse_answer(str(answer))
+        parsed = None if answer is None else _answer(str(answer))
         if parsed is None:
             out.append(None)
             continue

@@ -134,8 +134,7 @@ def test_semantic_cluster_reward_against_counts():
 
 
 def test_a_timeout_scores_zero_and_is_logged(monkeypatch, caplog):
-    grading._parse_answer.cache_clear()
-    grading._parse_gold.cache_clear()
+    grading.clear_caches()
     monkeypatch.setattr(grading, "TIMEOUT_S", 0.05)
 
     def slow(*args, **kwargs):
