@@ -11,7 +11,8 @@ do not help unless the workload repeats strings on purpose):
   (fractions, radicals, sets, polynomials, intervals), half right, half wrong;
 - ``math_repeated``: the same, drawn from 200 distinct (completion, gold) pairs: the parse cache
   at work, as in GRPO where a prompt's gold label is graded once per completion;
-- ``vote``: ``majority_vote`` over groups of 8 MATH-style completions (10,000 completions).
+- ``vote_groups_of_8``: ``majority_vote`` over groups of 8 MATH-style completions, all different
+  (``--vote-completions``, default 2,000): the worst case, every pair of a group compared.
 
 Parse caches are cleared before each timed run; times are medians over ``--repeats`` of wall
 clock (``seconds``) and of this process's CPU time (``cpu_seconds``: less sensitive to a shared
@@ -78,6 +79,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--vote-completions", type=int, default=2_000, help="completions of the vote workload")
     args = parser.parse_args(argv)
     import logging
 
@@ -100,7 +102,7 @@ def main(argv=None) -> dict:
                         "pairs_per_s": round(args.pairs / seconds, 1),
                         "pairs_per_cpu_s": round(args.pairs / statistics.median(cpu), 1),
                         "accuracy": round(sum(s or 0.0 for s in scores) / len(scores), 4)}
-    texts = workloads(args.pairs)["math"][0]
+    texts = workloads(args.vote_completions)["math"][0]
     times, cpu = [], []
     for _ in range(args.repeats):
         clear_caches()
