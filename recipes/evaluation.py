@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from rewards import InternalConsistency, plurality
 from rewards.grading import answers_match_many, clusters, final_answers, grade
 from trainers.distributed import Ranks, merge_shards
+from trainers.lens import BATCH_MODES
 from trainers.signals import token_signal_dicts
 
 from .config import EvalConfig
@@ -237,7 +238,7 @@ def evaluate_model(model, tokenizer, data: Dataset, cfg: EvalConfig, desc: str =
     ranks = ranks or Ranks(alone=True)
     ic = InternalConsistency(cfg.ic_mode, cfg.ic_layers) if cfg.internal_consistency else None
     wants_signals = cfg.sampled and bool(cfg.self_certainty or cfg.negative_entropy or ic)
-    whole_set = ic is not None and ic.mode == "candidates"
+    whole_set = ic is not None and ic.mode in BATCH_MODES
     mine = ranks.shard(list(range(len(prompts))))
     parts = ranks.gather_to_main((mine, _outputs(model, tokenizer, [prompts[i] for i in mine], cfg, desc, ic,
                                                  wants_signals and not whole_set, cfg.seed + 100_003 * ranks.rank)))

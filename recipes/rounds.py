@@ -23,6 +23,7 @@ from datasets import Dataset, load_from_disk
 from rewards import build_reward
 from rewards.grading import answers_match_many, final_answers
 from trainers.distributed import Ranks, merge_shards
+from trainers.lens import BATCH_MODES
 from trainers.signals import token_signal_dicts
 from trainers.verify import Verifier, ds_filter, ds_weights, gap_metrics, nile_filter, select
 
@@ -100,7 +101,7 @@ def score_round(model, tokenizer, verifier: Verifier, prompts: list, gold: list 
     ranks = ranks or Ranks()
     # IC's candidates mode calibrates its thresholds over every sample given: read it on the main
     # process over all of them, so a sharded round scores exactly as a single process would
-    whole_set = verifier.internal and "candidates" in verifier.lens_modes
+    whole_set = verifier.internal and bool(set(BATCH_MODES) & set(verifier.lens_modes))
 
     def signals(rows, ids, groups) -> list[dict]:
         prompt_ids = tokenizer(prompt_texts(tokenizer, rows), add_special_tokens=False)["input_ids"]

@@ -3,8 +3,9 @@
 The RLIF trainer (and the evaluator) read the policy through a logit lens at the positions that
 predict the final-answer tokens (``trainers.lens``) and hand every completion these signals:
 
-``ic_hard`` / ``ic_soft`` / ``ic_candidates``
-    ``(answer tokens, K)`` per-layer agreement (see ``trainers.lens`` for the three modes),
+``ic_hard`` / ``ic_soft`` / ``ic_candidates`` / ``ic_calibrated`` / ``ic_calibrated_choices``
+    ``(answer tokens, K)`` per-layer agreement (see ``trainers.lens`` for the modes; the
+    calibrated ones are NaN at answer tokens outside their label set),
 ``ic_layers``
     the ``K`` layers of those columns (1-based ``hidden_states`` indices, the last layer included),
 ``ic_answer_found``
@@ -27,7 +28,7 @@ from .grading import final_answers
 from .group import answer_clusters, group_rows, plurality
 from .internal import InternalReward
 
-LENS_SIGNALS = ("ic_hard", "ic_soft", "ic_candidates")
+LENS_SIGNALS = ("ic_hard", "ic_soft", "ic_candidates", "ic_calibrated", "ic_calibrated_choices")
 """Per-layer agreement signals of the logit lens (``ic_<mode>``)."""
 
 
@@ -47,7 +48,10 @@ class InternalConsistency(InternalReward):
 
     Args:
         mode: ``hard`` (argmax equals the final layer's), ``soft`` (probability of the emitted
-            token) or ``candidates`` (calibrated vote among the group's distinct answers).
+            token), ``candidates`` (calibrated vote among the group's distinct answers; a unanimous
+            group scores 1 by construction), or the paper's fixed-label calibration,
+            ``calibrated`` (labels: the digits and ``-``) / ``calibrated_choices`` (``A``-``E``);
+            answer tokens outside the label set are not scored (all outside: ``None``).
         layers: 1-based decoder layers; ``None`` = the upper half (last layer included).
         layer_weights: one weight per layer (``None`` = equal).
         require_answer: score only completions whose answer parsed (others are skipped, ``None``);
@@ -88,10 +92,11 @@ class InternalConsistency(InternalReward):
         missing = [layer for layer in layers if layer not in available]
         if missing:
             raise ValueError(f"{self.name}: layers {missing} were not read by the logit lens (read: {available})")
-        if values.shape[0] == 0:
-            return None
         weights = torch.tensor(self.layer_weights or [1.0] * len(layers), dtype=torch.float64)
         columns = values[:, [available.index(layer) for layer in layers]].double()
+        columns = columns[~columns.isnan().any(-1)]  # calibrated modes: tokens outside the label set
+        if columns.shape[0] == 0:
+            return None
         return float(((columns * weights).sum(-1) / weights.sum()).mean())
 
 
