@@ -82,6 +82,18 @@ def _quiet_math_verify():
     math_verify.grader.TIMEOUT_WARNING_SHOWN = True
 
 
+@functools.lru_cache(maxsize=None)
+def _ready() -> bool:
+    """Import math-verify and build its parsers once, outside any time limit (on a busy machine the
+    first parse, which loads sympy and the LaTeX grammar, can take longer than :data:`TIMEOUT_S`)."""
+    from math_verify import parse, verify
+
+    _quiet_math_verify()
+    verify(parse("$\\frac{1}{2}$", _configs(), parsing_timeout=None), parse("$0.5$", _configs(), parsing_timeout=None),
+           timeout_seconds=None)
+    return True
+
+
 def _raise_timeout(signum, frame):
     raise GradingTimeout()
 
@@ -89,6 +101,7 @@ def _raise_timeout(signum, frame):
 def _guarded(fn, *args, default=None, what: str = ""):
     """``fn(*args)`` under a wall-clock limit of :data:`TIMEOUT_S` (main thread only); ``default``
     on a timeout or any error (logged)."""
+    _ready()
     old_handler = signal.signal(signal.SIGALRM, _raise_timeout)
     old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, TIMEOUT_S)
     start = _clock()
