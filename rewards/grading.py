@@ -22,8 +22,8 @@ Timeouts: math-verify's own timeouts call ``signal.alarm``, which raises off the
 Here math-verify runs with its timeouts off, inside this module's own guard: on the main
 thread (TRL's reward call; every rank of ``accelerate launch`` is its own process with its own
 main thread) an interval timer (``signal.setitimer``, the previous timer is restored); on any
-other thread every public function hands its whole call to one worker process (started on
-first use with ``spawn``), where it runs on that process's main thread under the same guard;
+other thread every public function hands its whole call to one worker process (a ``python -c``
+child started on first use), where it runs on that process's main thread under the same guard;
 a worker that does not answer within its deadline is killed and the call scores as failed.
 
 Parses are cached by string (:func:`functools.lru_cache`), so a vote parses each distinct
@@ -42,13 +42,18 @@ from __future__ import annotations
 import atexit
 import functools
 import logging
+import os
+import pickle
 import re
+import select
 import signal
+import subprocess
+import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +129,6 @@ def _guarded(fn, *args, default=None, what: str = ""):
 
 
 def _clock() -> float:
-    import time
-
     return time.monotonic()
 
 
@@ -241,45 +244,88 @@ def _equivalent(a, b) -> bool:
 
 # ---------------------------------------------------------------- main thread, or the worker process
 
-_worker: ProcessPoolExecutor | None = None
+_worker: subprocess.Popen | None = None
 _worker_lock = threading.Lock()
 
 
 def _run_in_worker(name: str, args: tuple, budget: float):
-    global _worker
-    import multiprocessing
+    """``name(*args)`` in the worker process (started on first use), ``None`` if it gives no answer in ``budget`` s.
 
+    The worker is a plain ``python -c`` child speaking length-prefixed pickles over its stdin and
+    stdout, so, unlike multiprocessing's ``spawn``, it never re-imports the caller's ``__main__``.
+    """
+    global _worker
     with _worker_lock:
-        if _worker is None:
-            _worker = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-        future = _worker.submit(_call_by_name, name, args)
         try:
-            return future.result(timeout=budget)
-        except FutureTimeout:
-            logger.warning("grading: the grading worker did not answer %s within %.0fs; restarting it", name, budget)
-        except Exception as err:  # noqa: BLE001 - a dead worker (killed, out of memory) scores as failed
-            logger.warning("grading: the grading worker failed on %s (%s: %s); restarting it",
-                           name, type(err).__name__, err)
+            if _worker is None or _worker.poll() is not None:
+                root = str(Path(__file__).resolve().parent.parent)
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+                _worker = subprocess.Popen([sys.executable, "-c", "from rewards.grading import _serve; _serve()"],
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+            _send(_worker.stdin, (name, args))
+            ok, value = _receive(_worker.stdout.fileno(), time.monotonic() + budget)
+            if ok:
+                return value
+            logger.warning("grading: the grading worker failed on %s (%s); scoring it as failed", name, value)
+        except (OSError, EOFError, TimeoutError, pickle.PickleError) as err:
+            logger.warning("grading: the grading worker gave no answer to %s within %.0fs (%s: %s); restarting it",
+                           name, budget, type(err).__name__, err)
+            _kill_worker()
         SKIPPED["worker"] += 1
-        _kill_worker()
         return None
+
+
+def _send(stream, obj) -> None:
+    data = pickle.dumps(obj)
+    stream.write(len(data).to_bytes(8, "little") + data)
+    stream.flush()
+
+
+def _read_exactly(fd: int, n: int, deadline: float) -> bytes:
+    chunks, left = [], n
+    while left:
+        wait = None if deadline == float("inf") else max(deadline - time.monotonic(), 0.0)
+        if not select.select([fd], [], [], wait)[0]:
+            raise TimeoutError("no answer")
+        chunk = os.read(fd, left)
+        if not chunk:
+            raise EOFError("the grading worker exited")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _receive(fd: int, deadline: float):
+    size = int.from_bytes(_read_exactly(fd, 8, deadline), "little")
+    return pickle.loads(_read_exactly(fd, size, deadline))
+
+
+def _serve() -> None:
+    """The worker's loop: read ``(name, args)``, answer ``(True, result)`` or ``(False, error)``."""
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything printed goes to stderr, not into the answers
+    fd = sys.stdin.fileno()
+    while True:
+        try:
+            name, args = _receive(fd, float("inf"))
+        except EOFError:
+            return
+        try:
+            answer = (True, globals()[name](*args))
+        except Exception as err:  # noqa: BLE001
+            answer = (False, f"{type(err).__name__}: {err}")
+        _send(out, answer)
 
 
 def _kill_worker():
     global _worker
-    if _worker is None:
-        return
-    for process in list(getattr(_worker, "_processes", {}).values()):
-        process.kill()
-    _worker.shutdown(wait=False, cancel_futures=True)
+    if _worker is not None and _worker.poll() is None:
+        _worker.kill()
+        _worker.wait()
     _worker = None
 
 
 atexit.register(_kill_worker)
-
-
-def _call_by_name(name: str, args: tuple):
-    return globals()[name](*args)
 
 
 def _anywhere(size, failed):
