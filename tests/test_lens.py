@@ -347,3 +347,28 @@ def test_short_run_with_internal_consistency_rewards(tiny_model_dir, tmp_path):
     scored = [h for h in trainer.state.log_history if "rewards/internal_consistency/mean" in h]
     assert scored and all(0.0 <= h["rewards/internal_consistency/mean"] <= 1.0 for h in scored)
     assert all("rewards/consistency_vote/mean" in h and "signals/ic_answer_found" in h for h in scored)
+
+
+def test_calibrated_mode_in_the_trainer_equals_the_evaluator_path(tiny_model_dir, tmp_path):
+    """The trainer's reward call and ``token_signal_dicts`` (evaluator, verifier) calibrate over the
+    same completions here, so they must give the same ``ic_calibrated``."""
+    from tests.test_rlif import PROMPTS, make_trainer
+    from trainers.signals import token_signal_dicts
+
+    probe = LensProbe("calibrated", [1, 2])
+    trainer = make_trainer(tiny_model_dir, tmp_path, [probe], per_device_train_batch_size=4, steps_per_generation=2,
+                           gradient_accumulation_steps=2, log_signals=False, max_completion_length=8)
+    assert set(trainer._lens.label_sets) == {"calibrated", "calibrated_choices"}
+    inputs = [{"prompt": p, "answer": "0"} for p in PROMPTS for _ in range(2)]
+    torch.manual_seed(0)
+    trainer._generate_and_score_completions(inputs)
+    signals, completion_ids = probe.seen[-1]
+    tok = trainer._tokenizer
+    prompts = [i["prompt"] for i in inputs]
+    prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    again = token_signal_dicts(trainer.model.eval(), tok, prompt_ids, completion_ids, prompts, temperature=1.0,
+                               lens_modes=("calibrated",), lens_layers=[1, 2])
+    for ours, theirs in zip(signals, again):
+        torch.testing.assert_close(ours["ic_calibrated"], theirs["ic_calibrated"], equal_nan=True, atol=1e-6, rtol=0)
+        finite = ours["ic_calibrated"][~ours["ic_calibrated"].isnan()]
+        assert all(float(v) in (0.0, 1.0) or abs(float(v) - 1 / 11) < 1e-6 for v in finite)
