@@ -225,8 +225,8 @@ def _equal(a, b) -> bool:
     try:
         if a == b:  # structurally identical: no need for sympy's comparisons
             return True
-        if isinstance(a, sympy.Integer) and isinstance(b, sympy.Integer):  # two different integers
-            return False
+        if isinstance(a, sympy.Rational) and isinstance(b, sympy.Rational):  # integers and fractions: math-verify
+            return False  # compares two of them exactly (only a float is rounded), and these are not equal
     except Exception:  # noqa: BLE001
         pass
     return bool(_guarded(_verify, a, b, default=False, what="comparing answers"))

@@ -179,3 +179,19 @@ def test_off_the_main_thread_gives_the_same_answers():
     thread.join(timeout=300)
     assert not thread.is_alive()
     assert results == {"vote": [1.0] * 4 + [0.0] * 2, "grade": [1.0, 0.0], "answers": ["\\frac{1}{2}", None]}
+
+
+def test_fast_paths_agree_with_math_verify():
+    """Structural equality and the rational shortcut give what math-verify's ``verify`` gives."""
+    import random
+
+    import sympy
+    from math_verify import verify
+
+    rng = random.Random(0)
+    pairs = [(sympy.Rational(rng.randint(-20, 20), rng.randint(1, 6)), sympy.Rational(rng.randint(-20, 20), rng.randint(1, 6)))
+             for _ in range(40)]
+    pairs += [(sympy.Integer(n), sympy.Integer(n)) for n in (0, 7, -3)] + [(sympy.Rational(1, 2), sympy.Rational(2, 4))]
+    assert any(a == b for a, b in pairs) and any(a != b for a, b in pairs)
+    for a, b in pairs:
+        assert grading._equal(a, b) is bool(verify(a, b, timeout_seconds=None)), (a, b)
