@@ -71,8 +71,9 @@ def internal_signals(model, tokenizer, prompts: list, completion_ids: list[list[
     * ``self_certainty``: mean ``KL(U || softmax(z/T))`` over the completion (chunked, no ``(B, L, V)``);
     * ``negative_entropy`` (with ``entropy``): ``-mean_t H(softmax(z_t/T))``;
     * ``internal_consistency`` (with ``consistency``): its reward value from the logit lens at the
-      answer tokens; consecutive identical prompts form the groups of the ``candidates`` mode, whose
-      thresholds are estimated over the whole set (the paper's dataset-level calibration).
+      answer tokens; consecutive identical prompts form the groups of the ``candidates`` mode; the
+      ``candidates`` and ``calibrated`` modes estimate their thresholds over the whole set (the
+      paper's dataset-level calibration).
 
     A completion without tokens (or answer positions) gets ``None``.
     """
@@ -231,7 +232,8 @@ def evaluate_model(model, tokenizer, data: Dataset, cfg: EvalConfig, desc: str =
 
     ``ranks`` (default: this process alone) deals the rows over the processes of a launch: each
     generates and reads signals for its share, the main process computes the report (``None``
-    elsewhere). IC's ``candidates`` mode, calibrated over every sample, is read on the main process."""
+    elsewhere). IC's batch-calibrated modes (``candidates``, ``calibrated``), calibrated over every
+    sample, are read on the main process."""
     if "answer" not in data.column_names:
         raise ValueError("evaluation needs an 'answer' column (map one in data.columns)")
     prompts, answers = list(data["prompt"]), list(data["answer"])
