@@ -64,7 +64,8 @@ CACHE_SIZE = 1 << 16
 """Distinct strings whose parse is kept."""
 
 SKIPPED: Counter = Counter()
-"""Counts of what was skipped: ``timeout``, ``unparsed_gold``, ``worker`` (this process)."""
+"""Counts of what was skipped in this process: ``timeout``, ``error`` (math-verify raised),
+``unparsed_gold``, ``worker`` (the worker process gave no answer)."""
 
 
 class GradingTimeout(BaseException):
@@ -123,7 +124,7 @@ def _guarded(fn, *args, default=None, what: str = ""):
         return default
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old_handler)
+        signal.signal(signal.SIGALRM, old_handler if old_handler is not None else signal.SIG_DFL)
         if old_delay > 0:  # give an outer timer (e.g. pytest-timeout) back what it had left
             signal.setitimer(signal.ITIMER_REAL, max(old_delay - (_clock() - start), 1e-3), old_interval)
 
