@@ -144,7 +144,7 @@ class EvalConfig:
         metadata={"help": "logit-lens internal consistency of sampled answers: its AUC and, with num_samples > 1, "
                           "IC-weighted self-consistency (SC+IC)"},
     )
-    ic_mode: str = field(default="hard", metadata={"help": "internal consistency: hard, soft or candidates"})
+    ic_mode: str = field(default="hard", metadata={"help": "internal consistency: hard, soft, candidates, calibrated or calibrated_choices"})
     ic_layers: list[int] | None = field(
         default=None, metadata={"help": "internal consistency: 1-based decoder layers (null: upper half)"}
     )

@@ -16,8 +16,10 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from rewards import InternalConsistency, answers_match, extract_answer, normalize_answer, plurality
+from rewards import InternalConsistency, plurality
+from rewards.grading import answers_match_many, clusters, final_answers, grade
 from trainers.distributed import Ranks, merge_shards
+from trainers.lens import BATCH_MODES
 from trainers.signals import token_signal_dicts
 
 from .config import EvalConfig
@@ -69,8 +71,9 @@ def internal_signals(model, tokenizer, prompts: list, completion_ids: list[list[
     * ``self_certainty``: mean ``KL(U || softmax(z/T))`` over the completion (chunked, no ``(B, L, V)``);
     * ``negative_entropy`` (with ``entropy``): ``-mean_t H(softmax(z_t/T))``;
     * ``internal_consistency`` (with ``consistency``): its reward value from the logit lens at the
-      answer tokens; consecutive identical prompts form the groups of the ``candidates`` mode, whose
-      thresholds are estimated over the whole set (the paper's dataset-level calibration).
+      answer tokens; consecutive identical prompts form the groups of the ``candidates`` mode; the
+      ``candidates`` and ``calibrated`` modes estimate their thresholds over the whole set (the
+      paper's dataset-level calibration).
 
     A completion without tokens (or answer positions) gets ``None``, and so does one holding an id
     outside the tokenizer (a padding row of the LM head; its signals are skipped, METHODS.md section 6).
@@ -117,14 +120,21 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+def correctness(completions: list[str], answers: list[str]) -> list[bool]:
+    """Per completion, whether its final answer equals its gold answer (:func:`rewards.grading.grade`;
+    a gold label that does not parse counts as wrong, and is logged)."""
+    return [r == 1.0 for r in grade(list(completions), list(answers))]
+
+
 def accuracy(completions: list[str], answers: list[str]) -> float:
-    return sum(answers_match(extract_answer(c), a) for c, a in zip(completions, answers)) / max(len(completions), 1)
+    return sum(correctness(completions, answers)) / max(len(completions), 1)
 
 
 def vote_accuracy(completions: list[str], answers: list[str], num_samples: int,
                   weights: list[float | None] | None = None) -> float:
     """Self-consistency: fraction of questions whose plurality answer over its ``num_samples``
-    consecutive samples is right; with ``weights`` each sample's vote weighs that much (SC+IC;
+    consecutive samples is right (answers vote together when math-verify calls them equal; the
+    winning cluster's first answer is graded); with ``weights`` each sample's vote weighs that much (SC+IC;
     ``None`` weight = no vote).
 
     >>> vote_accuracy(["4", "5", "5", "7"], ["4", "7"], 2)    # ties go to the first sample: 4 (right), 5 (wrong)
@@ -132,14 +142,16 @@ def vote_accuracy(completions: list[str], answers: list[str], num_samples: int,
     >>> vote_accuracy(["4", "5", "5"], ["4"], 3), vote_accuracy(["4", "5", "5"], ["4"], 3, [0.9, 0.2, 0.3])
     (0.0, 1.0)
     """
-    votes = [None if (a := extract_answer(c)) is None else normalize_answer(a) for c in completions]
-    weights = [1.0] * len(votes) if weights is None else [0.0 if w is None else w for w in weights]
-    right = 0
-    for q, gold in enumerate(answers):
-        rows = range(q * num_samples, (q + 1) * num_samples)
-        label = plurality([votes[i] if weights[i] > 0 else None for i in rows], [weights[i] for i in rows])
-        right += label is not None and answers_match(label, gold)
-    return right / max(len(answers), 1)
+    extracted = final_answers(list(completions))
+    weights = [1.0] * len(extracted) if weights is None else [0.0 if w is None else w for w in weights]
+    winners: list[str | None] = []
+    for q in range(len(answers)):
+        rows = list(range(q * num_samples, (q + 1) * num_samples))
+        labels = clusters([extracted[i] for i in rows])
+        label = plurality([labels[j] if weights[i] > 0 else None for j, i in enumerate(rows)],
+                          [weights[i] for i in rows])
+        winners.append(None if label is None else extracted[rows[labels.index(label)]])
+    return sum(answers_match_many(winners, list(answers))) / max(len(answers), 1)
 
 
 def separation(values: list[float | None], correct: list[bool], prefix: str) -> dict:
@@ -224,14 +236,15 @@ def evaluate_model(model, tokenizer, data: Dataset, cfg: EvalConfig, desc: str =
 
     ``ranks`` (default: this process alone) deals the rows over the processes of a launch: each
     generates and reads signals for its share, the main process computes the report (``None``
-    elsewhere). IC's ``candidates`` mode, calibrated over every sample, is read on the main process."""
+    elsewhere). IC's batch-calibrated modes (``candidates``, ``calibrated``), calibrated over every
+    sample, are read on the main process."""
     if "answer" not in data.column_names:
         raise ValueError("evaluation needs an 'answer' column (map one in data.columns)")
     prompts, answers = list(data["prompt"]), list(data["answer"])
     ranks = ranks or Ranks(alone=True)
     ic = InternalConsistency(cfg.ic_mode, cfg.ic_layers) if cfg.internal_consistency else None
     wants_signals = cfg.sampled and bool(cfg.self_certainty or cfg.negative_entropy or ic)
-    whole_set = ic is not None and ic.mode == "candidates"
+    whole_set = ic is not None and ic.mode in BATCH_MODES
     mine = ranks.shard(list(range(len(prompts))))
     parts = ranks.gather_to_main((mine, _outputs(model, tokenizer, [prompts[i] for i in mine], cfg, desc, ic,
                                                  wants_signals and not whole_set, cfg.seed + 100_003 * ranks.rank)))
@@ -249,7 +262,7 @@ def evaluate_model(model, tokenizer, data: Dataset, cfg: EvalConfig, desc: str =
         n = cfg.num_samples
         texts = [t for o in outputs for t in o["sampled"]]
         gold = [a for a in answers for _ in range(n)]
-        correct = [answers_match(extract_answer(t), a) for t, a in zip(texts, gold)]
+        correct = correctness(texts, gold)
         report["sampled_accuracy"] = sum(correct) / max(len(correct), 1)
         for k in sorted(set(cfg.pass_k or [1, n])):
             if k <= n:

@@ -20,8 +20,10 @@ from pathlib import Path
 
 from datasets import Dataset, load_from_disk
 
-from rewards import answers_match, build_reward, extract_answer
+from rewards import build_reward
+from rewards.grading import answers_match_many, final_answers
 from trainers.distributed import Ranks, merge_shards
+from trainers.lens import BATCH_MODES
 from trainers.signals import token_signal_dicts
 from trainers.verify import Verifier, ds_filter, ds_weights, gap_metrics, nile_filter, select
 
@@ -99,7 +101,7 @@ def score_round(model, tokenizer, verifier: Verifier, prompts: list, gold: list 
     ranks = ranks or Ranks()
     # IC's candidates mode calibrates its thresholds over every sample given: read it on the main
     # process over all of them, so a sharded round scores exactly as a single process would
-    whole_set = verifier.internal and "candidates" in verifier.lens_modes
+    whole_set = verifier.internal and bool(set(BATCH_MODES) & set(verifier.lens_modes))
 
     def signals(rows, ids, groups) -> list[dict]:
         prompt_ids = tokenizer(prompt_texts(tokenizer, rows), add_special_tokens=False)["input_ids"]
@@ -122,7 +124,7 @@ def score_round(model, tokenizer, verifier: Verifier, prompts: list, gold: list 
     if whole_set:
         values["signals"] = signals(rows, ids, groups)
     scores = verifier.score(groups, texts, token_signals=values.get("signals"))
-    answers = [extract_answer(t) for t in texts]
+    answers = final_answers(texts)
     weights = select(scores, groups, answers, improve.selection, top_k=improve.top_k, threshold=improve.threshold,
                      min_share=improve.min_share)
     columns = {"prompt": rows, "completion": texts, "group": groups, "answer_pred": answers,
@@ -137,7 +139,8 @@ def score_round(model, tokenizer, verifier: Verifier, prompts: list, gold: list 
     if gold is not None:
         columns["gold"] = [g for g in gold for _ in range(improve.num_samples)]
         metrics.update(gap_metrics(scores, groups, answers, columns["gold"], weights))
-        metrics["correct_kept"] = sum(w > 0 and answers_match(a, g) for w, a, g in zip(weights, answers, columns["gold"]))
+        right = answers_match_many(answers, columns["gold"])
+        metrics["correct_kept"] = sum(w > 0 and r for w, r in zip(weights, right))
     else:
         metrics["kept_fraction"] = sum(w > 0 for w in weights) / max(len(weights), 1)
     metrics["kept"] = sum(w > 0 for w in weights)
@@ -169,7 +172,7 @@ def nile_pairs(model, tokenizer, pairs: Dataset, improve, ranks: Ranks | None = 
     keep = None
     if gathered is not None:
         _, texts, _, groups, _, _ = gathered
-        keep = nile_filter([extract_answer(c) for c in pairs["completion"]], [extract_answer(t) for t in texts], groups)
+        keep = nile_filter(final_answers(list(pairs["completion"])), final_answers(texts), groups)
     keep = ranks.broadcast(keep)
     kept = pairs.select([i for i, k in enumerate(keep) if k])
     return kept, len(kept) / max(len(pairs), 1)

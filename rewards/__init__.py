@@ -8,7 +8,8 @@ from .answers import answers_match, extract_answer, find_answer, normalize_answe
 from .base import REGISTRY, Reward, UnknownRewardError, build_reward, completion_text, get_reward_class
 from .format import Format
 from .consistency import LENS_SIGNALS, ConsistencyVote, InternalConsistency, default_layers
-from .group import MajorityVote, group_rows, plurality
+from .grading import final_answer, grade
+from .group import MajorityVote, SemanticCluster, group_rows, plurality
 from .internal import SIGNALS, InternalReward, NegativeEntropy, SelfCertainty, SequenceLogProb
 from .model import RewardModel
 
@@ -26,6 +27,7 @@ __all__ = [
     "MathAccuracy",
     "NegativeEntropy",
     "SelfCertainty",
+    "SemanticCluster",
     "SequenceLogProb",
     "plurality",
     "Reward",
@@ -35,7 +37,9 @@ __all__ = [
     "build_reward",
     "completion_text",
     "extract_answer",
+    "final_answer",
     "find_answer",
     "normalize_answer",
     "get_reward_class",
+    "grade",
 ]

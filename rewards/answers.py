@@ -1,8 +1,10 @@
-"""Final-answer extraction and comparison: the one place every reward and the evaluator use.
+"""Where the final answer sits in a completion: the character span the logit lens reads.
 
-An answer is the content of the last ``\\boxed{...}`` when the text has one, otherwise the
-last number in the text. :func:`find_answer` also returns the character span, so rewards
-that read the model at the answer tokens (internal consistency) can locate them.
+Grading (is an answer right, which answers vote together) is :mod:`rewards.grading`'s job
+(math-verify); ``answers_match`` and ``gold_answer`` are re-exported from there. This module
+keeps the project's own span finder, which the logit lens needs for token positions: the
+answer is the content of the last ``\\boxed{...}`` when the text has one, otherwise the last
+number in the text, and :func:`find_answer` returns its character span.
 
 >>> find_answer("so 12+34 = \\\\boxed{46}.")
 Answer(text='46', start=18, end=20)
@@ -60,7 +62,10 @@ def extract_answer(text: str) -> str | None:
 
 
 def normalize_answer(answer: str) -> str:
-    """Canonical string form: numbers as reduced fractions/integers, LaTeX noise removed."""
+    """Canonical string form: numbers as reduced fractions/integers, LaTeX noise removed.
+
+    Not used for grading any more (:mod:`rewards.grading` compares answers with math-verify).
+    """
     s = answer.replace("\\$", "").strip().strip("$").strip()
     s = re.sub(r"\\(?:text|mathrm|textbf)\{([^{}]*)\}", r"\1", s)
     s = re.sub(r"\\[,!;:]|\\left|\\right|\s+", "", s).rstrip(".")
@@ -81,21 +86,14 @@ def normalize_answer(answer: str) -> str:
     return s
 
 
-def gold_answer(gold: str) -> str | None:
-    """The answer inside a gold label: a full solution with a ``\\boxed{}`` gives its box, a
-    GSM8K solution (``... #### 72``) what follows its last ``####``.
+def boxed_content(text: str) -> str | None:
+    """The content of the last complete ``\\boxed{}`` (or ``\\fbox{}``) of ``text``, ``None`` if none.
 
-    >>> gold_answer("She pays 3 * 24 = <<3*24=72>>72 dollars.\\n#### 72"), gold_answer("so \\\\boxed{\\\\frac{1}{2}}")
-    ('72', '\\\\frac{1}{2}')
+    >>> boxed_content("so \\\\boxed{\\\\frac{1}{2}}"), boxed_content("\\\\boxed{3")
+    ('\\\\frac{1}{2}', None)
     """
-    if "####" in gold:
-        return gold.rsplit("####", 1)[1].strip()
-    return extract_answer(gold) if "\\boxed" in gold or "\\fbox" in gold else gold
+    boxed = _last_boxed(text)
+    return None if boxed is None or not boxed.text else boxed.text
 
 
-def answers_match(predicted: str | None, gold: str | None) -> bool:
-    """Whether an answer equals a gold label after normalisation (numbers compared as fractions)."""
-    if predicted is None or gold is None:
-        return False
-    gold = gold_answer(str(gold))
-    return gold is not None and normalize_answer(predicted) == normalize_answer(gold)
+from .grading import answers_match, gold_answer  # noqa: E402  (grading imports boxed_content lazily)

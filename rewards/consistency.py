@@ -3,8 +3,9 @@
 The RLIF trainer (and the evaluator) read the policy through a logit lens at the positions that
 predict the final-answer tokens (``trainers.lens``) and hand every completion these signals:
 
-``ic_hard`` / ``ic_soft`` / ``ic_candidates``
-    ``(answer tokens, K)`` per-layer agreement (see ``trainers.lens`` for the three modes),
+``ic_hard`` / ``ic_soft`` / ``ic_candidates`` / ``ic_calibrated`` / ``ic_calibrated_choices``
+    ``(answer tokens, K)`` per-layer agreement (see ``trainers.lens`` for the modes; the
+    calibrated ones are NaN at answer tokens outside their label set),
 ``ic_layers``
     the ``K`` layers of those columns (1-based ``hidden_states`` indices, the last layer included),
 ``ic_answer_found``
@@ -22,12 +23,12 @@ from collections.abc import Sequence
 
 import torch
 
-from .answers import extract_answer, normalize_answer
 from .base import completion_text
-from .group import group_rows, plurality
+from .grading import final_answers
+from .group import answer_clusters, group_rows, plurality
 from .internal import InternalReward
 
-LENS_SIGNALS = ("ic_hard", "ic_soft", "ic_candidates")
+LENS_SIGNALS = ("ic_hard", "ic_soft", "ic_candidates", "ic_calibrated", "ic_calibrated_choices")
 """Per-layer agreement signals of the logit lens (``ic_<mode>``)."""
 
 
@@ -47,7 +48,10 @@ class InternalConsistency(InternalReward):
 
     Args:
         mode: ``hard`` (argmax equals the final layer's), ``soft`` (probability of the emitted
-            token) or ``candidates`` (calibrated vote among the group's distinct answers).
+            token), ``candidates`` (calibrated vote among the group's distinct answers; a unanimous
+            group scores 1 by construction), or the paper's fixed-label calibration,
+            ``calibrated`` (labels: the digits and ``-``) / ``calibrated_choices`` (``A``-``E``);
+            answer tokens outside the label set are not scored (all outside: ``None``).
         layers: 1-based decoder layers; ``None`` = the upper half (last layer included).
         layer_weights: one weight per layer (``None`` = equal).
         require_answer: score only completions whose answer parsed (others are skipped, ``None``);
@@ -88,17 +92,18 @@ class InternalConsistency(InternalReward):
         missing = [layer for layer in layers if layer not in available]
         if missing:
             raise ValueError(f"{self.name}: layers {missing} were not read by the logit lens (read: {available})")
-        if values.shape[0] == 0:
-            return None
         weights = torch.tensor(self.layer_weights or [1.0] * len(layers), dtype=torch.float64)
         columns = values[:, [available.index(layer) for layer in layers]].double()
+        columns = columns[~columns.isnan().any(-1)]  # calibrated modes: tokens outside the label set
+        if columns.shape[0] == 0:
+            return None
         return float(((columns * weights).sum(-1) / weights.sum()).mean())
 
 
 class ConsistencyVote(InternalConsistency):
     """Label-free: 1.0 when the completion's answer is its group's IC-weighted plurality answer.
 
-    Each completion votes for its (normalised) answer with weight ``IC`` (the paper's SC+IC); a
+    Each completion votes for its answer's cluster (answers math-verify calls equal) with weight ``IC`` (the paper's SC+IC); a
     completion without an answer, or without a finite IC, does not vote and gets 0.0. Takes the
     arguments of :class:`InternalConsistency`.
 
@@ -113,12 +118,11 @@ class ConsistencyVote(InternalConsistency):
 
     def __call__(self, prompts: list, completions: list, token_signals: list[dict] | None = None, **columns):
         weights = super().__call__(prompts, completions, token_signals=token_signals, **columns)
-        answers = [extract_answer(completion_text(c)) for c in completions]
-        answers = [None if a is None else normalize_answer(a) for a in answers]
+        labels = answer_clusters(prompts, final_answers([completion_text(c) for c in completions]))
         rewards = [0.0] * len(completions)
         for rows in group_rows(prompts):
-            votes = [answers[i] if weights[i] is not None and math.isfinite(weights[i]) else None for i in rows]
+            votes = [labels[i] if weights[i] is not None and math.isfinite(weights[i]) else None for i in rows]
             label = plurality(votes, [weights[i] or 0.0 for i in rows])
             for i in rows:
-                rewards[i] = float(label is not None and answers[i] == label)
+                rewards[i] = float(label is not None and labels[i] == label)
         return rewards

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections import Counter
 from itertools import groupby
 
-from .answers import extract_answer, normalize_answer
 from .base import Reward, completion_text
+from .grading import clusters, final_answers
 
 
 def group_rows(prompts: list) -> list[list[int]]:
@@ -45,25 +45,73 @@ def plurality(answers: list[str | None], weights: list[float] | None = None) -> 
     return next(a for a in answers if a is not None and counts[a] == best)
 
 
-class MajorityVote(Reward):
-    """TTRL: 1.0 when the completion's answer equals its group's plurality answer, else 0.0.
+def answer_clusters(prompts: list, answers: list[str | None]) -> list[int | None]:
+    """Cluster id of every answer within its group (:func:`group_rows`): answers math-verify calls
+    equal share an id (:func:`rewards.grading.clusters`); ``None`` for an unparseable answer.
 
-    Answers are normalised before voting (``46`` and ``46.0`` vote together). An unparseable
-    answer gets 0.0 and never wins; a group with no parseable answer gets 0.0 throughout.
+    >>> answer_clusters(["a", "a", "a", "b", "b"], ["\\\\frac12", "0.5", None, "0.5", "3"])
+    [0, 0, None, 0, 1]
+    """
+    labels: list[int | None] = [None] * len(answers)
+    for rows in group_rows(prompts):
+        for i, label in zip(rows, clusters([answers[i] for i in rows])):
+            labels[i] = label
+    return labels
+
+
+class MajorityVote(Reward):
+    """TTRL: 1.0 when the completion's answer is in its group's plurality cluster, else 0.0.
+
+    Answers vote together when math-verify calls them equal (``46``, ``46.0`` and ``\\frac{92}{2}``
+    are one vote); the plurality label is a cluster (ties: the cluster seen first). An
+    unparseable answer gets 0.0 and never wins; a group with no parseable answer gets 0.0 throughout.
 
     >>> MajorityVote()(prompts=["q"] * 4, completions=["7", "7.0", "8", "no idea"])
     [1.0, 1.0, 0.0, 0.0]
+    >>> MajorityVote()(prompts=["q"] * 6, completions=["\\\\frac12", "0.5", "1/2", "\\\\dfrac{1}{2}", "3", "3"])
+    [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
     """
 
     name = "majority_vote"
     needs_whole_group = True
 
     def __call__(self, prompts: list, completions: list, **columns) -> list[float]:
-        answers = [extract_answer(completion_text(c)) for c in completions]
-        answers = [None if a is None else normalize_answer(a) for a in answers]
+        labels = answer_clusters(prompts, final_answers([completion_text(c) for c in completions]))
         rewards = [0.0] * len(completions)
         for rows in group_rows(prompts):
-            label = plurality([answers[i] for i in rows])
+            label = plurality([labels[i] for i in rows])
             for i in rows:
-                rewards[i] = float(label is not None and answers[i] == label)
+                rewards[i] = float(label is not None and labels[i] == label)
+        return rewards
+
+
+class SemanticCluster(Reward):
+    """EMPO (Zhang et al. 2025): ``r = size(cluster of y) / G``, the share of its group that gives
+    the same answer (clusters: answers math-verify calls equal, within the group of ``G``).
+
+    As in the authors' math reward: an unparseable answer gets 0 and counts in ``G`` as a
+    cluster of its own, and with ``zero_when_all_distinct`` (their entropy threshold: semantic
+    entropy ``>= log G`` happens exactly when every answer is a cluster of its own) such a
+    group gets 0 throughout.
+
+    >>> SemanticCluster()(prompts=["q"] * 4, completions=["\\\\frac12", "0.5", "3", "no idea"])
+    [0.5, 0.5, 0.25, 0.0]
+    >>> SemanticCluster()(prompts=["q"] * 2, completions=["1", "2"]), SemanticCluster(False)(["q"] * 2, ["1", "2"])
+    ([0.0, 0.0], [0.5, 0.5])
+    """
+
+    name = "semantic_cluster"
+
+    def __init__(self, zero_when_all_distinct: bool = True):
+        self.zero_when_all_distinct = bool(zero_when_all_distinct)
+
+    def __call__(self, prompts: list, completions: list, **columns) -> list[float]:
+        labels = answer_clusters(prompts, final_answers([completion_text(c) for c in completions]))
+        rewards = [0.0] * len(completions)
+        for rows in group_rows(prompts):
+            sizes = Counter(labels[i] for i in rows if labels[i] is not None)
+            if self.zero_when_all_distinct and all(n == 1 for n in sizes.values()):
+                continue  # every answer alone (unparseable ones are alone too): maximal entropy
+            for i in rows:
+                rewards[i] = 0.0 if labels[i] is None else sizes[labels[i]] / len(rows)
         return rewards

@@ -6,7 +6,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, T5Config, T5ForConditionalGeneration
 
 from rewards import ConsistencyVote, InternalConsistency
-from trainers.lens import LogitLens, answer_token_indices, calibrated_votes, group_candidates, lens_modules
+from trainers.lens import (LABEL_SETS, LogitLens, agreement, answer_token_indices, calibrated_agreement, calibrated_votes,
+                          group_candidates, lens_modules, per_completion)
 
 VOCAB = 48
 
@@ -147,6 +148,96 @@ def test_candidates_mode_matches_an_explicit_calibrated_vote():
     assert torch.equal(ours, expected)
 
 
+class LabelTokenizer:
+    """Labels as single tokens: digits 1..10, '-' 11, choice letters 12..16 (ids inside the tiny vocabulary)."""
+
+    unk_token_id = 0
+    ids = {**{str(d): 1 + d for d in range(10)}, "-": 11, **{c: 12 + i for i, c in enumerate("ABCDE")}}
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [self.ids.get(ch, 0) for ch in text]}
+
+    def convert_tokens_to_ids(self, token):
+        return self.ids.get(token, 0)
+
+
+def naive_calibrated(logits, is_label):
+    """Xie et al. by hand: softmax over the labels, per (layer, label) the (M-1)/M quantile by
+    sorting and linear interpolation, scores 1 / 1/M / 0, the last layer's best score decides."""
+    n, k, m = logits.shape
+    rows = [i for i in range(n) if is_label[i]]
+    probs = {i: [torch.softmax(logits[i, j].float(), -1).tolist() for j in range(k)] for i in rows}
+    out = [[float("nan")] * k for _ in range(n)]
+
+    def quantile(values, q):
+        v = sorted(values)
+        pos = q * (len(v) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(v) - 1)
+        return v[lo] + (pos - lo) * (v[hi] - v[lo])
+
+    thresholds = [[quantile([probs[i][j][c] for i in rows], (m - 1) / m) for c in range(m)] for j in range(k)]
+    for i in rows:
+        scores = [[1.0 if probs[i][j][c] > thresholds[j][c] else (1 / m if probs[i][j][c] == thresholds[j][c] else 0.0)
+                   for c in range(m)] for j in range(k)]
+        final = max(range(m), key=lambda c: (scores[-1][c], -c))  # best score, first label on ties
+        out[i] = [scores[j][final] for j in range(k)]
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("n", [12, 29])  # 12 positions: (M-1)/M * 11 = 10 lands on a sample, exercising the tie rule
+def test_calibrated_agreement_matches_an_explicit_computation(n):
+    g = torch.Generator().manual_seed(n)
+    logits = torch.randn(n, 3, 11, generator=g) * 2
+    index = torch.randint(0 if n == 12 else -1, 11, (n,), generator=g)  # -1: not a label
+    ours = calibrated_agreement(logits, index)
+    expected = naive_calibrated(logits, (index >= 0).tolist())
+    torch.testing.assert_close(ours, expected, equal_nan=True)
+    if n == 12:
+        assert bool(((ours - 1 / 11).abs() < 1e-6).any())  # some tie scored 1/M
+
+
+def test_calibrated_mode_through_the_lens_matches_full_logits():
+    model = tiny()
+    lens = LogitLens(model, [2, 3, 4], tokenizer=LabelTokenizer())
+    ids, mask, c, indices = trl_batch()
+    states, counts = captured(model, lens, ids, mask, c, indices)
+    _, _, full, emitted = naive(model, ids, mask, c, indices, lens.layers, VOCAB)
+    emitted = torch.tensor([1 + (i % 11) if i % 3 else 40 for i in range(len(emitted))])  # labels and non-labels
+    label_ids = [LabelTokenizer.ids[ch] for ch in LABEL_SETS["calibrated"]]
+    ours = lens.readout(states, emitted, modes=("calibrated",))["calibrated"]
+    index = torch.tensor([label_ids.index(int(t)) if int(t) in label_ids else -1 for t in emitted])
+    expected = naive_calibrated(full[:, :, label_ids], (index >= 0).tolist())
+    torch.testing.assert_close(ours, expected, equal_nan=True)
+    with pytest.raises(ValueError, match="needs the logit lens built with the tokenizer"):
+        LogitLens(model, [2, 3, 4]).readout(states, emitted, modes=("calibrated",))
+
+
+def test_unanimous_group_with_disagreeing_layers_scores_below_one():
+    """Four completions all answer 7 (one token). The last layer backs 7 everywhere; the middle
+    layers back other digits at some positions. ``candidates`` has one candidate per position, so
+    it scores 1 whatever the layers say; the paper's calibration does not."""
+    seven, m = 7, 11
+    label_logits = torch.zeros(4, 3, m)
+    label_logits[:, 2, seven] = torch.tensor([6.0, 5.0, 4.0, 3.0])       # last layer: 7, with varying confidence
+    label_logits[:, 1, seven] = torch.tensor([4.0, 0.0, 3.0, 0.0])       # layer 2 agrees at positions 0 and 2
+    label_logits[[1, 3], 1, 2] = 4.0                                     # ... and backs 2 at positions 1 and 3
+    label_logits[:, 0, 5] = 3.0                                          # layer 1 backs 5 everywhere
+    token = LabelTokenizer.ids[str(seven)]
+    emitted = torch.full((4,), token)
+    candidates = group_candidates(["q"] * 4, [[token]] * 4, [True] * 4)
+    stats = {"argmax": torch.full((4, 3), token), "logp": torch.zeros(4, 3),
+             "candidate_logits": label_logits[:, :, [seven]], "label_logits_calibrated": label_logits,
+             "label_index_calibrated": torch.full((4,), seven)}
+    values = agreement(stats, emitted, ("candidates", "calibrated"), candidates)
+    signals = per_completion(values, [1] * 4, [2, 3, 4], [True] * 4)
+    assert InternalConsistency("candidates")(["q"] * 4, ["7"] * 4, token_signals=signals) == [1.0] * 4
+    calibrated = InternalConsistency("calibrated")(["q"] * 4, ["7"] * 4, token_signals=signals)
+    expected = naive_calibrated(label_logits, [True] * 4).mean(-1).tolist()  # default layers 2, 3, 4: every column
+    assert calibrated == pytest.approx(expected)
+    assert max(calibrated) <= 1.0 and sum(calibrated) / 4 < 1.0
+
+
 def test_calibrated_votes_single_candidate_and_quantile():
     logits = torch.tensor([[[0.0, float("-inf")]], [[1.0, 0.0]]])
     cands = torch.tensor([[4, -1], [4, 9]])
@@ -256,3 +347,28 @@ def test_short_run_with_internal_consistency_rewards(tiny_model_dir, tmp_path):
     scored = [h for h in trainer.state.log_history if "rewards/internal_consistency/mean" in h]
     assert scored and all(0.0 <= h["rewards/internal_consistency/mean"] <= 1.0 for h in scored)
     assert all("rewards/consistency_vote/mean" in h and "signals/ic_answer_found" in h for h in scored)
+
+
+def test_calibrated_mode_in_the_trainer_equals_the_evaluator_path(tiny_model_dir, tmp_path):
+    """The trainer's reward call and ``token_signal_dicts`` (evaluator, verifier) calibrate over the
+    same completions here, so they must give the same ``ic_calibrated``."""
+    from tests.test_rlif import PROMPTS, make_trainer
+    from trainers.signals import token_signal_dicts
+
+    probe = LensProbe("calibrated", [1, 2])
+    trainer = make_trainer(tiny_model_dir, tmp_path, [probe], per_device_train_batch_size=4, steps_per_generation=2,
+                           gradient_accumulation_steps=2, log_signals=False, max_completion_length=8)
+    assert set(trainer._lens.label_sets) == {"calibrated", "calibrated_choices"}
+    inputs = [{"prompt": p, "answer": "0"} for p in PROMPTS for _ in range(2)]
+    torch.manual_seed(0)
+    trainer._generate_and_score_completions(inputs)
+    signals, completion_ids = probe.seen[-1]
+    tok = trainer._tokenizer
+    prompts = [i["prompt"] for i in inputs]
+    prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    again = token_signal_dicts(trainer.model.eval(), tok, prompt_ids, completion_ids, prompts, temperature=1.0,
+                               lens_modes=("calibrated",), lens_layers=[1, 2])
+    for ours, theirs in zip(signals, again):
+        torch.testing.assert_close(ours["ic_calibrated"], theirs["ic_calibrated"], equal_nan=True, atol=1e-6, rtol=0)
+        finite = ours["ic_calibrated"][~ours["ic_calibrated"].isnan()]
+        assert all(float(v) in (0.0, 1.0) or abs(float(v) - 1 / 11) < 1e-6 for v in finite)

@@ -13,7 +13,16 @@ mode               agreement of layer ``l``
 ``candidates``     ``1[vote_l = y]``: ``vote_l = argmax_c softmax(z^l[C])_c - tau_l(c)`` over the
                    candidate tokens ``C`` (what the group's distinct answers emit at this answer
                    index), ``tau_l(c)`` the batch quantile of layer ``l``'s restricted probability
-                   of ``c`` (the online stand-in for the paper's dataset-level calibration)
+                   of ``c``. A group that agrees on a token has one candidate, so every layer
+                   agrees there: a unanimous group scores 1 whatever the layers say.
+``calibrated``     the paper's calibration over a fixed label set ``Y`` (``calibrated``: the digits
+                   and ``-``, for numeric answers; ``calibrated_choices``: ``A``-``E``):
+                   ``p^l = softmax(z^l[Y])``, per layer and label the threshold ``q^l_m`` = the
+                   ``(M-1)/M`` quantile of ``p^l_m`` over the batch's label positions, calibrated
+                   score ``s^l_m = 1[p^l_m > q^l_m] + 1[p^l_m = q^l_m] / M`` (the tie rule), final
+                   prediction ``m* = argmax_m s^L_m`` (first on ties), agreement ``s^l_{m*}`` in
+                   ``{0, 1/M, 1}`` (:func:`calibrated_agreement`). Answer tokens outside ``Y`` get
+                   NaN (not scored).
 =================  ================================================================================
 
 Internal consistency = weighted mean over the chosen layers, mean over the answer tokens.
@@ -54,10 +63,37 @@ from torch import nn
 
 from rewards import default_layers, find_answer, group_rows
 
-__all__ = ["MODES", "LogitLens", "agreement", "answer_token_indices", "calibrated_votes", "group_candidates",
-           "lens_modules", "lens_readout", "locate_answers", "per_completion"]
+__all__ = ["BATCH_MODES", "LABEL_SETS", "MODES", "LogitLens", "agreement", "answer_token_indices",
+           "calibrated_agreement", "calibrated_votes", "group_candidates", "label_token_ids", "lens_modules",
+           "lens_readout", "locate_answers", "per_completion"]
 
-MODES = ("hard", "soft", "candidates")
+MODES = ("hard", "soft", "candidates", "calibrated", "calibrated_choices")
+
+LABEL_SETS = {"calibrated": tuple("0123456789-"), "calibrated_choices": tuple("ABCDE")}
+"""The fixed label set of each calibrated mode: digits and sign for numeric answers, choice letters."""
+
+BATCH_MODES = ("candidates", "calibrated", "calibrated_choices")
+"""Modes whose value at a position depends on the whole batch (thresholds estimated over it)."""
+
+
+def label_token_ids(tokenizer, labels) -> list[int] | None:
+    """One token id per label (the label's own single token), or ``None`` if some label is not one token.
+
+    >>> from recipes.tiny.tokenizer import build_char_tokenizer
+    >>> tok = build_char_tokenizer()
+    >>> tok.convert_ids_to_tokens(label_token_ids(tok, LABEL_SETS["calibrated_choices"]))
+    ['A', 'B', 'C', 'D', 'E']
+    """
+    ids = []
+    for label in labels:
+        encoded = tokenizer(label, add_special_tokens=False)["input_ids"]
+        if len(encoded) != 1:
+            token = tokenizer.convert_tokens_to_ids(label)
+            if token is None or token == tokenizer.unk_token_id:
+                return None
+            encoded = [token]
+        ids.append(int(encoded[0]))
+    return ids if len(set(ids)) == len(ids) else None
 
 _LAYER_LISTS = ("layers", "h", "blocks", "block")
 _NORMS = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f")
@@ -162,8 +198,13 @@ class LogitLens:
     of length ``S`` is predicted by position ``S - completion_length - 1 + t``.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[int] | None = None, vocab_size: int | None = None):
+    def __init__(self, model: nn.Module, layers: Sequence[int] | None = None, vocab_size: int | None = None,
+                 tokenizer=None):
         self.modules, self.norm, self.head = lens_modules(model)
+        # the calibrated modes' fixed label sets, as token ids (needs the tokenizer)
+        self.label_sets = {} if tokenizer is None else {
+            mode: torch.tensor(ids) for mode, labels in LABEL_SETS.items()
+            if (ids := label_token_ids(tokenizer, labels)) is not None}
         n = len(self.modules)
         chosen = default_layers(n) if layers is None else list(layers)
         bad = [layer for layer in chosen if not 1 <= int(layer) <= n]
@@ -238,7 +279,7 @@ class LogitLens:
         bias = getattr(self.head, "bias", None)
         with maybe_gather_lm_head_ctx(*self.norm.parameters(), self.head.weight, bias):
             return lens_readout(states, self.norm, self.head.weight, bias, emitted, vocab_size=self.vocab_size,
-                                candidates=candidates, **kwargs)
+                                candidates=candidates, label_sets=self.label_sets or None, **kwargs)
 
     def readout(self, states: torch.Tensor, emitted: torch.Tensor, modes: Sequence[str] = ("hard",),
                 candidates: torch.Tensor | None = None, quantile: float = 0.5, **kwargs) -> dict[str, torch.Tensor]:
@@ -263,6 +304,44 @@ def agreement(stats: dict[str, torch.Tensor], emitted: torch.Tensor, modes: Sequ
             raise ValueError("mode 'candidates' needs the candidate tokens of every answer position")
         votes = calibrated_votes(stats["candidate_logits"], candidates.to(stats["candidate_logits"].device), quantile)
         out["candidates"] = (votes == emitted.to(votes.device)[:, None]).float()
+    for mode in LABEL_SETS:
+        if mode in modes:
+            if f"label_logits_{mode}" not in stats:
+                raise ValueError(f"mode {mode!r} needs the logit lens built with the tokenizer, whose labels "
+                                 f"{''.join(LABEL_SETS[mode])} must each be one token")
+            out[mode] = calibrated_agreement(stats[f"label_logits_{mode}"], stats[f"label_index_{mode}"])
+    return out
+
+
+def calibrated_agreement(label_logits: torch.Tensor, label_index: torch.Tensor) -> torch.Tensor:
+    """Xie et al.'s calibrated agreement of each layer with the calibrated final prediction: ``(N, K)``.
+
+    ``label_logits`` ``(N, K, M)``: each layer's logits of the ``M`` labels at ``N`` positions;
+    ``label_index`` ``(N,)``: the emitted label (``-1``: the position's token is not a label; it
+    gets NaN and takes no part in the calibration). Over the label positions ``n``:
+    ``p = softmax(label_logits)``; ``q_{k,m}`` = the ``(M-1)/M`` quantile (linear interpolation)
+    of ``p_{n,k,m}`` over ``n``; ``s = 1[p > q] + 1[p = q] / M``; ``m*_n = argmax_m s_{n,K,m}``
+    (the last layer, first label on ties); the result is ``s_{n,k,m*_n}``.
+
+    >>> logits = torch.tensor([[[2.0, 0.0], [0.0, 2.0]],    # position 0: layer 1 says label 0, layer 2 label 1
+    ...                        [[0.0, 2.0], [0.0, 1.0]],
+    ...                        [[0.0, 0.0], [3.0, 0.0]]])
+    >>> calibrated_agreement(logits, torch.tensor([1, 1, 0])).tolist()   # q = the 1/2 quantile (the median)
+    [[0.0, 1.0], [0.0, 0.5], [0.5, 1.0]]
+
+    (Position 1 sits on both layer-2 medians: a tie, ``s = 1/2`` for both labels, so its final
+    prediction is label 0, which layer 1 scores 0.)
+    """
+    n, k, m = label_logits.shape
+    out = torch.full((n, k), float("nan"), device=label_logits.device)
+    rows = label_index.to(label_logits.device) >= 0
+    if not bool(rows.any()):
+        return out
+    probs = torch.softmax(label_logits[rows].float(), dim=-1)
+    thresholds = torch.quantile(probs, (m - 1) / m, dim=0, keepdim=True)
+    scores = (probs > thresholds).float() + (probs == thresholds).float() / m
+    final = scores[:, -1].argmax(-1)
+    out[rows] = scores.gather(2, final[:, None, None].expand(-1, k, 1)).squeeze(-1)
     return out
 
 
@@ -277,12 +356,15 @@ def per_completion(agreements: dict[str, torch.Tensor], counts: Sequence[int], l
 @torch.no_grad()
 def lens_readout(states: torch.Tensor, norm: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None,
                  emitted: torch.Tensor, *, vocab_size: int | None = None, candidates: torch.Tensor | None = None,
-                 token_chunk: int = 256, vocab_chunk: int = 8192) -> dict[str, torch.Tensor]:
+                 label_sets: dict[str, torch.Tensor] | None = None, token_chunk: int = 256,
+                 vocab_chunk: int = 8192) -> dict[str, torch.Tensor]:
     """Lens statistics of ``K`` layers at ``N`` positions: ``z^k = W[:V] norm(states[k]) + b``.
 
     Returns fp32 ``logp (N, K) = log softmax(z^k)[emitted]``, ``argmax (N, K)`` over the first
     ``V = vocab_size`` rows (padding rows of the head never win), and with ``candidates``
-    (``(N, M)`` token ids, ``-1`` = none) ``candidate_logits (N, K, M)`` (``-inf`` where ``-1``).
+    (``(N, M)`` token ids, ``-1`` = none) ``candidate_logits (N, K, M)`` (``-inf`` where ``-1``);
+    with ``label_sets`` (``{name: (M,) token ids}``) ``label_logits_<name> (N, K, M)`` and
+    ``label_index_<name> (N,)``, the emitted token's index in the set (``-1``: not a label).
     Peak extra memory: one ``token_chunk x vocab_chunk`` fp32 tile.
     """
     layers, n_tokens, _ = states.shape
@@ -297,6 +379,8 @@ def lens_readout(states: torch.Tensor, norm: nn.Module, weight: torch.Tensor, bi
         candidates = candidates.to(device=device, dtype=torch.long)
         cand = torch.full((n_tokens, layers, candidates.shape[1]), float("-inf"), device=device)
     norm_dtype = next(norm.parameters(), weight).dtype
+    labels = {name: ids.to(device=device, dtype=torch.long) for name, ids in (label_sets or {}).items()}
+    label_logits = {name: torch.empty(n_tokens, layers, len(ids), device=device) for name, ids in labels.items()}
 
     def logits_at(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:  # z[ids] for x (n, H), ids (n, ...)
         z = torch.einsum("nh,n...h->n...", x, weight[ids].float())
@@ -325,7 +409,13 @@ def lens_readout(states: torch.Tensor, norm: nn.Module, weight: torch.Tensor, bi
                     ids = candidates[start:end]
                     z = logits_at(x, ids.clamp(min=0))
                     cand[start:end, k] = torch.where(ids >= 0, z, float("-inf"))
+                for name, ids in labels.items():
+                    label_logits[name][start:end, k] = logits_at(x, ids.expand(end - start, -1))
     out = {"logp": logp, "argmax": argmax}
+    for name, ids in labels.items():
+        out[f"label_logits_{name}"] = label_logits[name]
+        match = emitted[:, None] == ids[None, :]
+        out[f"label_index_{name}"] = torch.where(match.any(-1), match.float().argmax(-1), -1)
     if cand is not None:
         out["candidate_logits"] = cand
     return out

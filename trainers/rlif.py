@@ -196,7 +196,7 @@ class RLIFTrainer(VoteSamplesMixin, GRPOTrainer):
             n_layers = len(lens_modules(self._policy)[0])
             layers = {layer for f in internal if set(f.signals) & set(LENS_SIGNALS)
                       for layer in (getattr(f, "layers", None) or default_layers(n_layers))}
-            self._lens = LogitLens(self._policy, sorted(layers), vocab_size=len(self._tokenizer))
+            self._lens = LogitLens(self._policy, sorted(layers), vocab_size=len(self._tokenizer), tokenizer=self._tokenizer)
         self._pass_done = False
 
     # -- plumbing -------------------------------------------------------------------------------

@@ -381,7 +381,7 @@ def token_signal_dicts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], co
     out: list[dict] = [{} for _ in completion_ids]
     head = model.get_output_embeddings()
     vocab = len(tokenizer) if len(tokenizer) < head.weight.shape[0] else None
-    lens = LogitLens(model, lens_layers, vocab_size=len(tokenizer)) if lens_modes else None
+    lens = LogitLens(model, lens_layers, vocab_size=len(tokenizer), tokenizer=tokenizer) if lens_modes else None
     if lens is not None:
         indices, found, answer_ids = locate_answers(tokenizer, completion_ids, fallback_last_k)
         emitted = torch.tensor([t for ids in answer_ids for t in ids], dtype=torch.long)

@@ -18,7 +18,9 @@ import math
 from collections.abc import Sequence
 
 
-from rewards import LENS_SIGNALS, SIGNALS, InternalReward, answers_match, default_layers, group_rows, plurality
+from rewards import LENS_SIGNALS, SIGNALS, InternalReward, default_layers, group_rows, plurality
+from rewards.grading import answers_match_many, clusters
+from rewards.group import answer_clusters
 
 from .lens import lens_modules
 
@@ -72,12 +74,6 @@ class Verifier:
         return totals
 
 
-def _normalised(answer: str | None) -> str | None:
-    from rewards import normalize_answer
-
-    return None if answer is None else normalize_answer(answer)
-
-
 def select(scores: Sequence[float | None], prompts: Sequence, answers: Sequence[str | None], mode: str, *,
            top_k: int = 1, threshold: float = 0.0, min_share: float = 0.0, require_answer: bool = True) -> list[float]:
     """Per completion, its training weight: 0 (dropped) or 1 (kept) when filtering, ``>= 0`` when reweighting.
@@ -87,7 +83,8 @@ def select(scores: Sequence[float | None], prompts: Sequence, answers: Sequence[
 
     * ``top_k``: the ``top_k`` best-scored completions of each group (ties: the earlier one);
     * ``threshold``: every completion scoring ``>= threshold``;
-    * ``plurality``: completions whose answer is the group's plurality answer, each vote
+    * ``plurality``: completions whose answer is in the group's plurality cluster (answers that
+      math-verify calls equal, :mod:`rewards.grading`), each vote
       weighing its score (use a ``majority_vote`` verifier for the plain vote), in groups where
       at least ``min_share`` of the scorable completions give that answer (a confidence filter);
     * ``reweight``: ``w = max(score, 0)`` scaled so kept weights average 1 over the group's
@@ -105,7 +102,7 @@ def select(scores: Sequence[float | None], prompts: Sequence, answers: Sequence[
     if not len(scores) == len(prompts) == len(answers):
         raise ValueError("select: scores, prompts and answers must have one entry per completion")
     ok = [s is not None and math.isfinite(s) and (not require_answer or a is not None) for s, a in zip(scores, answers)]
-    keys = [_normalised(a) for a in answers]
+    keys = answer_clusters(list(prompts), list(answers)) if mode == "plurality" else [None] * len(answers)
     weights = [0.0] * len(scores)
     for rows in group_rows(list(prompts)):
         rows = [i for i in rows if ok[i]]
@@ -155,7 +152,7 @@ def gap_metrics(scores: Sequence[float | None], prompts: Sequence, answers: Sequ
     >>> m["sample_accuracy"], m["selected_accuracy"], m["gap"], m["kept_fraction"], m["precision"]
     (0.5, 1.0, 0.5, 0.5, 1.0)
     """
-    correct = [answers_match(a, g) for a, g in zip(answers, gold)]
+    correct = answers_match_many(list(answers), list(gold))
     picks = verifier_picks(scores, prompts)
     sample = sum(correct) / max(len(correct), 1)
     selected = sum(correct[i] for i in picks if i is not None) / max(len(picks), 1)
@@ -210,7 +207,8 @@ def nile_filter(reference: Sequence[str | None], model_answers: Sequence[str | N
 
     ``reference[q]`` is the answer of the dataset's ``q``-th pair; ``model_answers`` the model's own
     samples, grouped by ``prompts`` (one group per pair, in order). A pair is kept when its answer
-    equals the model's plurality answer (``require_plurality``) or any of its samples' answers.
+    equals (math-verify) the model's plurality answer (``require_plurality``; the first answer of
+    the plurality cluster) or any of its samples' answers.
 
     >>> nile_filter(["4", "9"], ["4", "4", "5", "8", "9", "8"], ["a", "a", "a", "b", "b", "b"])
     [True, False]
@@ -218,13 +216,17 @@ def nile_filter(reference: Sequence[str | None], model_answers: Sequence[str | N
     groups = group_rows(list(prompts))
     if len(groups) != len(reference):
         raise ValueError(f"nile_filter: {len(reference)} pairs but {len(groups)} groups of samples")
-    keys = [_normalised(a) for a in model_answers]
-    out = []
-    for ref, rows in zip(reference, groups):
+    queries: list[tuple[int, str, str]] = []  # (pair, model answer, reference)
+    for q, (ref, rows) in enumerate(zip(reference, groups)):
         if ref is None:
-            out.append(False)
             continue
-        own = [keys[i] for i in rows]
-        candidates = [plurality(own)] if require_plurality else own
-        out.append(any(c is not None and answers_match(c, ref) for c in candidates))
+        own = [model_answers[i] for i in rows]
+        if require_plurality:
+            labels = clusters(own)
+            label = plurality(labels)
+            own = [] if label is None else [own[labels.index(label)]]
+        queries += [(q, a, ref) for a in own if a is not None]
+    out = [False] * len(reference)
+    for (q, _, _), same in zip(queries, answers_match_many([a for _, a, _ in queries], [r for _, _, r in queries])):
+        out[q] = out[q] or same
     return out
