@@ -122,4 +122,5 @@ def test_train_votes_over_n_and_trains_on_m(tiny_model_dir, tmp_path):
     for entry in trainer.state.log_history:
         if "ttrl/majority_ratio" in entry:
             assert 0.0 <= entry["ttrl/label_accuracy"] <= 1.0
-            assert 1 / 8 <= entry["ttrl/majority_ratio"] <= 1.0 or entry["ttrl/majority_ratio"] == 0.0
+            # mean over the step's 2 groups of (winning cluster / 8), a group without a parseable answer 0
+            assert entry["ttrl/majority_ratio"] in (0.0, 1 / 16) or 1 / 8 <= entry["ttrl/majority_ratio"] <= 1.0
