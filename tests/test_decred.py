@@ -349,6 +349,60 @@ def test_averaged_logits_and_generate():
     assert model(input_ids=ids).logits.shape == out.logits.shape  # hooks removed
 
 
+def _explicit_ilm(model, batch, head_of_layer, mute):
+    """Per-head mean over utterances of exp(mean CE), from the full model run on its real encoder
+    output with every cross-attention muted by ``mute`` (a context manager): the reference's
+    internal LM, computed without the decoder-alone path."""
+    labels = batch["labels"]
+    with torch.no_grad(), mute(model):
+        out = model(**{k: v for k, v in batch.items() if k != "labels"},
+                    decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=labels),
+                    output_hidden_states=True)
+    report = {}
+    for name, fn in head_of_layer(out).items():
+        logits = fn()
+        ppls = []
+        for b in range(labels.shape[0]):
+            keep = labels[b] != -100
+            ce = torch.nn.functional.cross_entropy(logits[b][keep], labels[b][keep])
+            ppls.append(math.exp(float(ce.detach())))
+        report[name] = sum(ppls) / len(ppls)
+    return report
+
+
+def _mute_t5_cross_attention(model):
+    """T5LayerCrossAttention returns ``hidden + attention``: make it return ``hidden`` (skip)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx(m):
+        blocks = [blk.layer[1] for blk in m.decoder.block]
+        handles = [c.register_forward_hook(lambda mod, args, kwargs, out: (kwargs.get("hidden_states", args[0] if args else None),) + tuple(out[1:]),
+                                           with_kwargs=True) for c in blocks]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+    return ctx
+
+
+def _mute_gpt2_cross_attention(model):
+    """GPT-2 adds ``crossattention(...)[0]`` to the residual stream: make it add zeros."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx(m):
+        handles = [blk.crossattention.register_forward_hook(lambda mod, args, out: (torch.zeros_like(out[0]),) + tuple(out[1:]))
+                   for blk in m.decoder.transformer.h]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+    return ctx
+
+
 def test_internal_lm_perplexity_seq2seq():
     tok = build_char_tokenizer()
     tok.padding_side = "right"
@@ -357,19 +411,62 @@ def test_internal_lm_perplexity_seq2seq():
     from trainers.decred import attach_heads
 
     attach_heads(model, options)
+    torch.nn.init.normal_(model.decred_heads.heads["2"].weight)  # not a copy of the LM head
     batch = seq2seq_batch(tok, model)
     normal = evaluate_heads(model, [batch], options)
     ilm = evaluate_heads(model, [batch], options, internal_lm=True)
     assert set(normal) == set(ilm) == {"loss_l2", "ppl_l2", "loss_final", "ppl_final"}
-    # the internal LM = decoder with one all-zero encoder state
+    # reference: cross-attention skipped (the full model with its cross-attention sub-layers
+    # muted), mean over utterances of exp(mean CE)
+    ref = _explicit_ilm(model, batch, lambda out: {
+        "ppl_final": lambda: out.logits,
+        "ppl_l2": lambda: model.decred_heads.heads["2"](out.decoder_hidden_states[2])}, _mute_t5_cross_attention(model))
+    assert ilm["ppl_final"] == pytest.approx(ref["ppl_final"], rel=1e-5)
+    assert ilm["ppl_l2"] == pytest.approx(ref["ppl_l2"], rel=1e-5)
+    # the per-utterance mean differs from the token-pooled exp(loss)
+    assert ilm["ppl_final"] != pytest.approx(math.exp(ilm["loss_final"]), rel=1e-4)
+    assert ilm["loss_final"] != pytest.approx(normal["loss_final"])
+    # the earlier variant, kept as "zero_state": one all-zero encoder state, exp of the token mean
     from transformers.modeling_outputs import BaseModelOutput
 
+    zero = evaluate_heads(model, [batch], options, internal_lm="zero_state")
     with torch.no_grad():
         zeros = BaseModelOutput(last_hidden_state=torch.zeros(2, 1, 32))
         logits = model(encoder_outputs=zeros, labels=batch["labels"]).logits
-    ref = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"], ignore_index=-100)
-    assert ilm["loss_final"] == pytest.approx(float(ref), rel=1e-5)
-    assert ilm["loss_final"] != pytest.approx(normal["loss_final"])
+    pooled = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"], ignore_index=-100)
+    assert zero["loss_final"] == pytest.approx(float(pooled), rel=1e-5)
+    assert zero["ppl_final"] == pytest.approx(math.exp(float(pooled)), rel=1e-5)
+    # T5's attention has no biases: a zero encoder state gives zero cross-attention output, so
+    # here (not for GPT-2, below) the two token means agree
+    assert zero["loss_final"] == pytest.approx(ilm["loss_final"], rel=1e-5)
+    with pytest.raises(ValueError, match="internal_lm"):
+        evaluate_heads(model, [batch], options, internal_lm="zeros")
+
+
+def test_internal_lm_speech_decoder_skips_cross_attention():
+    tok = build_char_tokenizer()
+    model = tiny_speech(len(tok))
+    options = DeCREDOptions(layers=[2], weights=[0.3, 0.7], ctc_weight=0.3)
+    from trainers.decred import attach_heads
+
+    attach_heads(model, options)
+    torch.manual_seed(2)
+    for block in model.decoder.transformer.h:  # trained biases are not zero (fresh ones are)
+        for proj in (block.crossattention.c_attn, block.crossattention.q_attn, block.crossattention.c_proj):
+            torch.nn.init.normal_(proj.bias, std=0.5)
+    batch = {"input_values": torch.randn(2, 1600), "attention_mask": torch.ones(2, 1600, dtype=torch.long),
+             "labels": torch.tensor([[10, 11, 12, 2], [13, 14, 2, -100]])}
+    ilm = evaluate_heads(model, [batch], options, internal_lm=True)
+    ref = _explicit_ilm(model, batch, lambda out: {
+        "ppl_final": lambda: out.logits,
+        "ppl_l2": lambda: model.decred_heads.heads["2"](out.decoder_hidden_states[2])}, _mute_gpt2_cross_attention(model))
+    assert ilm["ppl_final"] == pytest.approx(ref["ppl_final"], rel=1e-5)
+    assert ilm["ppl_l2"] == pytest.approx(ref["ppl_l2"], rel=1e-5)
+    normal = evaluate_heads(model, [batch], options)
+    assert normal["loss_final"] != pytest.approx(ilm["loss_final"])  # the encoder does matter
+    # GPT-2's cross-attention projections have biases: a zero encoder state still adds a constant
+    zero = evaluate_heads(model, [batch], options, internal_lm="zero_state")
+    assert zero["loss_final"] != pytest.approx(ilm["loss_final"], rel=1e-4)
 
 
 # ------------------------------------------------------------------ speech + CTC
