@@ -26,6 +26,7 @@ from trainers.decred import (
     DeCREDSFTTrainer,
     averaged_logits,
     chunked_head_loss,
+    active_layers,
     curriculum_mask,
     evaluate_heads,
     from_pretrained_with_heads,
@@ -33,6 +34,7 @@ from trainers.decred import (
     label_smoothed_ce,
     layer_scales,
     seq2seq_args,
+    step_weights,
 )
 
 ROWS = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in [(12, 34), (7, 5), (99, 1), (3, 4)] * 4]
@@ -86,26 +88,92 @@ def test_layer_scales_documented_values():
         layer_scales(layers, L, "cubic")
 
 
+def test_layer_scales_match_torchtune_by_hand():
+    """torchtune's scale functions take the 0-based ids of the active layers (final included),
+    use l = id + 1 and normalise over them; sum_l is torch.cumsum over those active l only."""
+    # active heads after blocks 2 and 6 of 8 (+ final 8): l = 2, 6, 8
+    assert layer_scales([2, 4, 6], 8, "sum_l", [True, False, True]) == pytest.approx([2 / 26, 0, 8 / 26, 16 / 26])
+    assert layer_scales([2, 6], 8, "sum_l") == pytest.approx([2 / 26, 8 / 26, 16 / 26])
+    assert layer_scales([2, 4, 6], 8, "l", [True, False, True]) == pytest.approx([2 / 16, 0, 6 / 16, 8 / 16])
+    assert layer_scales([2, 4, 6], 8, "inv_l", [True, False, True]) == pytest.approx(
+        [v / (1 / 2 + 1 / 6 + 1 / 8) for v in (1 / 2, 0, 1 / 6, 1 / 8)])
+    # the LayerSkip config's heads, 0::4 on 24 blocks: l = 1, 5, 9, 13, 17, 21, 24
+    cum = [1, 6, 15, 28, 45, 66, 90]
+    assert layer_scales([1, 5, 9, 13, 17, 21], 24, "sum_l") == pytest.approx([c / 251 for c in cum])
+    # only the final head: weight 1
+    assert layer_scales([3], 4, "sum_l", [False]) == pytest.approx([0, 1])
+
+
+def _torchtune_rotational(initial: list[bool], steps: int) -> list[bool]:
+    """RotationalEarlyExitCurriculum as its recipe drives it: np.roll by 1 per optimiser step."""
+    import numpy as np
+
+    mask = np.array(initial)
+    for _ in range(steps):
+        mask = np.roll(mask, 1)
+    return mask.tolist()
+
+
+def _torchtune_gradual(initial: list[bool], max_steps: int, steps: int) -> list[bool]:
+    """GradualEarlyExitCurriculum: all off, then each step() computes the mask from its counter
+    (fraction = counter / max_steps, threshold 0.5 (n - i) / n over 0-based i) and increments it."""
+    n, mask, counter = len(initial), [False] * len(initial), 0
+    for _ in range(steps):
+        mask = [counter / max_steps >= 0.5 * (n - i) / n and initial[i] for i in range(n)]
+        counter += 1
+    return mask
+
+
+def test_curricula_match_torchtune():
+    L = 8
+    # rotational: blocks 1 and 5 of 8 (0-based 0, 4) roll one block per step over all blocks
+    assert active_layers([1, 5], L, 0, 100, "rotational") == [1, 5]
+    assert active_layers([1, 5], L, 1, 100, "rotational") == [2, 6]
+    assert active_layers([1, 5], L, 3, 100, "rotational") == [4]  # block 8 is the final head
+    assert active_layers([1, 5], L, 4, 100, "rotational") == [1, 5]
+    assert active_layers([2, 3], L, 7, 100, "rotational") == [1, 2]
+    # gradual: l on once (step - 1)/max ≥ 0.5 (L - l + 1)/L: l=6 from step 20, l=4 from 33, l=2 from 45
+    layers = [2, 4, 6]
+    assert active_layers(layers, L, 0, 100, "gradual") == []
+    assert active_layers(layers, L, 19, 100, "gradual") == []
+    assert active_layers(layers, L, 20, 100, "gradual") == [6]
+    assert active_layers(layers, L, 32, 100, "gradual") == [6]
+    assert active_layers(layers, L, 33, 100, "gradual") == [4, 6]
+    assert active_layers(layers, L, 44, 100, "gradual") == [4, 6]
+    assert active_layers(layers, L, 45, 100, "gradual") == [2, 4, 6]
+    # against the emulated torchtune classes for a few layer sets and every step
+    for layers, L, max_steps in [([1, 5], 8, 40), ([2, 4, 6], 8, 30), ([1, 5, 9, 13, 17, 21], 24, 60), ([3], 4, 10)]:
+        initial = [b in layers for b in range(1, L + 1)]
+        for step in range(max_steps + 3):
+            rolled = _torchtune_rotational(initial, step)
+            assert active_layers(layers, L, step, max_steps, "rotational") == [b for b in range(1, L) if rolled[b - 1]]
+            gradual = _torchtune_gradual(initial, max_steps, step)
+            assert active_layers(layers, L, step, max_steps, "gradual") == [b for b in range(1, L) if gradual[b - 1]]
+
+
 def test_curricula():
     layers, L = [2, 4, 6], 8
     assert curriculum_mask(layers, L, 5, 10) == [True, True, True]
-    assert curriculum_mask(layers, L, 0, 10, "rotational", rotation=2) == [True, False, True]
-    assert curriculum_mask(layers, L, 1, 10, "rotational", rotation=2) == [False, True, False]
-    assert curriculum_mask(layers, L, 4, 10, "rotational", rotation=3) == [False, True, False]
-    # gradual: layer l on once step/max ≥ 0.5 (L - l)/L  -> l=6 at 0.125, l=4 at 0.25, l=2 at 0.375
-    assert curriculum_mask(layers, L, 0, 100, "gradual") == [False, False, False]
-    assert curriculum_mask(layers, L, 13, 100, "gradual") == [False, False, True]
-    assert curriculum_mask(layers, L, 25, 100, "gradual") == [False, True, True]
-    assert curriculum_mask(layers, L, 38, 100, "gradual") == [True, True, True]
+    assert curriculum_mask(layers, L, 0, 10, "round_robin", rotation=2) == [True, False, True]
+    assert curriculum_mask(layers, L, 1, 10, "round_robin", rotation=2) == [False, True, False]
+    assert curriculum_mask(layers, L, 4, 10, "round_robin", rotation=3) == [False, True, False]
+    assert curriculum_mask(layers, L, 2, 10, "rotational") == [False, True, True]  # rolled to blocks 4, 6, 8
+    assert active_layers(layers, L, 2, 10, "rotational") == [4, 6]
+    with pytest.raises(ValueError, match="head: shared"):
+        DeCREDOptions(layers=[2], curriculum="rotational")
+    with pytest.raises(ValueError, match="head: shared"):
+        DeCREDOptions(layers=[2], head="shared", weights=[0.3, 0.7], curriculum="rotational")
 
 
 def test_head_weights_fixed_and_scaled():
     fixed = DeCREDOptions(layers=[6], weights=[0.3, 0.7])
     assert head_weights(fixed, 8) == [0.3, 0.7]
-    rot = DeCREDOptions(layers=[2, 4], weights=[0.2, 0.3, 0.5], curriculum="rotational")
+    rot = DeCREDOptions(layers=[2, 4], weights=[0.2, 0.3, 0.5], curriculum="round_robin")
     assert head_weights(rot, 8, step=1) == [0.0, 0.3, 0.5]  # fixed weights are zeroed, not renormalised
-    scaled = DeCREDOptions(layers=[2, 4], scale="l", curriculum="rotational")
+    scaled = DeCREDOptions(layers=[2, 4], scale="l", curriculum="round_robin")
     assert head_weights(scaled, 8, step=0) == pytest.approx([2 / 10, 0, 8 / 10])
+    rolled = DeCREDOptions(layers=[2, 4], head="shared", scale="sum_l", curriculum="rotational")
+    assert step_weights(rolled, 8, step=1) == pytest.approx({3: 3 / 27, 5: 8 / 27, 8: 16 / 27})  # l = 3, 5, 8
     with pytest.raises(ValueError, match="one weight per aux layer"):
         DeCREDOptions(layers=[2, 4], weights=[0.3, 0.7])
     with pytest.raises(ValueError, match="1..7"):
@@ -196,13 +264,21 @@ def test_sft_loss_equals_formula(tmp_path, head, final_norm, eps):
 def test_sft_scaled_weights_and_curriculum_in_loss(tmp_path):
     tok = build_char_tokenizer()
     model = tiny()
-    options = DeCREDOptions(layers=[1, 2, 3], head="shared", scale="sum_l", curriculum="rotational", rotation=2)
+    options = DeCREDOptions(layers=[1, 2], head="shared", scale="sum_l", curriculum="rotational")
     trainer = DeCREDSFTTrainer(model=model, args=sft_args(tmp_path), train_dataset=Dataset.from_list(ROWS),
                                processing_class=tok, decred=options)
     batch = causal_batch(tok)
-    trainer.state.global_step, trainer.state.max_steps = 1, 10  # step 1: only the aux head at layer 2
+    trainer.state.global_step, trainer.state.max_steps = 1, 10  # step 1: blocks 1, 2 rolled to 2, 3 (+ final 4)
     ours = trainer.compute_loss(trainer.model, dict(batch))
-    ref = explicit_causal(model, batch, options, [0, 3 / 13, 0, 10 / 13])
+    wide = DeCREDOptions(layers=[1, 2, 3], head="shared")  # explicit_causal reads layers from its options
+    ref = explicit_causal(model, batch, wide, [0, 2 / 16, 5 / 16, 9 / 16])
+    assert float(ours) == pytest.approx(float(ref), rel=1e-5)
+    round_robin = DeCREDOptions(layers=[1, 2, 3], head="shared", scale="sum_l", curriculum="round_robin", rotation=2)
+    trainer = DeCREDSFTTrainer(model=model, args=sft_args(tmp_path), train_dataset=Dataset.from_list(ROWS),
+                               processing_class=tok, decred=round_robin)
+    trainer.state.global_step, trainer.state.max_steps = 1, 10  # round robin, step 1: only the head at block 2
+    ours = trainer.compute_loss(trainer.model, dict(batch))
+    ref = explicit_causal(model, batch, round_robin, [0, 2 / 8, 0, 6 / 8])
     assert float(ours) == pytest.approx(float(ref), rel=1e-5)
 
 

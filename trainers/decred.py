@@ -52,12 +52,12 @@ from .rlif import RLIFTrainer
 SCALES: dict[str, Callable[[int], float]] = {
     "uniform": lambda l: 1.0,
     "l": lambda l: float(l),
-    "sum_l": lambda l: l * (l + 1) / 2.0,  # Σ_{i≤l} i
+    "sum_l": lambda l: float(l),  # summed cumulatively over the active heads in layer_scales
     "sqrt_l": lambda l: math.sqrt(l),
     "inv_l": lambda l: 1.0 / l,
     "inv_sqrt_l": lambda l: 1.0 / math.sqrt(l),
 }
-CURRICULA = ("none", "rotational", "gradual")
+CURRICULA = ("none", "rotational", "gradual", "round_robin")
 IGNORE = -100
 
 
@@ -82,9 +82,11 @@ class DeCREDOptions:
         "help": "fixed head weights, one per aux layer then the final head (DeCRED: [0.3, 0.7]); overrides scale"})
     scale: Literal["uniform", "l", "sum_l", "sqrt_l", "inv_l", "inv_sqrt_l"] = field(default="uniform", metadata={
         "help": "LayerSkip per-layer scale s(l), normalised over the active heads (used when weights is null)"})
-    curriculum: Literal["none", "rotational", "gradual"] = field(default="none", metadata={
-        "help": "which aux heads are on at a step: all, a rotating subset, or switched on gradually"})
-    rotation: int = field(default=2, metadata={"help": "rotational curriculum: aux head i is on when i ≡ step (mod rotation)"})
+    curriculum: Literal["none", "rotational", "gradual", "round_robin"] = field(default="none", metadata={
+        "help": "which aux heads are on at a step: all; rotational (torchtune: the set of layers rolls by one block per "
+                "step over all blocks, shared head only); gradual (torchtune: deep layers first); round_robin (aux head i "
+                "when i ≡ step mod rotation)"})
+    rotation: int = field(default=2, metadata={"help": "round_robin curriculum: aux head i is on when i ≡ step (mod rotation)"})
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing ε of every head's cross-entropy"})
     chunk_size: int = field(default=1024, metadata={"help": "tokens per chunk of a head projection"})
     ctc_weight: float = field(default=0.0, metadata={
@@ -112,6 +114,9 @@ class DeCREDOptions:
             raise ValueError("decred.ctc_weight must be in [0, 1)")
         if self.rotation < 1 or self.chunk_size < 1:
             raise ValueError("decred.rotation and decred.chunk_size must be positive")
+        if self.curriculum == "rotational" and (self.head != "shared" or self.weights is not None):
+            raise ValueError("decred.curriculum rotational rolls the heads over every decoder block (torchtune), so it "
+                             "needs head: shared and weights: null (scale weights); use round_robin for separate heads")
 
     def check_depth(self, num_layers: int) -> None:
         if self.layers and self.layers[-1] >= num_layers:
@@ -120,50 +125,94 @@ class DeCREDOptions:
 
 
 def layer_scales(layers: list[int], num_layers: int, scale: str = "uniform", active: list[bool] | None = None) -> list[float]:
-    """LayerSkip weights of heads at ``layers`` plus the final layer ``L = num_layers``:
-    ``w_l = s(l) / Σ_{j active} s(j)`` for active heads, 0 otherwise (the final head is always
-    active). ``s`` is one of :data:`SCALES`: ``1, l, Σ_{i≤l} i, √l, 1/l, 1/√l``.
+    """LayerSkip weights of heads at ``layers`` plus the final layer ``L = num_layers``, as
+    torchtune's ``early_exit_loss`` scale functions compute them: with ``a_1 < ... < a_m = L`` the
+    active heads (the final head is always active), ``w_{a_j} = s_j / Σ_i s_i`` and 0 for the
+    others, where ``s_j`` is ``1, a_j, √a_j, 1/a_j, 1/√a_j`` or, for ``sum_l``, the cumulative
+    ``Σ_{i≤j} a_i`` over the *active* heads (not ``Σ_{i≤l} i``).
 
     >>> [round(w, 3) for w in layer_scales([1, 2], 4, "l")]
     [0.143, 0.286, 0.571]
+    >>> [round(w, 3) for w in layer_scales([1, 2, 3], 4, "sum_l", [True, False, True])]
+    [0.077, 0.0, 0.308, 0.615]
     """
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; expected one of {sorted(SCALES)}")
     all_layers = [*layers, num_layers]
     active = [True] * len(all_layers) if active is None else [*active[: len(layers)], True]
     raw = [SCALES[scale](l) if on else 0.0 for l, on in zip(all_layers, active)]
+    if scale == "sum_l":
+        raw = [sum(raw[: i + 1]) if on else 0.0 for i, on in enumerate(active)]
     total = sum(raw)
     return [r / total for r in raw]
 
 
-def curriculum_mask(layers: list[int], num_layers: int, step: int, max_steps: int, curriculum: str = "none",
-                    rotation: int = 2) -> list[bool]:
-    """Which aux heads are on at ``step`` (one flag per aux layer; the final head is always on).
+def active_layers(layers: list[int], num_layers: int, step: int, max_steps: int, curriculum: str = "none",
+                  rotation: int = 2) -> list[int]:
+    """The aux layers (1-based blocks ``< L``) whose heads are on at optimiser step ``step``; the
+    final head is always on. torchtune's ``early_exit_loss`` curricula, as its recipe steps them
+    (``step`` = number of optimiser steps done):
 
-    * ``none``: all.
-    * ``rotational``: aux head ``i`` (0-based position in ``layers``) iff ``i ≡ step (mod rotation)``.
-    * ``gradual``: layer ``l`` iff ``step / max_steps ≥ 0.5 · (L - l) / L`` (deep layers first).
+    * ``none``: ``layers``.
+    * ``rotational`` (``RotationalEarlyExitCurriculum``): the per-block on/off mask over all ``L``
+      blocks rolls by one block per step: block ``b`` is on iff ``((b - 1 - step) mod L) + 1 ∈
+      layers``; a layer that rolls onto block ``L`` merges with the final head.
+    * ``gradual`` (``GradualEarlyExitCurriculum``, ``fraction_scale`` 0.5): ``l ∈ layers`` is on iff
+      ``(step - 1) / max_steps ≥ 0.5 · (L - l + 1) / L`` (deep layers first; torchtune computes the
+      mask for step ``s`` from its step counter ``s - 1``, so nothing is on at steps 0 and 1).
+    * ``round_robin`` (ours): the ``i``-th aux layer (0-based position in ``layers``) iff
+      ``i ≡ step (mod rotation)``.
 
-    >>> curriculum_mask([1, 2, 3], 4, step=1, max_steps=10, curriculum="rotational")
-    [False, True, False]
+    >>> active_layers([1, 5], 8, step=3, max_steps=10, curriculum="rotational")
+    [4]
     """
+    L = num_layers
     if curriculum == "none":
-        return [True] * len(layers)
+        return list(layers)
     if curriculum == "rotational":
-        return [i % rotation == step % rotation for i in range(len(layers))]
+        return [b for b in range(1, L) if ((b - 1 - step) % L) + 1 in layers]
     if curriculum == "gradual":
-        progress = step / max(max_steps, 1)
-        return [progress >= 0.5 * (num_layers - l) / num_layers for l in layers]
+        progress = (step - 1) / max(max_steps, 1)
+        return [l for l in layers if progress >= 0.5 * (L - l + 1) / L]
+    if curriculum == "round_robin":
+        return [l for i, l in enumerate(layers) if i % rotation == step % rotation]
     raise ValueError(f"unknown curriculum {curriculum!r}; expected one of {CURRICULA}")
 
 
-def head_weights(options: DeCREDOptions, num_layers: int, step: int = 0, max_steps: int = 1) -> list[float]:
-    """Weights of the aux heads then the final head at ``step``: fixed ``options.weights``
-    (inactive heads zeroed, not renormalised) or :func:`layer_scales` over the active heads."""
-    active = curriculum_mask(options.layers, num_layers, step, max_steps, options.curriculum, options.rotation)
+def curriculum_mask(layers: list[int], num_layers: int, step: int, max_steps: int, curriculum: str = "none",
+                    rotation: int = 2) -> list[bool]:
+    """:func:`active_layers` as one flag per configured aux layer (a rotational curriculum can
+    also switch on blocks outside ``layers``: see :func:`step_weights`).
+
+    >>> curriculum_mask([1, 2, 3], 4, step=1, max_steps=10, curriculum="round_robin")
+    [False, True, False]
+    """
+    on = set(active_layers(layers, num_layers, step, max_steps, curriculum, rotation))
+    return [l in on for l in layers]
+
+
+def hooked_layers(options: DeCREDOptions, num_layers: int) -> list[int]:
+    """Blocks whose outputs a step may need: every block ``< L`` under the rotational curriculum."""
+    return list(range(1, num_layers)) if options.curriculum == "rotational" else list(options.layers)
+
+
+def step_weights(options: DeCREDOptions, num_layers: int, step: int = 0, max_steps: int = 1) -> dict[int, float]:
+    """``{layer: w}`` of every head at ``step``, the final head (``num_layers``) last: fixed
+    ``options.weights`` (inactive heads zeroed, not renormalised) or :func:`layer_scales` over
+    the active heads; layers off at this step are left out."""
+    on = active_layers(options.layers, num_layers, step, max_steps, options.curriculum, options.rotation)
     if options.weights is not None:
-        return [w if on else 0.0 for w, on in zip(options.weights, [*active, True])]
-    return layer_scales(options.layers, num_layers, options.scale, active)
+        fixed = dict(zip([*options.layers, num_layers], options.weights))
+        return {**{l: fixed[l] for l in on}, num_layers: fixed[num_layers]}
+    weights = layer_scales(on, num_layers, options.scale)
+    return dict(zip([*on, num_layers], weights))
+
+
+def head_weights(options: DeCREDOptions, num_layers: int, step: int = 0, max_steps: int = 1) -> list[float]:
+    """:func:`step_weights` as a list over the configured aux layers then the final head (0 for a
+    head that is off)."""
+    weights = step_weights(options, num_layers, step, max_steps)
+    return [weights.get(l, 0.0) for l in [*options.layers, num_layers]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,7 +503,8 @@ class DeCREDRegularizer:
             attach_heads(self.parts.model, options)
         self.states: dict | None = None
         self._inside: Callable | None = None
-        self._handles = [self.parts.layers[l - 1].register_forward_hook(self._hook(l)) for l in options.layers]
+        self._handles = [self.parts.layers[l - 1].register_forward_hook(self._hook(l))
+                         for l in hooked_layers(options, self.parts.num_layers)]
         self._handles.append(self.parts.model.register_forward_hook(self._top_hook))
         if self.parts.backbone is not None:
             self._handles.append(self.parts.backbone.register_forward_hook(self._hook("final")))
@@ -550,10 +600,11 @@ class DeCREDRegularizer:
         return out
 
     def weights(self, step: int, max_steps: int) -> dict[int, float]:
-        w = head_weights(self.options, self.num_layers, step, max_steps)
+        w = step_weights(self.options, self.num_layers, step, max_steps)
         if self.options.detach:  # probes: the model sees plain fine-tuning
-            w = [1.0 if self.options.weights is None else w_ for w_ in w[:-1]] + [1.0]
-        return dict(zip([*self.options.layers, self.num_layers], w))
+            w = {l: (1.0 if self.options.weights is None else v) for l, v in w.items()}
+            w[self.num_layers] = 1.0
+        return w
 
     def ctc(self, labels: torch.Tensor, input_lengths: torch.Tensor | None, blank: int) -> torch.Tensor:
         """CTC loss of the CTC head on the captured encoder states."""
