@@ -75,7 +75,8 @@ class DeCREDOptions:
     head: Literal["separate", "shared"] = field(default="separate", metadata={
         "help": "separate: a new linear head per layer (DeCRED); shared: the model's final norm + LM head (LayerSkip)"})
     init: Literal["lm_head", "random"] = field(default="lm_head", metadata={
-        "help": "initialisation of separate heads: a copy of the LM head, or random"})
+        "help": "initialisation of separate heads: a copy of the LM head, or random (N(0, initializer_range), as "
+                "transformers initialises a new Linear; the CTC head always is)"})
     final_norm: bool = field(default=False, metadata={
         "help": "apply the model's final norm to intermediate states before a separate head (shared heads always do)"})
     weights: list[float] | None = field(default=None, metadata={
@@ -399,6 +400,15 @@ def attach_heads(model: nn.Module, options: DeCREDOptions) -> DeCREDHeads:
                         bias=getattr(lm, "bias", None) is not None, ctc_dim=ctc_dim,
                         ctc_vocab=parts.vocab_size if ctc_dim else None)
     heads.to(device=lm.weight.device, dtype=lm.weight.dtype)
+    with torch.no_grad():  # new Linear layers as transformers initialises them: N(0, initializer_range), zero bias
+        text = top.config.get_text_config(decoder=True) if hasattr(top.config, "get_text_config") else top.config
+        new = [(h, getattr(text, "initializer_range", 0.02)) for h in heads.heads.values()] if options.init == "random" else []
+        if heads.ctc is not None:
+            new.append((heads.ctc, getattr(parts.encoder.config, "initializer_range", 0.02)))
+        for linear, std in new:
+            linear.weight.normal_(0.0, std)
+            if linear.bias is not None:
+                linear.bias.zero_()
     if options.init == "lm_head":
         from trl.trainer.utils import maybe_gather_lm_head_ctx
 
