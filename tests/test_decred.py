@@ -545,6 +545,53 @@ def test_internal_lm_speech_decoder_skips_cross_attention():
     assert zero["loss_final"] != pytest.approx(ilm["loss_final"], rel=1e-4)
 
 
+def _mute_bart_cross_attention(model):
+    """BART's cross-attention sub-layer is ``LN(hidden + attention)`` (post-LN): make it the
+    identity (attention adds zeros, the norm passes its input through), i.e. skip it."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx(m):
+        handles = []
+        for layer in m.model.decoder.layers:
+            handles.append(layer.encoder_attn.register_forward_hook(
+                lambda mod, args, out: (torch.zeros_like(out[0]),) + tuple(out[1:])))
+            handles.append(layer.encoder_attn_layer_norm.register_forward_hook(lambda mod, args, out: args[0]))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+    return ctx
+
+
+def test_internal_lm_bart_skips_the_cross_attention_sublayer():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    tok = build_char_tokenizer()
+    config = BartConfig(vocab_size=len(tok), d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                        pad_token_id=tok.pad_token_id, bos_token_id=1, eos_token_id=tok.eos_token_id,
+                        decoder_start_token_id=1, forced_eos_token_id=None)
+    torch.manual_seed(3)
+    model = BartForConditionalGeneration(config).eval()
+    torch.nn.init.normal_(model.final_logits_bias)  # the logit bias must be in both paths
+    for layer in model.model.decoder.layers:  # trained norms are not the identity on normed input
+        torch.nn.init.normal_(layer.encoder_attn_layer_norm.weight, 1.0, 0.3)
+        torch.nn.init.normal_(layer.encoder_attn_layer_norm.bias, 0.0, 0.3)
+    options = DeCREDOptions(layers=[2], weights=[0.3, 0.7])
+    from trainers.decred import attach_heads
+
+    attach_heads(model, options)
+    batch = seq2seq_batch(tok, model)
+    ilm = evaluate_heads(model, [batch], options, internal_lm=True)
+    ref = _explicit_ilm(model, batch, lambda out: {
+        "ppl_final": lambda: out.logits,
+        "ppl_l2": lambda: model.decred_heads.heads["2"](out.decoder_hidden_states[2])}, _mute_bart_cross_attention(model))
+    assert ilm["ppl_final"] == pytest.approx(ref["ppl_final"], rel=1e-5)
+    assert ilm["ppl_l2"] == pytest.approx(ref["ppl_l2"], rel=1e-5)
+
+
 # ------------------------------------------------------------------ speech + CTC
 
 
