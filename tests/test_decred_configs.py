@@ -21,13 +21,14 @@ BOOKKEEPING = {"description", "launch", "trainer.output_dir"}
 
 
 def provenance_tables() -> dict[str, dict[str, tuple[object, str]]]:
-    """``{config path: {key: (value, source)}}`` from the ``#### `configs/...` `` tables of §8."""
+    """``{config path: {key: (value, source)}}`` from the tables of §8, each after a line
+    ``Config: `configs/...` ...`` (the convention of every provenance table in METHODS.md)."""
     text = METHODS.read_text()
     section = text[text.index("## 8. DeCRED and LayerSkip"):text.index("## 9. Self-improvement")]
     tables: dict[str, dict] = {}
     current = None
     for line in section.splitlines():
-        heading = re.match(r"#### `(configs/[^`]+\.yaml)`", line)
+        heading = re.match(r"^Config: `(configs/[^`]+\.yaml)`", line)
         if heading:
             current = tables.setdefault(heading.group(1), {})
             continue
