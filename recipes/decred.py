@@ -30,7 +30,7 @@ from .cli import main
 from .config import ConfigError, ModelConfig, RecipeConfig
 from .data import load_split, to_sft_format
 from .modeling import load_model, load_tokenizer, lora_config
-from .speech import SpeechConfig, speech_batches, speech_data, speech_model, speech_report
+from .speech import SpeechConfig, load_speech_model, speech_batches, speech_data, speech_model, speech_report
 from .training import held_out, outside_zero3, parameters_sharded, resume_argument, train_and_evaluate
 
 
@@ -104,7 +104,8 @@ def evaluate_run(cfg: DeCREDRecipeConfig, trainer, tokenizer, test) -> dict:
     with outside_zero3():
         model = trainer.model
         if parameters_sharded(trainer):
-            model = from_pretrained_with_heads(trainer.args.output_dir).to(trainer.accelerator.device).eval()
+            load = load_speech_model if cfg.speech is not None else from_pretrained_with_heads
+            model = load(trainer.args.output_dir).to(trainer.accelerator.device).eval()
         return _evaluate_heads_of(cfg, trainer, model, tokenizer, test)
 
 

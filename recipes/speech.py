@@ -39,6 +39,11 @@ class SpeechConfig:
     max_target_length: int = field(default=256, metadata={"help": "longest transcript in tokens"})
     lowercase: bool = field(default=False, metadata={"help": "lower-case transcripts"})
     eval_max_new_tokens: int = field(default=128, metadata={"help": "greedy decoding budget for the held-out WER"})
+    mask_unks: bool = field(default=False, metadata={
+        "help": "labels equal to the unknown token are ignored (-100) by the CE and CTC losses (the reference's --mask_unks)"})
+    decoder_pos_emb_fixed: bool = field(default=False, metadata={
+        "help": "GPT-2 decoder: token embedding × √d plus fixed sinusoidal positions instead of learned ones "
+                "(the reference's --decoder_pos_emb_fixed)"})
     seed: int = field(default=0, metadata={"help": "initialisation seed (same for the baseline run)"})
 
 
@@ -82,6 +87,8 @@ class SpeechCollator:
                + [self.tokenizer.eos_token_id] for t in texts]
         longest = max(len(i) for i in ids)
         labels = torch.tensor([i + [-100] * (longest - len(i)) for i in ids])
+        if s.mask_unks and self.tokenizer.unk_token_id is not None:
+            labels = labels.masked_fill(labels == self.tokenizer.unk_token_id, -100)
         return {"input_values": audio["input_values"], "attention_mask": audio["attention_mask"], "labels": labels}
 
 
@@ -110,6 +117,58 @@ def speech_data(cfg, out_dir: Path):
     return tokenizer, splits["train"], splits.get("test"), SpeechCollator(tokenizer, s)
 
 
+class ScaledEmbedding(torch.nn.Embedding):
+    """Token embedding times ``√d`` (the reference's ``AdaptiveEmbedding`` without cut-offs)."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(input_ids) * self.embedding_dim**0.5
+
+
+class SinusoidalPositions(torch.nn.Module):
+    """Fixed positions ``pe(p) = [sin(p ω_0), ..., sin(p ω_{d/2-1}), cos(p ω_0), ..., cos(p ω_{d/2-1})]``,
+    ``ω_i = 10000^{-2i/d}`` (sines then cosines, as the reference's ``PositionalEmbedding``); no weights."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0.0, dim, 2.0) / dim)), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        angles = position_ids[..., None].float() * self.inv_freq.float()
+        return torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.inv_freq.dtype)
+
+
+def use_fixed_positions(decoder) -> None:
+    """Swap a GPT-2 decoder's learned positions for :class:`SinusoidalPositions` and its token
+    embedding for a :class:`ScaledEmbedding` over the same weight; marks ``config.pos_emb_fixed``
+    (idempotent; call it again after ``from_pretrained``: :func:`load_speech_model`)."""
+    body = getattr(decoder, "transformer", None)
+    if body is None or not hasattr(body, "wpe"):
+        raise ValueError(f"speech.decoder_pos_emb_fixed needs a GPT-2 decoder, got {type(decoder).__name__}")
+    if not isinstance(body.wte, ScaledEmbedding):
+        old = body.wte
+        new = ScaledEmbedding(old.num_embeddings, old.embedding_dim, padding_idx=old.padding_idx,
+                              device=old.weight.device, dtype=old.weight.dtype)
+        new.weight = old.weight  # same parameter: loaded values and any tying survive
+        body.wte = new
+    if not isinstance(body.wpe, SinusoidalPositions):
+        body.wpe = SinusoidalPositions(body.embed_dim).to(body.wte.weight.device, body.wte.weight.dtype)
+    decoder.config.pos_emb_fixed = True
+
+
+def load_speech_model(path):
+    """A saved speech model as trained: ``SpeechEncoderDecoderModel.from_pretrained``, the fixed
+    positions re-applied when its decoder config says so, and its DeCRED heads."""
+    from transformers import SpeechEncoderDecoderModel
+
+    from trainers.decred import load_heads
+
+    model = SpeechEncoderDecoderModel.from_pretrained(path)
+    if getattr(model.config.decoder, "pos_emb_fixed", False):
+        use_fixed_positions(model.decoder)
+    load_heads(model, path)
+    return model
+
+
 def speech_model(s: SpeechConfig, tokenizer):
     """A random-init ``SpeechEncoderDecoderModel`` from ``s.encoder`` and ``s.decoder`` configs."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, SpeechEncoderDecoderModel
@@ -125,6 +184,10 @@ def speech_model(s: SpeechConfig, tokenizer):
         raise ValueError(f"speech.encoder / speech.decoder need a valid model_type: {err}") from None
     torch.manual_seed(s.seed)
     model = SpeechEncoderDecoderModel(encoder=AutoModel.from_config(enc_cfg), decoder=AutoModelForCausalLM.from_config(dec_cfg))
+    if s.decoder_pos_emb_fixed:
+        use_fixed_positions(model.decoder)
+        torch.nn.init.normal_(model.decoder.transformer.wte.weight)  # N(0, 1), as the reference's fresh embedding
+        model.config.decoder.pos_emb_fixed = True
     for config in (model.config, model.generation_config):
         config.decoder_start_token_id = tokenizer.bos_token_id
         config.pad_token_id = tokenizer.pad_token_id

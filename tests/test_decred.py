@@ -26,6 +26,7 @@ from trainers.decred import (
     DeCREDSFTTrainer,
     averaged_logits,
     chunked_head_loss,
+    active_layers,
     curriculum_mask,
     evaluate_heads,
     from_pretrained_with_heads,
@@ -33,6 +34,7 @@ from trainers.decred import (
     label_smoothed_ce,
     layer_scales,
     seq2seq_args,
+    step_weights,
 )
 
 ROWS = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in [(12, 34), (7, 5), (99, 1), (3, 4)] * 4]
@@ -86,26 +88,92 @@ def test_layer_scales_documented_values():
         layer_scales(layers, L, "cubic")
 
 
+def test_layer_scales_match_torchtune_by_hand():
+    """torchtune's scale functions take the 0-based ids of the active layers (final included),
+    use l = id + 1 and normalise over them; sum_l is torch.cumsum over those active l only."""
+    # active heads after blocks 2 and 6 of 8 (+ final 8): l = 2, 6, 8
+    assert layer_scales([2, 4, 6], 8, "sum_l", [True, False, True]) == pytest.approx([2 / 26, 0, 8 / 26, 16 / 26])
+    assert layer_scales([2, 6], 8, "sum_l") == pytest.approx([2 / 26, 8 / 26, 16 / 26])
+    assert layer_scales([2, 4, 6], 8, "l", [True, False, True]) == pytest.approx([2 / 16, 0, 6 / 16, 8 / 16])
+    assert layer_scales([2, 4, 6], 8, "inv_l", [True, False, True]) == pytest.approx(
+        [v / (1 / 2 + 1 / 6 + 1 / 8) for v in (1 / 2, 0, 1 / 6, 1 / 8)])
+    # the LayerSkip config's heads, 0::4 on 24 blocks: l = 1, 5, 9, 13, 17, 21, 24
+    cum = [1, 6, 15, 28, 45, 66, 90]
+    assert layer_scales([1, 5, 9, 13, 17, 21], 24, "sum_l") == pytest.approx([c / 251 for c in cum])
+    # only the final head: weight 1
+    assert layer_scales([3], 4, "sum_l", [False]) == pytest.approx([0, 1])
+
+
+def _torchtune_rotational(initial: list[bool], steps: int) -> list[bool]:
+    """RotationalEarlyExitCurriculum as its recipe drives it: np.roll by 1 per optimiser step."""
+    import numpy as np
+
+    mask = np.array(initial)
+    for _ in range(steps):
+        mask = np.roll(mask, 1)
+    return mask.tolist()
+
+
+def _torchtune_gradual(initial: list[bool], max_steps: int, steps: int) -> list[bool]:
+    """GradualEarlyExitCurriculum: all off, then each step() computes the mask from its counter
+    (fraction = counter / max_steps, threshold 0.5 (n - i) / n over 0-based i) and increments it."""
+    n, mask, counter = len(initial), [False] * len(initial), 0
+    for _ in range(steps):
+        mask = [counter / max_steps >= 0.5 * (n - i) / n and initial[i] for i in range(n)]
+        counter += 1
+    return mask
+
+
+def test_curricula_match_torchtune():
+    L = 8
+    # rotational: blocks 1 and 5 of 8 (0-based 0, 4) roll one block per step over all blocks
+    assert active_layers([1, 5], L, 0, 100, "rotational") == [1, 5]
+    assert active_layers([1, 5], L, 1, 100, "rotational") == [2, 6]
+    assert active_layers([1, 5], L, 3, 100, "rotational") == [4]  # block 8 is the final head
+    assert active_layers([1, 5], L, 4, 100, "rotational") == [1, 5]
+    assert active_layers([2, 3], L, 7, 100, "rotational") == [1, 2]
+    # gradual: l on once (step - 1)/max ≥ 0.5 (L - l + 1)/L: l=6 from step 20, l=4 from 33, l=2 from 45
+    layers = [2, 4, 6]
+    assert active_layers(layers, L, 0, 100, "gradual") == []
+    assert active_layers(layers, L, 19, 100, "gradual") == []
+    assert active_layers(layers, L, 20, 100, "gradual") == [6]
+    assert active_layers(layers, L, 32, 100, "gradual") == [6]
+    assert active_layers(layers, L, 33, 100, "gradual") == [4, 6]
+    assert active_layers(layers, L, 44, 100, "gradual") == [4, 6]
+    assert active_layers(layers, L, 45, 100, "gradual") == [2, 4, 6]
+    # against the emulated torchtune classes for a few layer sets and every step
+    for layers, L, max_steps in [([1, 5], 8, 40), ([2, 4, 6], 8, 30), ([1, 5, 9, 13, 17, 21], 24, 60), ([3], 4, 10)]:
+        initial = [b in layers for b in range(1, L + 1)]
+        for step in range(max_steps + 3):
+            rolled = _torchtune_rotational(initial, step)
+            assert active_layers(layers, L, step, max_steps, "rotational") == [b for b in range(1, L) if rolled[b - 1]]
+            gradual = _torchtune_gradual(initial, max_steps, step)
+            assert active_layers(layers, L, step, max_steps, "gradual") == [b for b in range(1, L) if gradual[b - 1]]
+
+
 def test_curricula():
     layers, L = [2, 4, 6], 8
     assert curriculum_mask(layers, L, 5, 10) == [True, True, True]
-    assert curriculum_mask(layers, L, 0, 10, "rotational", rotation=2) == [True, False, True]
-    assert curriculum_mask(layers, L, 1, 10, "rotational", rotation=2) == [False, True, False]
-    assert curriculum_mask(layers, L, 4, 10, "rotational", rotation=3) == [False, True, False]
-    # gradual: layer l on once step/max ≥ 0.5 (L - l)/L  -> l=6 at 0.125, l=4 at 0.25, l=2 at 0.375
-    assert curriculum_mask(layers, L, 0, 100, "gradual") == [False, False, False]
-    assert curriculum_mask(layers, L, 13, 100, "gradual") == [False, False, True]
-    assert curriculum_mask(layers, L, 25, 100, "gradual") == [False, True, True]
-    assert curriculum_mask(layers, L, 38, 100, "gradual") == [True, True, True]
+    assert curriculum_mask(layers, L, 0, 10, "round_robin", rotation=2) == [True, False, True]
+    assert curriculum_mask(layers, L, 1, 10, "round_robin", rotation=2) == [False, True, False]
+    assert curriculum_mask(layers, L, 4, 10, "round_robin", rotation=3) == [False, True, False]
+    assert curriculum_mask(layers, L, 2, 10, "rotational") == [False, True, True]  # rolled to blocks 4, 6, 8
+    assert active_layers(layers, L, 2, 10, "rotational") == [4, 6]
+    with pytest.raises(ValueError, match="head: shared"):
+        DeCREDOptions(layers=[2], curriculum="rotational")
+    with pytest.raises(ValueError, match="head: shared"):
+        DeCREDOptions(layers=[2], head="shared", weights=[0.3, 0.7], curriculum="rotational")
 
 
 def test_head_weights_fixed_and_scaled():
     fixed = DeCREDOptions(layers=[6], weights=[0.3, 0.7])
     assert head_weights(fixed, 8) == [0.3, 0.7]
-    rot = DeCREDOptions(layers=[2, 4], weights=[0.2, 0.3, 0.5], curriculum="rotational")
+    rot = DeCREDOptions(layers=[2, 4], weights=[0.2, 0.3, 0.5], curriculum="round_robin")
     assert head_weights(rot, 8, step=1) == [0.0, 0.3, 0.5]  # fixed weights are zeroed, not renormalised
-    scaled = DeCREDOptions(layers=[2, 4], scale="l", curriculum="rotational")
+    scaled = DeCREDOptions(layers=[2, 4], scale="l", curriculum="round_robin")
     assert head_weights(scaled, 8, step=0) == pytest.approx([2 / 10, 0, 8 / 10])
+    rolled = DeCREDOptions(layers=[2, 4], head="shared", scale="sum_l", curriculum="rotational")
+    assert step_weights(rolled, 8, step=1) == pytest.approx({3: 3 / 27, 5: 8 / 27, 8: 16 / 27})  # l = 3, 5, 8
     with pytest.raises(ValueError, match="one weight per aux layer"):
         DeCREDOptions(layers=[2, 4], weights=[0.3, 0.7])
     with pytest.raises(ValueError, match="1..7"):
@@ -196,13 +264,21 @@ def test_sft_loss_equals_formula(tmp_path, head, final_norm, eps):
 def test_sft_scaled_weights_and_curriculum_in_loss(tmp_path):
     tok = build_char_tokenizer()
     model = tiny()
-    options = DeCREDOptions(layers=[1, 2, 3], head="shared", scale="sum_l", curriculum="rotational", rotation=2)
+    options = DeCREDOptions(layers=[1, 2], head="shared", scale="sum_l", curriculum="rotational")
     trainer = DeCREDSFTTrainer(model=model, args=sft_args(tmp_path), train_dataset=Dataset.from_list(ROWS),
                                processing_class=tok, decred=options)
     batch = causal_batch(tok)
-    trainer.state.global_step, trainer.state.max_steps = 1, 10  # step 1: only the aux head at layer 2
+    trainer.state.global_step, trainer.state.max_steps = 1, 10  # step 1: blocks 1, 2 rolled to 2, 3 (+ final 4)
     ours = trainer.compute_loss(trainer.model, dict(batch))
-    ref = explicit_causal(model, batch, options, [0, 3 / 13, 0, 10 / 13])
+    wide = DeCREDOptions(layers=[1, 2, 3], head="shared")  # explicit_causal reads layers from its options
+    ref = explicit_causal(model, batch, wide, [0, 2 / 16, 5 / 16, 9 / 16])
+    assert float(ours) == pytest.approx(float(ref), rel=1e-5)
+    round_robin = DeCREDOptions(layers=[1, 2, 3], head="shared", scale="sum_l", curriculum="round_robin", rotation=2)
+    trainer = DeCREDSFTTrainer(model=model, args=sft_args(tmp_path), train_dataset=Dataset.from_list(ROWS),
+                               processing_class=tok, decred=round_robin)
+    trainer.state.global_step, trainer.state.max_steps = 1, 10  # round robin, step 1: only the head at block 2
+    ours = trainer.compute_loss(trainer.model, dict(batch))
+    ref = explicit_causal(model, batch, round_robin, [0, 2 / 8, 0, 6 / 8])
     assert float(ours) == pytest.approx(float(ref), rel=1e-5)
 
 
@@ -349,6 +425,60 @@ def test_averaged_logits_and_generate():
     assert model(input_ids=ids).logits.shape == out.logits.shape  # hooks removed
 
 
+def _explicit_ilm(model, batch, head_of_layer, mute):
+    """Per-head mean over utterances of exp(mean CE), from the full model run on its real encoder
+    output with every cross-attention muted by ``mute`` (a context manager): the reference's
+    internal LM, computed without the decoder-alone path."""
+    labels = batch["labels"]
+    with torch.no_grad(), mute(model):
+        out = model(**{k: v for k, v in batch.items() if k != "labels"},
+                    decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=labels),
+                    output_hidden_states=True)
+    report = {}
+    for name, fn in head_of_layer(out).items():
+        logits = fn()
+        ppls = []
+        for b in range(labels.shape[0]):
+            keep = labels[b] != -100
+            ce = torch.nn.functional.cross_entropy(logits[b][keep], labels[b][keep])
+            ppls.append(math.exp(float(ce.detach())))
+        report[name] = sum(ppls) / len(ppls)
+    return report
+
+
+def _mute_t5_cross_attention(model):
+    """T5LayerCrossAttention returns ``hidden + attention``: make it return ``hidden`` (skip)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx(m):
+        blocks = [blk.layer[1] for blk in m.decoder.block]
+        handles = [c.register_forward_hook(lambda mod, args, kwargs, out: (kwargs.get("hidden_states", args[0] if args else None),) + tuple(out[1:]),
+                                           with_kwargs=True) for c in blocks]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+    return ctx
+
+
+def _mute_gpt2_cross_attention(model):
+    """GPT-2 adds ``crossattention(...)[0]`` to the residual stream: make it add zeros."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx(m):
+        handles = [blk.crossattention.register_forward_hook(lambda mod, args, out: (torch.zeros_like(out[0]),) + tuple(out[1:]))
+                   for blk in m.decoder.transformer.h]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+    return ctx
+
+
 def test_internal_lm_perplexity_seq2seq():
     tok = build_char_tokenizer()
     tok.padding_side = "right"
@@ -357,19 +487,109 @@ def test_internal_lm_perplexity_seq2seq():
     from trainers.decred import attach_heads
 
     attach_heads(model, options)
+    torch.nn.init.normal_(model.decred_heads.heads["2"].weight)  # not a copy of the LM head
     batch = seq2seq_batch(tok, model)
     normal = evaluate_heads(model, [batch], options)
     ilm = evaluate_heads(model, [batch], options, internal_lm=True)
     assert set(normal) == set(ilm) == {"loss_l2", "ppl_l2", "loss_final", "ppl_final"}
-    # the internal LM = decoder with one all-zero encoder state
+    # reference: cross-attention skipped (the full model with its cross-attention sub-layers
+    # muted), mean over utterances of exp(mean CE)
+    ref = _explicit_ilm(model, batch, lambda out: {
+        "ppl_final": lambda: out.logits,
+        "ppl_l2": lambda: model.decred_heads.heads["2"](out.decoder_hidden_states[2])}, _mute_t5_cross_attention(model))
+    assert ilm["ppl_final"] == pytest.approx(ref["ppl_final"], rel=1e-5)
+    assert ilm["ppl_l2"] == pytest.approx(ref["ppl_l2"], rel=1e-5)
+    # the per-utterance mean differs from the token-pooled exp(loss)
+    assert ilm["ppl_final"] != pytest.approx(math.exp(ilm["loss_final"]), rel=1e-4)
+    assert ilm["loss_final"] != pytest.approx(normal["loss_final"])
+    # the earlier variant, kept as "zero_state": one all-zero encoder state, exp of the token mean
     from transformers.modeling_outputs import BaseModelOutput
 
+    zero = evaluate_heads(model, [batch], options, internal_lm="zero_state")
     with torch.no_grad():
         zeros = BaseModelOutput(last_hidden_state=torch.zeros(2, 1, 32))
         logits = model(encoder_outputs=zeros, labels=batch["labels"]).logits
-    ref = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"], ignore_index=-100)
-    assert ilm["loss_final"] == pytest.approx(float(ref), rel=1e-5)
-    assert ilm["loss_final"] != pytest.approx(normal["loss_final"])
+    pooled = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"], ignore_index=-100)
+    assert zero["loss_final"] == pytest.approx(float(pooled), rel=1e-5)
+    assert zero["ppl_final"] == pytest.approx(math.exp(float(pooled)), rel=1e-5)
+    # T5's attention has no biases: a zero encoder state gives zero cross-attention output, so
+    # here (not for GPT-2, below) the two token means agree
+    assert zero["loss_final"] == pytest.approx(ilm["loss_final"], rel=1e-5)
+    with pytest.raises(ValueError, match="internal_lm"):
+        evaluate_heads(model, [batch], options, internal_lm="zeros")
+
+
+def test_internal_lm_speech_decoder_skips_cross_attention():
+    tok = build_char_tokenizer()
+    model = tiny_speech(len(tok))
+    options = DeCREDOptions(layers=[2], weights=[0.3, 0.7], ctc_weight=0.3)
+    from trainers.decred import attach_heads
+
+    attach_heads(model, options)
+    torch.manual_seed(2)
+    for block in model.decoder.transformer.h:  # trained biases are not zero (fresh ones are)
+        for proj in (block.crossattention.c_attn, block.crossattention.q_attn, block.crossattention.c_proj):
+            torch.nn.init.normal_(proj.bias, std=0.5)
+    batch = {"input_values": torch.randn(2, 1600), "attention_mask": torch.ones(2, 1600, dtype=torch.long),
+             "labels": torch.tensor([[10, 11, 12, 2], [13, 14, 2, -100]])}
+    ilm = evaluate_heads(model, [batch], options, internal_lm=True)
+    ref = _explicit_ilm(model, batch, lambda out: {
+        "ppl_final": lambda: out.logits,
+        "ppl_l2": lambda: model.decred_heads.heads["2"](out.decoder_hidden_states[2])}, _mute_gpt2_cross_attention(model))
+    assert ilm["ppl_final"] == pytest.approx(ref["ppl_final"], rel=1e-5)
+    assert ilm["ppl_l2"] == pytest.approx(ref["ppl_l2"], rel=1e-5)
+    normal = evaluate_heads(model, [batch], options)
+    assert normal["loss_final"] != pytest.approx(ilm["loss_final"])  # the encoder does matter
+    # GPT-2's cross-attention projections have biases: a zero encoder state still adds a constant
+    zero = evaluate_heads(model, [batch], options, internal_lm="zero_state")
+    assert zero["loss_final"] != pytest.approx(ilm["loss_final"], rel=1e-4)
+
+
+def _mute_bart_cross_attention(model):
+    """BART's cross-attention sub-layer is ``LN(hidden + attention)`` (post-LN): make it the
+    identity (attention adds zeros, the norm passes its input through), i.e. skip it."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx(m):
+        handles = []
+        for layer in m.model.decoder.layers:
+            handles.append(layer.encoder_attn.register_forward_hook(
+                lambda mod, args, out: (torch.zeros_like(out[0]),) + tuple(out[1:])))
+            handles.append(layer.encoder_attn_layer_norm.register_forward_hook(lambda mod, args, out: args[0]))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+    return ctx
+
+
+def test_internal_lm_bart_skips_the_cross_attention_sublayer():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    tok = build_char_tokenizer()
+    config = BartConfig(vocab_size=len(tok), d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                        pad_token_id=tok.pad_token_id, bos_token_id=1, eos_token_id=tok.eos_token_id,
+                        decoder_start_token_id=1, forced_eos_token_id=None)
+    torch.manual_seed(3)
+    model = BartForConditionalGeneration(config).eval()
+    torch.nn.init.normal_(model.final_logits_bias)  # the logit bias must be in both paths
+    for layer in model.model.decoder.layers:  # trained norms are not the identity on normed input
+        torch.nn.init.normal_(layer.encoder_attn_layer_norm.weight, 1.0, 0.3)
+        torch.nn.init.normal_(layer.encoder_attn_layer_norm.bias, 0.0, 0.3)
+    options = DeCREDOptions(layers=[2], weights=[0.3, 0.7])
+    from trainers.decred import attach_heads
+
+    attach_heads(model, options)
+    batch = seq2seq_batch(tok, model)
+    ilm = evaluate_heads(model, [batch], options, internal_lm=True)
+    ref = _explicit_ilm(model, batch, lambda out: {
+        "ppl_final": lambda: out.logits,
+        "ppl_l2": lambda: model.decred_heads.heads["2"](out.decoder_hidden_states[2])}, _mute_bart_cross_attention(model))
+    assert ilm["ppl_final"] == pytest.approx(ref["ppl_final"], rel=1e-5)
+    assert ilm["ppl_l2"] == pytest.approx(ref["ppl_l2"], rel=1e-5)
 
 
 # ------------------------------------------------------------------ speech + CTC

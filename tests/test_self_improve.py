@@ -69,6 +69,13 @@ def test_gap_metrics_against_explicit_counts():
     assert verifier_picks(SCORES, PROMPTS) == [3, 5]  # row 3 (no answer) is the best-scored of group a
     assert m["selected_accuracy"] == 0.5  # a: no answer (wrong); b: "8" (right)
     assert m["gap"] == m["selected_accuracy"] - m["sample_accuracy"] == 0.0
+    assert m["relative_gap"] == 0.0
+    # relative gap = gap / (1 - sample accuracy): group b's pick "8" right, group a's pick row 0 "4" right
+    better = gap_metrics([9, 1, 1, 1, 1, 9, 1, 1], PROMPTS, ANSWERS, gold, kept)
+    assert better["selected_accuracy"] == 1.0 and better["gap"] == 0.5
+    assert better["relative_gap"] == pytest.approx(0.5 / (1 - 0.5))
+    all_right = gap_metrics([1.0] * 4, ["a"] * 4, ["4"] * 4, ["4"] * 4, [1] * 4)
+    assert all_right["gap"] == 0.0 and math.isnan(all_right["relative_gap"])
     assert m["kept_fraction"] == 4 / 8
     assert m["precision"] == 3 / 4  # kept rows 0, 2, 5, 6: 4 right, 5 wrong, 8 right, 8 right
     nothing = gap_metrics(SCORES, PROMPTS, ANSWERS, gold, [0] * 8)
@@ -254,6 +261,8 @@ def test_two_rounds_then_resume(tiny_config, tmp_path, capsys):
     assert set(saved) == {"round_0", "round_1", "round_2"}
     r2 = saved["round_2"]
     assert r2["gap"] == pytest.approx(r2["selected_accuracy"] - r2["sample_accuracy"])
+    if r2["sample_accuracy"] < 1:
+        assert r2["relative_gap"] == pytest.approx(r2["gap"] / (1 - r2["sample_accuracy"]))
     assert r2["kept"] == r2["train_rows"] and 0 < r2["kept_fraction"] <= 1
     assert r2["ds_dropped"] >= 1  # 20% of the kept samples fail the DS screen
     from datasets import load_from_disk

@@ -52,12 +52,12 @@ from .rlif import RLIFTrainer
 SCALES: dict[str, Callable[[int], float]] = {
     "uniform": lambda l: 1.0,
     "l": lambda l: float(l),
-    "sum_l": lambda l: l * (l + 1) / 2.0,  # Σ_{i≤l} i
+    "sum_l": lambda l: float(l),  # summed cumulatively over the active heads in layer_scales
     "sqrt_l": lambda l: math.sqrt(l),
     "inv_l": lambda l: 1.0 / l,
     "inv_sqrt_l": lambda l: 1.0 / math.sqrt(l),
 }
-CURRICULA = ("none", "rotational", "gradual")
+CURRICULA = ("none", "rotational", "gradual", "round_robin")
 IGNORE = -100
 
 
@@ -75,16 +75,19 @@ class DeCREDOptions:
     head: Literal["separate", "shared"] = field(default="separate", metadata={
         "help": "separate: a new linear head per layer (DeCRED); shared: the model's final norm + LM head (LayerSkip)"})
     init: Literal["lm_head", "random"] = field(default="lm_head", metadata={
-        "help": "initialisation of separate heads: a copy of the LM head, or random"})
+        "help": "initialisation of separate heads: a copy of the LM head, or random (N(0, initializer_range), as "
+                "transformers initialises a new Linear; the CTC head always is)"})
     final_norm: bool = field(default=False, metadata={
         "help": "apply the model's final norm to intermediate states before a separate head (shared heads always do)"})
     weights: list[float] | None = field(default=None, metadata={
         "help": "fixed head weights, one per aux layer then the final head (DeCRED: [0.3, 0.7]); overrides scale"})
     scale: Literal["uniform", "l", "sum_l", "sqrt_l", "inv_l", "inv_sqrt_l"] = field(default="uniform", metadata={
         "help": "LayerSkip per-layer scale s(l), normalised over the active heads (used when weights is null)"})
-    curriculum: Literal["none", "rotational", "gradual"] = field(default="none", metadata={
-        "help": "which aux heads are on at a step: all, a rotating subset, or switched on gradually"})
-    rotation: int = field(default=2, metadata={"help": "rotational curriculum: aux head i is on when i ≡ step (mod rotation)"})
+    curriculum: Literal["none", "rotational", "gradual", "round_robin"] = field(default="none", metadata={
+        "help": "which aux heads are on at a step: all; rotational (torchtune: the set of layers rolls by one block per "
+                "step over all blocks, shared head only); gradual (torchtune: deep layers first); round_robin (aux head i "
+                "when i ≡ step mod rotation)"})
+    rotation: int = field(default=2, metadata={"help": "round_robin curriculum: aux head i is on when i ≡ step (mod rotation)"})
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing ε of every head's cross-entropy"})
     chunk_size: int = field(default=1024, metadata={"help": "tokens per chunk of a head projection"})
     ctc_weight: float = field(default=0.0, metadata={
@@ -112,6 +115,9 @@ class DeCREDOptions:
             raise ValueError("decred.ctc_weight must be in [0, 1)")
         if self.rotation < 1 or self.chunk_size < 1:
             raise ValueError("decred.rotation and decred.chunk_size must be positive")
+        if self.curriculum == "rotational" and (self.head != "shared" or self.weights is not None):
+            raise ValueError("decred.curriculum rotational rolls the heads over every decoder block (torchtune), so it "
+                             "needs head: shared and weights: null (scale weights); use round_robin for separate heads")
 
     def check_depth(self, num_layers: int) -> None:
         if self.layers and self.layers[-1] >= num_layers:
@@ -120,50 +126,94 @@ class DeCREDOptions:
 
 
 def layer_scales(layers: list[int], num_layers: int, scale: str = "uniform", active: list[bool] | None = None) -> list[float]:
-    """LayerSkip weights of heads at ``layers`` plus the final layer ``L = num_layers``:
-    ``w_l = s(l) / Σ_{j active} s(j)`` for active heads, 0 otherwise (the final head is always
-    active). ``s`` is one of :data:`SCALES`: ``1, l, Σ_{i≤l} i, √l, 1/l, 1/√l``.
+    """LayerSkip weights of heads at ``layers`` plus the final layer ``L = num_layers``, as
+    torchtune's ``early_exit_loss`` scale functions compute them: with ``a_1 < ... < a_m = L`` the
+    active heads (the final head is always active), ``w_{a_j} = s_j / Σ_i s_i`` and 0 for the
+    others, where ``s_j`` is ``1, a_j, √a_j, 1/a_j, 1/√a_j`` or, for ``sum_l``, the cumulative
+    ``Σ_{i≤j} a_i`` over the *active* heads (not ``Σ_{i≤l} i``).
 
     >>> [round(w, 3) for w in layer_scales([1, 2], 4, "l")]
     [0.143, 0.286, 0.571]
+    >>> [round(w, 3) for w in layer_scales([1, 2, 3], 4, "sum_l", [True, False, True])]
+    [0.077, 0.0, 0.308, 0.615]
     """
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; expected one of {sorted(SCALES)}")
     all_layers = [*layers, num_layers]
     active = [True] * len(all_layers) if active is None else [*active[: len(layers)], True]
     raw = [SCALES[scale](l) if on else 0.0 for l, on in zip(all_layers, active)]
+    if scale == "sum_l":
+        raw = [sum(raw[: i + 1]) if on else 0.0 for i, on in enumerate(active)]
     total = sum(raw)
     return [r / total for r in raw]
 
 
-def curriculum_mask(layers: list[int], num_layers: int, step: int, max_steps: int, curriculum: str = "none",
-                    rotation: int = 2) -> list[bool]:
-    """Which aux heads are on at ``step`` (one flag per aux layer; the final head is always on).
+def active_layers(layers: list[int], num_layers: int, step: int, max_steps: int, curriculum: str = "none",
+                  rotation: int = 2) -> list[int]:
+    """The aux layers (1-based blocks ``< L``) whose heads are on at optimiser step ``step``; the
+    final head is always on. torchtune's ``early_exit_loss`` curricula, as its recipe steps them
+    (``step`` = number of optimiser steps done):
 
-    * ``none``: all.
-    * ``rotational``: aux head ``i`` (0-based position in ``layers``) iff ``i ≡ step (mod rotation)``.
-    * ``gradual``: layer ``l`` iff ``step / max_steps ≥ 0.5 · (L - l) / L`` (deep layers first).
+    * ``none``: ``layers``.
+    * ``rotational`` (``RotationalEarlyExitCurriculum``): the per-block on/off mask over all ``L``
+      blocks rolls by one block per step: block ``b`` is on iff ``((b - 1 - step) mod L) + 1 ∈
+      layers``; a layer that rolls onto block ``L`` merges with the final head.
+    * ``gradual`` (``GradualEarlyExitCurriculum``, ``fraction_scale`` 0.5): ``l ∈ layers`` is on iff
+      ``(step - 1) / max_steps ≥ 0.5 · (L - l + 1) / L`` (deep layers first; torchtune computes the
+      mask for step ``s`` from its step counter ``s - 1``, so nothing is on at steps 0 and 1).
+    * ``round_robin`` (ours): the ``i``-th aux layer (0-based position in ``layers``) iff
+      ``i ≡ step (mod rotation)``.
 
-    >>> curriculum_mask([1, 2, 3], 4, step=1, max_steps=10, curriculum="rotational")
-    [False, True, False]
+    >>> active_layers([1, 5], 8, step=3, max_steps=10, curriculum="rotational")
+    [4]
     """
+    L = num_layers
     if curriculum == "none":
-        return [True] * len(layers)
+        return list(layers)
     if curriculum == "rotational":
-        return [i % rotation == step % rotation for i in range(len(layers))]
+        return [b for b in range(1, L) if ((b - 1 - step) % L) + 1 in layers]
     if curriculum == "gradual":
-        progress = step / max(max_steps, 1)
-        return [progress >= 0.5 * (num_layers - l) / num_layers for l in layers]
+        progress = (step - 1) / max(max_steps, 1)
+        return [l for l in layers if progress >= 0.5 * (L - l + 1) / L]
+    if curriculum == "round_robin":
+        return [l for i, l in enumerate(layers) if i % rotation == step % rotation]
     raise ValueError(f"unknown curriculum {curriculum!r}; expected one of {CURRICULA}")
 
 
-def head_weights(options: DeCREDOptions, num_layers: int, step: int = 0, max_steps: int = 1) -> list[float]:
-    """Weights of the aux heads then the final head at ``step``: fixed ``options.weights``
-    (inactive heads zeroed, not renormalised) or :func:`layer_scales` over the active heads."""
-    active = curriculum_mask(options.layers, num_layers, step, max_steps, options.curriculum, options.rotation)
+def curriculum_mask(layers: list[int], num_layers: int, step: int, max_steps: int, curriculum: str = "none",
+                    rotation: int = 2) -> list[bool]:
+    """:func:`active_layers` as one flag per configured aux layer (a rotational curriculum can
+    also switch on blocks outside ``layers``: see :func:`step_weights`).
+
+    >>> curriculum_mask([1, 2, 3], 4, step=1, max_steps=10, curriculum="round_robin")
+    [False, True, False]
+    """
+    on = set(active_layers(layers, num_layers, step, max_steps, curriculum, rotation))
+    return [l in on for l in layers]
+
+
+def hooked_layers(options: DeCREDOptions, num_layers: int) -> list[int]:
+    """Blocks whose outputs a step may need: every block ``< L`` under the rotational curriculum."""
+    return list(range(1, num_layers)) if options.curriculum == "rotational" else list(options.layers)
+
+
+def step_weights(options: DeCREDOptions, num_layers: int, step: int = 0, max_steps: int = 1) -> dict[int, float]:
+    """``{layer: w}`` of every head at ``step``, the final head (``num_layers``) last: fixed
+    ``options.weights`` (inactive heads zeroed, not renormalised) or :func:`layer_scales` over
+    the active heads; layers off at this step are left out."""
+    on = active_layers(options.layers, num_layers, step, max_steps, options.curriculum, options.rotation)
     if options.weights is not None:
-        return [w if on else 0.0 for w, on in zip(options.weights, [*active, True])]
-    return layer_scales(options.layers, num_layers, options.scale, active)
+        fixed = dict(zip([*options.layers, num_layers], options.weights))
+        return {**{l: fixed[l] for l in on}, num_layers: fixed[num_layers]}
+    weights = layer_scales(on, num_layers, options.scale)
+    return dict(zip([*on, num_layers], weights))
+
+
+def head_weights(options: DeCREDOptions, num_layers: int, step: int = 0, max_steps: int = 1) -> list[float]:
+    """:func:`step_weights` as a list over the configured aux layers then the final head (0 for a
+    head that is off)."""
+    weights = step_weights(options, num_layers, step, max_steps)
+    return [weights.get(l, 0.0) for l in [*options.layers, num_layers]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,6 +400,15 @@ def attach_heads(model: nn.Module, options: DeCREDOptions) -> DeCREDHeads:
                         bias=getattr(lm, "bias", None) is not None, ctc_dim=ctc_dim,
                         ctc_vocab=parts.vocab_size if ctc_dim else None)
     heads.to(device=lm.weight.device, dtype=lm.weight.dtype)
+    with torch.no_grad():  # new Linear layers as transformers initialises them: N(0, initializer_range), zero bias
+        text = top.config.get_text_config(decoder=True) if hasattr(top.config, "get_text_config") else top.config
+        new = [(h, getattr(text, "initializer_range", 0.02)) for h in heads.heads.values()] if options.init == "random" else []
+        if heads.ctc is not None:
+            new.append((heads.ctc, getattr(parts.encoder.config, "initializer_range", 0.02)))
+        for linear, std in new:
+            linear.weight.normal_(0.0, std)
+            if linear.bias is not None:
+                linear.bias.zero_()
     if options.init == "lm_head":
         from trl.trainer.utils import maybe_gather_lm_head_ctx
 
@@ -454,7 +513,8 @@ class DeCREDRegularizer:
             attach_heads(self.parts.model, options)
         self.states: dict | None = None
         self._inside: Callable | None = None
-        self._handles = [self.parts.layers[l - 1].register_forward_hook(self._hook(l)) for l in options.layers]
+        self._handles = [self.parts.layers[l - 1].register_forward_hook(self._hook(l))
+                         for l in hooked_layers(options, self.parts.num_layers)]
         self._handles.append(self.parts.model.register_forward_hook(self._top_hook))
         if self.parts.backbone is not None:
             self._handles.append(self.parts.backbone.register_forward_hook(self._hook("final")))
@@ -550,10 +610,11 @@ class DeCREDRegularizer:
         return out
 
     def weights(self, step: int, max_steps: int) -> dict[int, float]:
-        w = head_weights(self.options, self.num_layers, step, max_steps)
+        w = step_weights(self.options, self.num_layers, step, max_steps)
         if self.options.detach:  # probes: the model sees plain fine-tuning
-            w = [1.0 if self.options.weights is None else w_ for w_ in w[:-1]] + [1.0]
-        return dict(zip([*self.options.layers, self.num_layers], w))
+            w = {l: (1.0 if self.options.weights is None else v) for l, v in w.items()}
+            w[self.num_layers] = 1.0
+        return w
 
     def ctc(self, labels: torch.Tensor, input_lengths: torch.Tensor | None, blank: int) -> torch.Tensor:
         """CTC loss of the CTC head on the captured encoder states."""
@@ -802,22 +863,64 @@ def averaged_logits(model: nn.Module, weights: list[float], options: DeCREDOptio
         reg.remove()
 
 
+INTERNAL_LM = ("reference", "zero_state")
+
+
+def _decoder_alone_logits(parts: DecoderParts, decoder_input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits of the decoder stack run on its own: no encoder states are passed, so every
+    cross-attention block is skipped (GPT-2, T5, BART and BERT decoder layers run their
+    cross-attention only when ``encoder_hidden_states`` is given), the model's own LM head on top."""
+    decoder = parts.model.get_decoder()
+    out = decoder(input_ids=decoder_input_ids, use_cache=False)
+    logits = getattr(out, "logits", None)
+    return logits if logits is not None else parts.final_logits(out.last_hidden_state)
+
+
+def _per_row_totals(reg: "DeCREDRegularizer", labels: torch.Tensor, final_logits: torch.Tensor) -> list[dict[int, float]]:
+    """``[{layer: Σ_t CE(row b)}]``: :meth:`DeCREDRegularizer.head_losses` with every other row's
+    labels masked (the chunked projection only reads labelled rows, so each row costs its own tokens)."""
+    rows = []
+    for b in range(labels.shape[0]):
+        masked = torch.full_like(labels, IGNORE)
+        masked[b] = labels[b]
+        losses = reg.head_losses(masked, shift=False, final_logits=final_logits, epsilon=0.0)
+        rows.append({layer: float(total) for layer, (total, _) in losses.items()})
+    return rows
+
+
 @torch.no_grad()
-def evaluate_heads(model: nn.Module, batches, options: DeCREDOptions | None = None, internal_lm: bool = False
+def evaluate_heads(model: nn.Module, batches, options: DeCREDOptions | None = None, internal_lm: bool | str = False
                    ) -> dict[str, float]:
     """Held-out loss (plain CE, no smoothing) and perplexity of every head over ``batches``
-    (dicts of model inputs with ``labels``). ``internal_lm`` (encoder-decoder only): the decoder
-    runs with a single all-zero encoder state, DeCRED's internal-LM analysis."""
+    (dicts of model inputs with ``labels``): ``loss_k = Σ_t CE / N`` over all labelled tokens,
+    ``ppl_k = exp(loss_k)``.
+
+    ``internal_lm`` (encoder-decoder only) evaluates the decoder as a language model on the
+    same targets (``decoder_input_ids`` = the right-shifted labels):
+
+    * ``True`` / ``"reference"`` (DeCRED's ``compute_ilm_ppl``): the decoder stack runs without
+      encoder states, so cross-attention is skipped, not fed zeros; ``ppl_k`` is the mean over
+      utterances ``u`` of ``exp(Σ_{t∈u} CE / |u|)``; ``loss_k`` stays the token mean.
+    * ``"zero_state"``: the whole model with one all-zero encoder state (cross-attention still
+      adds its constant output); ``ppl_k = exp(loss_k)`` as above.
+    """
     from transformers.modeling_outputs import BaseModelOutput
 
+    mode = "reference" if internal_lm is True else (internal_lm or None)
+    if mode is not None and mode not in INTERNAL_LM:
+        raise ValueError(f"internal_lm must be False, True or one of {INTERNAL_LM}, got {internal_lm!r}")
     options = options or options_of(model)
     if options is None:
         raise ValueError("evaluate_heads: the model has no decred heads")
     reg = DeCREDRegularizer(model, options)
     parts = reg.parts
+    if mode is not None and not parts.encoder_decoder:
+        reg.remove()
+        raise ValueError("internal-LM evaluation needs an encoder-decoder model")
     was_training = parts.model.training
     parts.model.eval()
     sums: dict[int, float] = defaultdict(float)
+    utterance_ppl: dict[int, list[float]] = defaultdict(list)
     count = 0
     try:
         for batch in batches:
@@ -825,13 +928,21 @@ def evaluate_heads(model: nn.Module, batches, options: DeCREDOptions | None = No
             kwargs = _forward_inputs(batch)
             if parts.encoder_decoder:
                 kwargs.setdefault("decoder_input_ids", parts.model.prepare_decoder_input_ids_from_labels(labels=labels))
-                if internal_lm:
-                    zeros = torch.zeros(labels.shape[0], 1, parts.encoder.config.hidden_size,
-                                        device=labels.device, dtype=parts.lm_head.weight.dtype)
-                    kwargs = {"encoder_outputs": BaseModelOutput(last_hidden_state=zeros),
-                              "decoder_input_ids": kwargs["decoder_input_ids"]}
-            elif internal_lm:
-                raise ValueError("internal-LM evaluation needs an encoder-decoder model")
+            if mode == "reference":
+                with reg.capture():
+                    logits = _decoder_alone_logits(parts, kwargs["decoder_input_ids"])
+                for row, totals in zip(labels, _per_row_totals(reg, labels, logits)):
+                    n = max(int((row != IGNORE).sum()), 1)
+                    for layer, total in totals.items():
+                        sums[layer] += total
+                        utterance_ppl[layer].append(math.exp(min(total / n, 50.0)))
+                count += int((labels != IGNORE).sum())
+                continue
+            if mode == "zero_state":
+                zeros = torch.zeros(labels.shape[0], 1, parts.encoder.config.hidden_size,
+                                    device=labels.device, dtype=parts.lm_head.weight.dtype)
+                kwargs = {"encoder_outputs": BaseModelOutput(last_hidden_state=zeros),
+                          "decoder_input_ids": kwargs["decoder_input_ids"]}
             with reg.capture():
                 out = parts.model(**kwargs, use_cache=False)
             losses = reg.head_losses(labels, shift=not parts.encoder_decoder,
@@ -846,5 +957,6 @@ def evaluate_heads(model: nn.Module, batches, options: DeCREDOptions | None = No
     for layer, total in sums.items():
         name = "final" if layer == parts.num_layers else f"l{layer}"
         report[f"loss_{name}"] = total / max(count, 1)
-        report[f"ppl_{name}"] = math.exp(min(total / max(count, 1), 50.0))
+        report[f"ppl_{name}"] = (sum(utterance_ppl[layer]) / len(utterance_ppl[layer]) if mode == "reference"
+                                 else math.exp(min(total / max(count, 1), 50.0)))
     return report

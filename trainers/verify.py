@@ -144,13 +144,15 @@ def gap_metrics(scores: Sequence[float | None], prompts: Sequence, answers: Sequ
     * ``sample_accuracy``: fraction of all samples whose answer is right (plain generation);
     * ``selected_accuracy``: fraction of groups whose best-scored sample is right (no pick = wrong);
     * ``gap`` = ``selected_accuracy - sample_accuracy`` (the generation-verification gap);
+    * ``relative_gap`` = ``gap / (1 - sample_accuracy)``: the gap as a share of what plain sampling
+      gets wrong, the quantity Mind the Gap's scaling result uses (NaN when every sample is right);
     * ``kept_fraction``: fraction of samples with a positive weight;
     * ``precision``: fraction of kept samples that are right (NaN when nothing is kept).
 
     >>> m = gap_metrics([0.9, 0.1, 0.2, 0.8], ["a", "a", "b", "b"], ["4", "5", "6", "7"], ["4", "4", "7", "7"],
     ...                 [1, 0, 0, 1])
-    >>> m["sample_accuracy"], m["selected_accuracy"], m["gap"], m["kept_fraction"], m["precision"]
-    (0.5, 1.0, 0.5, 0.5, 1.0)
+    >>> m["sample_accuracy"], m["selected_accuracy"], m["gap"], m["relative_gap"], m["kept_fraction"], m["precision"]
+    (0.5, 1.0, 0.5, 1.0, 0.5, 1.0)
     """
     correct = answers_match_many(list(answers), list(gold))
     picks = verifier_picks(scores, prompts)
@@ -158,6 +160,7 @@ def gap_metrics(scores: Sequence[float | None], prompts: Sequence, answers: Sequ
     selected = sum(correct[i] for i in picks if i is not None) / max(len(picks), 1)
     kept_rows = [i for i, w in enumerate(kept) if w > 0]
     return {"sample_accuracy": sample, "selected_accuracy": selected, "gap": selected - sample,
+            "relative_gap": (selected - sample) / (1.0 - sample) if sample < 1.0 else float("nan"),
             "kept_fraction": len(kept_rows) / max(len(kept), 1),
             "precision": sum(correct[i] for i in kept_rows) / len(kept_rows) if kept_rows else float("nan")}
 

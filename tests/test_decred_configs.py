@@ -1,0 +1,171 @@
+"""The DeCRED / LayerSkip paper configs say where every value comes from: the provenance tables
+of docs/METHODS.md §8 are parsed and compared with each resolved config, key by key; and the
+speech model options those configs use (fixed decoder positions, unknown-token masking)."""
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from recipes.config import load_config, load_raw
+from recipes.decred import DeCREDRecipeConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ROOT / "docs" / "METHODS.md"
+CONFIGS = ["configs/decred/decred-base_librispeech.yaml", "configs/decred/decred-small_tedlium3.yaml",
+           "configs/decred/qwen2.5-0.5b_metamath_layerskip.yaml"]
+BOOKKEEPING = {"description", "launch", "trainer.output_dir"}
+
+
+def provenance_tables() -> dict[str, dict[str, tuple[object, str]]]:
+    """``{config path: {key: (value, source)}}`` from the tables of §8, each after a line
+    ``Config: `configs/...` ...`` (the convention of every provenance table in METHODS.md)."""
+    text = METHODS.read_text()
+    section = text[text.index("## 8. DeCRED and LayerSkip"):text.index("## 9. Self-improvement")]
+    tables: dict[str, dict] = {}
+    current = None
+    for line in section.splitlines():
+        heading = re.match(r"^Config: `(configs/[^`]+\.yaml)`", line)
+        if heading:
+            current = tables.setdefault(heading.group(1), {})
+            continue
+        row = re.match(r"\| `([^`]+)` \| `([^`]*)` \| (.+) \|$", line)
+        if row and current is not None:
+            key, value, source = row.groups()
+            assert key not in current, f"{key} twice"
+            current[key] = (yaml.safe_load(value), source.strip())
+    return tables
+
+
+def leaves(node: dict, prefix: str = ""):
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            yield from leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def typed(cfg, key: str):
+    """The value of ``key`` in the typed config (dataclasses, TrainingArguments, plain dicts)."""
+    node = cfg
+    for part in key.split("."):
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    return getattr(node, "value", node)  # enums (scheduler, optimiser, save strategy)
+
+
+def same(a, b) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b or a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return math.isclose(a, b, rel_tol=1e-9)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+TABLES = provenance_tables()
+
+
+def test_every_paper_config_has_a_table():
+    assert set(TABLES) == set(CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_provenance_table_equals_resolved_config(path):
+    raw = dict(leaves(load_raw(ROOT / path)[0]))
+    cfg = load_config(DeCREDRecipeConfig, ROOT / path)
+    table = TABLES[path]
+    missing = set(raw) - BOOKKEEPING - set(table)
+    assert not missing, f"{path}: keys without a provenance row: {sorted(missing)}"
+    for key, (value, source) in table.items():
+        assert source, f"{path}: {key} has no source"
+        if key in raw:
+            assert same(raw[key], value), f"{path}: {key} = {raw[key]!r} in the config, {value!r} in METHODS.md"
+        if key == "trainer.bf16":
+            continue  # the loader drops bf16 on a CPU-only machine
+        assert same(typed(cfg, key), value), f"{path}: {key} resolves to {typed(cfg, key)!r}, table says {value!r}"
+
+
+def test_reference_values_the_issue_names():
+    base, small = (TABLES[p] for p in CONFIGS[:2])
+    assert base["trainer.max_grad_norm"][0] == small["trainer.max_grad_norm"][0] == 0.5
+    assert small["speech.decoder.n_inner"][0] == 2048
+    assert small["trainer.warmup_steps"][0] == 10000 and base["trainer.warmup_steps"][0] == 40000
+    assert base["speech.encoder.num_attention_heads"][0] == 4
+    assert base["speech.decoder_pos_emb_fixed"][0] is small["speech.decoder_pos_emb_fixed"][0] is True
+    assert base["speech.mask_unks"][0] is small["speech.mask_unks"][0] is True
+
+
+# ------------------------------------------------------------------ speech options of those configs
+
+
+def _tiny_speech_config(**kw):
+    from recipes.speech import SpeechConfig
+
+    enc = {"model_type": "wav2vec2", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+           "intermediate_size": 64, "conv_dim": [16, 16], "conv_kernel": [10, 3], "conv_stride": [5, 4],
+           "num_conv_pos_embeddings": 8, "num_conv_pos_embedding_groups": 2}
+    dec = {"model_type": "gpt2", "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
+           "tie_word_embeddings": False}
+    return SpeechConfig(encoder=enc, decoder=dec, **kw)
+
+
+def test_sinusoidal_positions_formula():
+    from recipes.speech import SinusoidalPositions
+
+    pe = SinusoidalPositions(8)
+    out = pe(torch.tensor([[0, 3]]))
+    assert out.shape == (1, 2, 8)
+    p, d = 3, 8
+    expected = [math.sin(p / 10000 ** (2 * i / d)) for i in range(4)] + [math.cos(p / 10000 ** (2 * i / d)) for i in range(4)]
+    assert out[0, 1].tolist() == pytest.approx(expected, rel=1e-6)
+    assert out[0, 0].tolist() == pytest.approx([0.0] * 4 + [1.0] * 4)
+    assert not list(pe.parameters()) and "inv_freq" not in pe.state_dict()
+
+
+def test_fixed_decoder_positions_forward_and_reload(tmp_path):
+    from recipes.speech import ScaledEmbedding, SinusoidalPositions, load_speech_model, speech_model
+    from recipes.tiny.tokenizer import build_char_tokenizer
+    from trainers.decred import DeCREDOptions, attach_heads
+
+    tok = build_char_tokenizer()
+    model = speech_model(_tiny_speech_config(decoder_pos_emb_fixed=True), tok).eval()
+    body = model.decoder.transformer
+    assert isinstance(body.wte, ScaledEmbedding) and isinstance(body.wpe, SinusoidalPositions)
+    assert model.decoder.lm_head.weight is not body.wte.weight  # untied, as the reference
+    assert 0.8 < float(body.wte.weight.detach().std()) < 1.2  # N(0, 1) before the √d scale
+    ids = torch.tensor([[1, 10, 11, 12]])
+    captured = {}
+    handle = body.h[0].register_forward_pre_hook(lambda m, args: captured.setdefault("x", args[0]))
+    with torch.no_grad():
+        model.decoder(input_ids=ids)
+    handle.remove()
+    pe = SinusoidalPositions(32)(torch.arange(4)[None])
+    explicit = body.wte.weight[ids] * math.sqrt(32) + pe
+    assert torch.allclose(captured["x"], explicit, atol=1e-5)
+    # a saved model comes back with the same positions and heads
+    attach_heads(model, DeCREDOptions(layers=[2], weights=[0.3, 0.7]))
+    model.save_pretrained(tmp_path)
+    again = load_speech_model(tmp_path).eval()
+    x = torch.randn(1, 1600)
+    with torch.no_grad():
+        a = model(input_values=x, decoder_input_ids=ids).logits
+        b = again(input_values=x, decoder_input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5)
+    assert torch.equal(again.decred_heads.heads["2"].weight, model.decred_heads.heads["2"].weight)
+
+
+def test_mask_unks_in_collator():
+    from recipes.speech import SpeechCollator, train_bpe
+
+    tok = train_bpe(["abc abc", "cab"], 40)
+    rows = [{"audio": [0.0] * 800, "text": "abz"}, {"audio": [0.1] * 800, "text": "cab"}]
+    plain = SpeechCollator(tok, _tiny_speech_config())(rows)["labels"]
+    masked = SpeechCollator(tok, _tiny_speech_config(mask_unks=True))(rows)["labels"]
+    unk = tok.unk_token_id
+    assert (plain == unk).any()  # "z" is unknown to this tokenizer
+    assert not (masked == unk).any()
+    assert torch.equal(masked, plain.masked_fill(plain == unk, -100))
