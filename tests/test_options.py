@@ -602,7 +602,7 @@ def _decred(h, field, value) -> object:
 
 DECRED_VALUES = {"layers": ("[1]", [1]), "head": ("shared", "shared"), "init": ("random", "random"),
                  "final_norm": ("true", True), "weights": ("[0.25, 0.75]", [0.25, 0.75]), "scale": ("sqrt_l", "sqrt_l"),
-                 "curriculum": ("rotational", "rotational"), "rotation": ("3", 3), "label_smoothing": ("0.1", 0.1),
+                 "curriculum": ("round_robin", "round_robin"), "rotation": ("3", 3), "label_smoothing": ("0.1", 0.1),
                  "chunk_size": ("7", 7), "ctc_blank": ("3", 3), "detach": ("true", True), "export_heads": ("false", False),
                  "decode_weights": ("[0.5, 0.5]", [0.5, 0.5])}
 
@@ -669,7 +669,8 @@ def p_decred_speech(h):
 
 SPEECH_VALUES = {"encoder": "{hidden_size: 32}", "decoder": "{hidden_size: 32}", "tokenizer": "some/tokenizer",
                  "bpe_vocab": "77", "audio_column": "wav", "text_column": "words", "sampling_rate": "8000",
-                 "max_target_length": "9", "lowercase": "true", "eval_max_new_tokens": "5", "seed": "4"}
+                 "max_target_length": "9", "lowercase": "true", "eval_max_new_tokens": "5", "seed": "4",
+                 "mask_unks": "true", "decoder_pos_emb_fixed": "true"}  # their effects: tests/test_decred.py
 
 
 def p_speech_option(field):
