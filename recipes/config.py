@@ -147,6 +147,12 @@ class EvalConfig:
     ic_layers: list[int] | None = field(
         default=None, metadata={"help": "internal consistency: 1-based decoder layers (null: upper half)"}
     )
+    grader: Literal["answer", "code", "output_prediction"] = field(
+        default="answer",
+        metadata={"help": "answer: final answer vs `answer`; code: the program passes every test in `tests`; "
+                          "output_prediction: predicted output of `code` vs `output` (CRUXEval-O)"},
+    )
+    code_timeout: float = field(default=6.0, metadata={"help": "code graders: wall seconds per test"})
     before_training: bool = field(default=True, metadata={"help": "also evaluate the starting model"})
     seed: int = field(default=1234, metadata={"help": "sampling seed"})
 
