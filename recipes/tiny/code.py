@@ -50,7 +50,7 @@ PROBLEMS: list[tuple[str, str, list[tuple[str, str]], str]] = [
      [("abc", "ABC"), ("Hello World", "HELLO WORLD"), ("x1y", "X1Y")], "print(input().title())"),
     ("Read integers on one line; print them sorted ascending, space separated.",
      "print(*sorted(map(int, input().split())))",
-     [("3 1 2", "1 2 3"), ("5", "5"), ("-1 10 0", "-1 0 10")], "print(*sorted(input().split()))"),
+     [("3 1 2", "1 2 3"), ("5", "5"), ("10 9 100", "9 10 100")], "print(*sorted(input().split()))"),
     ("Read an integer n; print the n-th Fibonacci number (F0=0, F1=1).",
      "a, b = 0, 1\nfor _ in range(int(input())):\n    a, b = b, a + b\nprint(a)",
      [("0", "0"), ("1", "1"), ("10", "55")], "n = int(input())\nprint(n)"),
