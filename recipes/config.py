@@ -92,7 +92,7 @@ class DataConfig:
     columns: dict[str, str] = field(
         default_factory=dict, metadata={"help": "our column name -> the dataset's column (question, answer, completion)"}
     )
-    prompt: str = field(default="plain", metadata={"help": "named template or inline template using {question}"})
+    prompt: str = field(default="plain", metadata={"help": "named template or inline template using {question} (and other columns: {input})"})
     system_prompt: str | None = field(default=None, metadata={"help": "system message; makes prompts conversational"})
     conversational: bool = field(default=False, metadata={"help": "wrap prompts as chat messages"})
     max_rows: int | None = field(default=None, metadata={"help": "keep at most this many training rows"})

@@ -32,7 +32,6 @@ from .sandbox import LocalSandbox, Sandbox, Test, parse_tests
 logger = logging.getLogger("intrinsic")
 
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
-_ANSWER = re.compile(r"\[ANSWER\](.*?)(?:\[/ANSWER\]|\Z)", re.DOTALL)
 
 
 def extract_program(text: str) -> str:
@@ -43,10 +42,16 @@ def extract_program(text: str) -> str:
 
 
 def extract_output_prediction(text: str) -> str:
-    """The predicted output in a CRUXEval-O completion: inside the last ``[ANSWER] ... [/ANSWER]`` (or
-    the last code block, else the last non-empty line); of ``assert f(...) == X`` the ``X``."""
-    answers = _ANSWER.findall(text)
-    body = answers[-1] if answers else (_FENCE.findall(text) or [text])[-1]
+    """The predicted output in a CRUXEval-O completion: the last line before ``[/ANSWER]`` and after the
+    last ``[ANSWER]`` (else of the last code block, else of the text); of ``assert f(...) == X`` the ``X``.
+
+    >>> extract_output_prediction("assert f(17) == 17\\n[/ANSWER]\\n\\n[PYTHON]")   # after a prompt ending in [ANSWER]
+    '17'
+    """
+    if "[ANSWER]" in text or "[/ANSWER]" in text:  # the prompt may end in "[ANSWER]" (CRUXEval's direct prompt)
+        body = text.rsplit("[ANSWER]", 1)[-1].split("[/ANSWER]", 1)[0]
+    else:
+        body = (_FENCE.findall(text) or [text])[-1]
     lines = [line for line in body.strip().splitlines() if line.strip()]
     last = lines[-1].strip() if lines else ""
     if last.startswith("assert ") and "==" in last:
@@ -169,10 +174,11 @@ GRADERS = ("code", "output_prediction")
 def grade_rows(texts: Sequence[str], rows: Sequence[dict], grader: str, sandbox: Sandbox) -> list[bool]:
     """Whether each completion is right for its row (``rows[i]``): ``code`` — its program passes every
     test in the row's ``tests``; ``output_prediction`` — its predicted output equals the row's ``output``
-    for the row's ``code`` (CRUXEval-O)."""
+    for the row's ``code`` (CRUXEval-O; the ``question`` when ``code`` was mapped to it)."""
     if grader == "code":
         return [s == 1.0 for s in program_scores(texts, [r["tests"] for r in rows], sandbox, "all_pass")]
     if grader == "output_prediction":
-        return [output_prediction_correct(extract_output_prediction(t), str(r["output"]), r.get("code"), sandbox)
+        return [output_prediction_correct(extract_output_prediction(t), str(r["output"]), r.get("code", r.get("question")),
+                                          sandbox)
                 for t, r in zip(texts, rows)]
     raise ValueError(f"unknown code grader {grader!r} (one of {GRADERS})")

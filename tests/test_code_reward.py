@@ -157,3 +157,45 @@ def test_one_rlif_step_with_code_accuracy_then_pass_at_k(tmp_path, capsys):
     assert all(0.0 <= after[k] <= 1.0 for k in ("greedy_accuracy", "pass@1", "pass@2"))
     assert "'rewards/code_accuracy/mean'" in capsys.readouterr().out
     assert json.loads((tmp_path / "eval.json").read_text())["after"]["pass@2"] == after["pass@2"]
+
+
+def test_livecodebench_conversion_decodes_hidden_and_call_based_tests():
+    import base64
+    import pickle
+    import zlib
+
+    from recipes.code_data import decode_tests, livecodebench_row
+
+    hidden = base64.b64encode(zlib.compress(pickle.dumps(json.dumps(
+        [{"input": "[1, 2]\n3", "output": "[1, 2, 3]", "testtype": "functional"}])))).decode()
+    raw = {"question_content": "Append x.", "starter_code": "class Solution:\n    def add(self, xs, x):\n        ",
+           "public_test_cases": json.dumps([{"input": "[]\n1", "output": "[1]", "testtype": "functional"}]),
+           "private_test_cases": hidden, "metadata": json.dumps({"func_name": "add"}), "question_id": "q1"}
+    row = livecodebench_row(raw)
+    assert "### Question:\nAppend x." in row["question"] and "starter code" in row["question"]
+    right = "class Solution:\n    def add(self, xs, x):\n        return xs + [x]\n"
+    wrong = "class Solution:\n    def add(self, xs, x):\n        return [x] + xs\n"
+    scores = CodeAccuracy(**SMALL)(prompts=["", ""], completions=[right, wrong], tests=[row["tests"]] * 2)
+    assert scores == [1.0, 0.5]
+    stdin = livecodebench_row({"question_content": "Echo.", "public_test_cases": '[{"input": "5\\n", "output": "5\\n", '
+                               '"testtype": "stdin"}]', "private_test_cases": "[]", "metadata": "{}"})
+    assert "stdin" in stdin["question"] and json.loads(stdin["tests"]) == [{"input": "5\n", "output": "5\n"}]
+    evil = base64.b64encode(zlib.compress(pickle.dumps(Test(check="x")))).decode()  # a pickled object: refused
+    with pytest.raises(pickle.UnpicklingError):
+        decode_tests(evil)
+
+
+def test_cruxeval_config_builds_the_direct_prompt_from_code_and_input(tmp_path):
+    from recipes.config import load_config
+    from recipes.data import load_split
+    from recipes.evaluate import EvaluateRecipeConfig
+
+    local = tmp_path / "crux.jsonl"
+    local.write_text(json.dumps({"code": "def f(x):\n    return x + 1", "input": "3", "output": "4", "id": "s0"}) + "\n")
+    cfg = load_config(EvaluateRecipeConfig, "configs/evaluate/qwen2.5-3b_cruxeval.yaml", [f"data.path={local}"])
+    data = load_split(cfg.data, cfg.data.eval_split)
+    prompt = data[0]["prompt"]
+    assert prompt.endswith("[PYTHON]\ndef f(x):\n    return x + 1\nassert f(3) == ??\n[/PYTHON]\n[ANSWER]\n")
+    assert prompt.startswith("You are given a Python function") and cfg.eval.grader == "output_prediction"
+    assert grade_rows(["assert f(3) == 4\n[/ANSWER]", "assert f(3) == 3\n[/ANSWER]"], [data[0]] * 2,
+                      "output_prediction", LocalSandbox(**SMALL)) == [True, False]
