@@ -199,3 +199,14 @@ def test_cruxeval_config_builds_the_direct_prompt_from_code_and_input(tmp_path):
     assert prompt.startswith("You are given a Python function") and cfg.eval.grader == "output_prediction"
     assert grade_rows(["assert f(3) == 4\n[/ANSWER]", "assert f(3) == 3\n[/ANSWER]"], [data[0]] * 2,
                       "output_prediction", LocalSandbox(**SMALL)) == [True, False]
+
+
+def test_evaluate_recipe_rejects_a_code_grader_without_its_column_before_loading(capsys):
+    from recipes.cli import main
+    from recipes.evaluate import EvaluateRecipeConfig, run
+
+    with pytest.raises(SystemExit) as stop:
+        main("evaluate", EvaluateRecipeConfig, run, ["--config", "configs/evaluate/tiny_code.yaml",
+                                                     "data.path=tiny://arithmetic", "model.name_or_path=nobody/never-loaded"])
+    assert stop.value.code == 2
+    assert "eval.grader" in capsys.readouterr().err
