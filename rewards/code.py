@@ -77,7 +77,7 @@ def output_prediction_correct(prediction: str, gold: str, code: str | None = Non
     gold_ok, gold_value = _literal(gold)
     pred_ok, pred_value = _literal(prediction)
     if gold_ok:
-        return pred_ok and type(gold_value) is type(pred_value) and gold_value == pred_value
+        return pred_ok and bool(gold_value == pred_value)  # == as CRUXEval's `assert gold == pred`: 1 == 1.0
     if code is None or sandbox is None or re.search(rf"\b{re.escape(function)}\s*\(", prediction):
         return False
     return sandbox.run(code, [Test(check=f"assert ({gold}) == ({prediction})")])[0].passed

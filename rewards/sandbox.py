@@ -20,8 +20,8 @@ A :class:`Sandbox` turns ``(program, tests)`` into one :class:`Result` per test.
   (``SIGKILL``) on timeout and after every run, so the program's children die too;
 * where ``unshare`` works (root, or unprivileged user namespaces) the test runs in new network and
   PID namespaces: no network interface but loopback, and every process the program started dies
-  when the test ends, even one that left the process group; elsewhere a sweep kills leftover
-  processes carrying the test's marker in their environment;
+  when the test ends, even one that left the process group; in any case, before a result is
+  returned, a sweep kills (and waits out) every process carrying the test's marker in its environment;
 * run as root, the program drops to user ``nobody``: it cannot write outside its scratch directory
   except into world-writable ones (``/tmp``, ``/dev/shm``).
 
@@ -266,9 +266,10 @@ def unprivileged_ids(python: str = sys.executable) -> tuple[int, int]:
         return _DROP[python]
 
 
-def _kill_marked(marker: str) -> None:
-    """SIGKILL every process whose environment carries ``marker`` (Linux ``/proc``; best effort)."""
-    needle = f"{_MARKER}={marker}".encode()
+def _kill_marked(marker: str) -> int:
+    """SIGKILL every live process whose environment carries ``marker`` (Linux ``/proc``; best effort);
+    how many there were (a zombie's environment reads empty: it does not count)."""
+    needle, found = f"{_MARKER}={marker}".encode(), 0
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
         if not entry.isdigit():
             continue
@@ -276,8 +277,18 @@ def _kill_marked(marker: str) -> None:
             with open(f"/proc/{entry}/environ", "rb") as f:
                 if needle in f.read().split(b"\0"):
                     os.kill(int(entry), signal.SIGKILL)
+                    found += 1
         except (OSError, ValueError):
             continue
+    return found
+
+
+def _reap_marked(marker: str, patience: float = 5.0) -> None:
+    """Kill the test's leftover processes until none is alive (a PID namespace's teardown, which the
+    kernel runs after its first process exits, is waited for too)."""
+    deadline = time.monotonic() + patience
+    while _kill_marked(marker) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _read_capped(path: str, limit: int, tail: bool = False) -> tuple[str, int]:
@@ -366,8 +377,7 @@ class LocalSandbox(Sandbox):
                 except (ProcessLookupError, PermissionError):
                     pass
                 proc.wait()
-                if not prefix:
-                    _kill_marked(marker)
+                _reap_marked(marker)
             seconds = time.monotonic() - start
             with os.fdopen(read_status, "rb") as f:
                 read_status = -1

@@ -90,7 +90,8 @@ def test_output_prediction_grading():
     assert extract_output_prediction("so [ANSWER]assert f(3) == 7[/ANSWER]") == "7"
     assert extract_output_prediction("reasoning...\n'cba'") == "'cba'"
     assert output_prediction_correct("{2, 1}", "{1, 2}") and not output_prediction_correct("[1, 2]", "(1, 2)")
-    assert not output_prediction_correct("1", "True") and not output_prediction_correct("", "1")
+    assert output_prediction_correct("1.0", "1") and not output_prediction_correct("", "1")
+    assert not output_prediction_correct("1", "[1]") and not output_prediction_correct("x + 1", "2")
     code = "def f(x):\n    return set()"
     assert output_prediction_correct("set()", "set()", code, box)        # no literal: executed
     assert not output_prediction_correct("{1}", "set()", code, box)
