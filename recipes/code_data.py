@@ -27,7 +27,8 @@ from pathlib import Path
 LCB_SYSTEM = ("You are an expert Python programmer. You will be given a question (problem specification) and will "
               "generate a correct Python program that matches the specification and passes all tests. You will NOT "
               "return anything except for the program.")
-_WITH_STARTER = "You will use the following starter code to write the solution to the problem and enclose your code within delimiters."
+_WITH_STARTER = ("You will use the following starter code to write the solution to the problem and enclose your code "
+                 "within delimiters.")
 _WITHOUT_STARTER = ("Read the inputs from stdin solve the problem and write the answer to stdout (do not directly test "
                     "on the sample inputs). Enclose your code within delimiters as follows.")
 

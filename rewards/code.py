@@ -13,7 +13,8 @@
 'print(2)\\n'
 >>> extract_output_prediction("[ANSWER]assert f([1, 2]) == [2, 1][/ANSWER]")
 '[2, 1]'
->>> output_prediction_correct("[2,1]", "[2, 1]"), output_prediction_correct("'a'", '"a"'), output_prediction_correct("3", "4")
+>>> correct = output_prediction_correct
+>>> correct("[2,1]", "[2, 1]"), correct("'a'", '"a"'), correct("3", "4")
 (True, True, False)
 """
 
@@ -147,7 +148,8 @@ class CodeAccuracy(Reward):
         self.sandbox = sandbox
         self.sandbox_kwargs = dict(sandbox_kwargs or {})
         if sandbox is None:
-            self.sandbox_kwargs = {"timeout": timeout, "memory_mb": memory_mb, "workers": workers, **self.sandbox_kwargs}
+            defaults = {"timeout": timeout, "memory_mb": memory_mb, "workers": workers}
+            self.sandbox_kwargs = {**defaults, **self.sandbox_kwargs}
         self._box = build_sandbox(self.sandbox, **self.sandbox_kwargs)  # fails now on bad arguments
 
     def __getstate__(self):  # picklable: the sandbox is rebuilt where the reward lands
@@ -178,7 +180,7 @@ def grade_rows(texts: Sequence[str], rows: Sequence[dict], grader: str, sandbox:
     if grader == "code":
         return [s == 1.0 for s in program_scores(texts, [r["tests"] for r in rows], sandbox, "all_pass")]
     if grader == "output_prediction":
-        return [output_prediction_correct(extract_output_prediction(t), str(r["output"]), r.get("code", r.get("question")),
-                                          sandbox)
+        return [output_prediction_correct(extract_output_prediction(t), str(r["output"]),
+                                          r.get("code", r.get("question")), sandbox)
                 for t, r in zip(texts, rows)]
     raise ValueError(f"unknown code grader {grader!r} (one of {GRADERS})")

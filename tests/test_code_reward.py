@@ -192,7 +192,8 @@ def test_cruxeval_config_builds_the_direct_prompt_from_code_and_input(tmp_path):
     from recipes.evaluate import EvaluateRecipeConfig
 
     local = tmp_path / "crux.jsonl"
-    local.write_text(json.dumps({"code": "def f(x):\n    return x + 1", "input": "3", "output": "4", "id": "s0"}) + "\n")
+    row = {"code": "def f(x):\n    return x + 1", "input": "3", "output": "4", "id": "s0"}
+    local.write_text(json.dumps(row) + "\n")
     cfg = load_config(EvaluateRecipeConfig, "configs/evaluate/qwen2.5-3b_cruxeval.yaml", [f"data.path={local}"])
     data = load_split(cfg.data, cfg.data.eval_split)
     prompt = data[0]["prompt"]
@@ -208,6 +209,7 @@ def test_evaluate_recipe_rejects_a_code_grader_without_its_column_before_loading
 
     with pytest.raises(SystemExit) as stop:
         main("evaluate", EvaluateRecipeConfig, run, ["--config", "configs/evaluate/tiny_code.yaml",
-                                                     "data.path=tiny://arithmetic", "model.name_or_path=nobody/never-loaded"])
+                                                     "data.path=tiny://arithmetic",
+                                                     "model.name_or_path=nobody/never-loaded"])
     assert stop.value.code == 2
     assert "eval.grader" in capsys.readouterr().err

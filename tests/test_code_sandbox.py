@@ -158,4 +158,5 @@ def test_a_remote_sandbox_plugs_in():
         def run(self, program, tests):
             return [Result("fail", str(len(program))) for _ in tests]
 
-    assert [r.detail for rs in Echo().run_many([("ab", [Test("", "")]), ("abc", [Test("", "")])]) for r in rs] == ["2", "3"]
+    results = Echo().run_many([("ab", [Test("", "")]), ("abc", [Test("", "")])])
+    assert [r.detail for rs in results for r in rs] == ["2", "3"]

@@ -71,7 +71,8 @@ PROBLEMS: list[tuple[str, str, list[tuple[str, str]], str]] = [
     ("Read two integers a and b; print a to the power b.", "a, b = map(int, input().split())\nprint(a ** b)",
      [("2 10", "1024"), ("3 0", "1"), ("-2 3", "-8")], "a, b = map(int, input().split())\nprint(a * b)"),
     ("Read a line; print the count of each distinct character in order of first appearance as c:k.",
-     "s = input()\nseen = {}\nfor c in s:\n    seen[c] = seen.get(c, 0) + 1\nprint(' '.join(f'{c}:{k}' for c, k in seen.items()))",
+     "s = input()\nseen = {}\nfor c in s:\n    seen[c] = seen.get(c, 0) + 1\n"
+     "print(' '.join(f'{c}:{k}' for c, k in seen.items()))",
      [("aab", "a:2 b:1"), ("xyz", "x:1 y:1 z:1"), ("zzz", "z:3")],
      "s = input()\nprint(' '.join(f'{c}:1' for c in dict.fromkeys(s)))"),
     ("Read integers on one line; print the second largest distinct value.",
