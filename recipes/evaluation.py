@@ -17,8 +17,6 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from rewards import InternalConsistency, answers_match, extract_answer, normalize_answer, plurality
-from rewards.code import grade_rows
-from rewards.sandbox import LocalSandbox
 from trainers.distributed import Ranks, merge_shards
 from trainers.signals import token_signal_dicts
 
@@ -278,6 +276,9 @@ def code_grading(data: Dataset, cfg: EvalConfig):
     """``None`` for answer grading (``eval.grader: answer``); for a code grader (``code``,
     ``output_prediction``) a function ``(texts, row indices) -> [correct]`` that runs the completions
     in a local sandbox (:mod:`rewards.code`), after checking the columns it reads."""
+    from rewards.code import grade_rows
+    from rewards.sandbox import LocalSandbox
+
     if cfg.grader == "answer":
         return None
     needed = {"code": ["tests"], "output_prediction": ["output"]}[cfg.grader]
