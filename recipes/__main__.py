@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 import recipes
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-NOT_RECIPES = {"cli", "config", "data", "dry_run", "evaluation", "modeling", "plot", "reward_eval", "rounds",
+NOT_RECIPES = {"cli", "code_data", "config", "data", "dry_run", "evaluation", "modeling", "plot", "reward_eval", "rounds",
                "speech", "training", "tiny"}
 
 

@@ -93,7 +93,7 @@ class DataConfig:
     columns: dict[str, str] = field(
         default_factory=dict, metadata={"help": "our column name -> the dataset's column (question, answer, completion)"}
     )
-    prompt: str = field(default="plain", metadata={"help": "named template or inline template using {question}"})
+    prompt: str = field(default="plain", metadata={"help": "named template or inline template using {question} (and other columns: {input})"})
     system_prompt: str | None = field(default=None, metadata={"help": "system message; makes prompts conversational"})
     conversational: bool = field(default=False, metadata={"help": "wrap prompts as chat messages"})
     max_rows: int | None = field(default=None, metadata={"help": "keep at most this many training rows"})
@@ -148,6 +148,12 @@ class EvalConfig:
     ic_layers: list[int] | None = field(
         default=None, metadata={"help": "internal consistency: 1-based decoder layers (null: upper half)"}
     )
+    grader: Literal["answer", "code", "output_prediction"] = field(
+        default="answer",
+        metadata={"help": "answer: final answer vs `answer`; code: the program passes every test in `tests`; "
+                          "output_prediction: predicted output of `code` vs `output` (CRUXEval-O)"},
+    )
+    code_timeout: float = field(default=6.0, metadata={"help": "code graders: wall seconds per test"})
     before_training: bool = field(default=True, metadata={"help": "also evaluate the starting model"})
     seed: int = field(default=1234, metadata={"help": "sampling seed"})
 

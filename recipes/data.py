@@ -144,7 +144,7 @@ def load_split(cfg: DataConfig, split: str, max_rows: int | None = None, source:
     chat = cfg.conversational or cfg.system_prompt is not None
 
     def make_prompt(row):
-        text = template.format(question=row["question"])
+        text = template.format_map(row)  # {question}, and any other column ({input} of CRUXEval)
         if not chat:
             return {"prompt": text}
         messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []

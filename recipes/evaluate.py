@@ -16,7 +16,7 @@ from trainers.distributed import Ranks
 from .cli import main
 from .config import ConfigError, RecipeConfig, save_config
 from .data import load_split
-from .evaluation import evaluate_model, format_table, read_reports, write_report
+from .evaluation import code_grading, evaluate_model, format_table, read_reports, write_report
 from .modeling import load_model, load_tokenizer, to_device
 
 
@@ -31,6 +31,10 @@ class EvaluateRecipeConfig(RecipeConfig):
 
 def run(cfg: EvaluateRecipeConfig) -> dict:
     test = load_split(cfg.data, cfg.data.eval_split or cfg.data.split, cfg.eval.max_rows, cfg.source)
+    try:  # a code grader's columns are checked before any model loads
+        code_grading(test, cfg.eval)
+    except ValueError as err:
+        raise ConfigError(cfg.source, "eval.grader", str(err)) from None
     models = {**{label: replace(cfg.model, name_or_path=path) for label, path in cfg.compare.items()}, cfg.label: cfg.model}
     for label, model_cfg in models.items():  # run outputs named here must exist before anything loads
         name = model_cfg.name_or_path

@@ -237,10 +237,12 @@ def evaluate_model(model, tokenizer, data: Dataset, cfg: EvalConfig, desc: str =
     ``ranks`` (default: this process alone) deals the rows over the processes of a launch: each
     generates and reads signals for its share, the main process computes the report (``None``
     elsewhere). IC's batch-calibrated modes (``candidates``, ``calibrated``), calibrated over every
-    sample, are read on the main process."""
-    if "answer" not in data.column_names:
+    sample, are read on the main process. Code rows (``eval.grader``) are graded by execution."""
+    grade = code_grading(data, cfg)  # None: final answers against `answer`
+    if grade is None and "answer" not in data.column_names:
         raise ValueError("evaluation needs an 'answer' column (map one in data.columns)")
-    prompts, answers = list(data["prompt"]), list(data["answer"])
+    prompts = list(data["prompt"])
+    answers = list(data["answer"]) if grade is None else [None] * len(prompts)
     ranks = ranks or Ranks(alone=True)
     ic = InternalConsistency(cfg.ic_mode, cfg.ic_layers) if cfg.internal_consistency else None
     wants_signals = cfg.sampled and bool(cfg.self_certainty or cfg.negative_entropy or ic)
@@ -257,18 +259,21 @@ def evaluate_model(model, tokenizer, data: Dataset, cfg: EvalConfig, desc: str =
     if ranks.world > 1:
         report["processes"] = ranks.world
     if cfg.greedy:
-        report["greedy_accuracy"] = accuracy([o["greedy"] for o in outputs], answers)
+        greedy = [o["greedy"] for o in outputs]
+        report["greedy_accuracy"] = accuracy(greedy, answers) if grade is None else \
+            sum(grade(greedy, range(len(greedy)))) / max(len(greedy), 1)
     if cfg.sampled:
         n = cfg.num_samples
         texts = [t for o in outputs for t in o["sampled"]]
         gold = [a for a in answers for _ in range(n)]
-        correct = correctness(texts, gold)
+        correct = correctness(texts, gold) if grade is None else \
+            grade(texts, [q for q in range(len(answers)) for _ in range(n)])
         report["sampled_accuracy"] = sum(correct) / max(len(correct), 1)
         for k in sorted(set(cfg.pass_k or [1, n])):
             if k <= n:
                 report[f"pass@{k}"] = sum(pass_at_k(n, sum(correct[q * n : (q + 1) * n]), k)
                                           for q in range(len(answers))) / max(len(answers), 1)
-        if n > 1:
+        if n > 1 and grade is None:  # a vote over final answers; code completions are not voted on
             report["vote_accuracy"] = vote_accuracy(texts, answers, n)
         if wants_signals and outputs:
             signals = {name: [v for o in outputs for v in o["signals"][name]] for name in outputs[0]["signals"]}
@@ -279,9 +284,26 @@ def evaluate_model(model, tokenizer, data: Dataset, cfg: EvalConfig, desc: str =
                 if wanted:
                     report.update(separation(signals[name], correct, prefix))
                     report["calibration"][name] = reliability(signals[name], correct)
-            if ic is not None and n > 1:
+            if ic is not None and n > 1 and grade is None:
                 report["ic_vote_accuracy"] = vote_accuracy(texts, answers, n, signals["internal_consistency"])
     return report
+
+
+def code_grading(data: Dataset, cfg: EvalConfig):
+    """``None`` for answer grading (``eval.grader: answer``); for a code grader (``code``,
+    ``output_prediction``) a function ``(texts, row indices) -> [correct]`` that runs the completions
+    in a local sandbox (:mod:`rewards.code`), after checking the columns it reads."""
+    from rewards.code import grade_rows
+    from rewards.sandbox import LocalSandbox
+
+    if cfg.grader == "answer":
+        return None
+    needed = {"code": ["tests"], "output_prediction": ["output"]}[cfg.grader]
+    missing = [c for c in needed if c not in data.column_names]
+    if missing:
+        raise ValueError(f"eval.grader={cfg.grader} needs column(s) {missing} (columns: {data.column_names})")
+    rows, sandbox = data.remove_columns(["prompt"]).to_list(), LocalSandbox(timeout=cfg.code_timeout)
+    return lambda texts, index: grade_rows(texts, [rows[i] for i in index], cfg.grader, sandbox)
 
 
 def _scalar_metrics(reports: dict[str, dict]) -> list[str]:

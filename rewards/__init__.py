@@ -4,6 +4,7 @@ Depends on nothing else in this project.
 """
 
 from .accuracy import MathAccuracy
+from .code import CodeAccuracy, extract_output_prediction, extract_program, output_prediction_correct
 from .answers import answers_match, extract_answer, find_answer, normalize_answer
 from .base import REGISTRY, Reward, UnknownRewardError, build_reward, completion_text, get_reward_class
 from .format import Format
@@ -12,12 +13,21 @@ from .grading import final_answer, grade
 from .group import MajorityVote, SemanticCluster, group_rows, plurality
 from .internal import SIGNALS, InternalReward, NegativeEntropy, SelfCertainty, SequenceLogProb
 from .model import RewardModel
+from .sandbox import LocalSandbox, Result, Sandbox, Test
 
 __all__ = [
     "LENS_SIGNALS",
     "REGISTRY",
     "SIGNALS",
+    "CodeAccuracy",
     "ConsistencyVote",
+    "LocalSandbox",
+    "Result",
+    "Sandbox",
+    "Test",
+    "extract_output_prediction",
+    "extract_program",
+    "output_prediction_correct",
     "InternalConsistency",
     "default_layers",
     "group_rows",

@@ -64,12 +64,6 @@ def test_layout_problem_names_the_fix(two_processes):
     assert group_layout_problem(args, [ConsistencyVote()], world_size=2)[0] == "per_device_eval_batch_size"
 
 
-@pytest.fixture
-def two_processes(monkeypatch):
-    """A simulated 2-process launch, as far as the layout check can tell."""
-    monkeypatch.setattr(RLIFConfig, "world_size", property(lambda self: 2))
-
-
 def test_trainer_refuses_before_the_model_loads(two_processes, tmp_path):
     args = RLIFConfig(per_device_train_batch_size=6, num_generations=4, **SMALL)
     expected = r"^per_device_train_batch_size: majority_vote .* set per_device_train_batch_size=8$"

@@ -453,6 +453,24 @@ def p_eval_seed(h):
     assert 77 in seeds
 
 
+def p_eval_grader(h):
+    with pytest.raises(ValueError, match="eval.grader=code needs column"):  # the code grader reads `tests`
+        _evaluate(h, "eval.grader=code")
+
+
+def p_eval_code_timeout(h):
+    from datasets import Dataset
+
+    import rewards.sandbox as sandbox
+    from recipes.evaluation import code_grading
+
+    made = []
+    h.mp.setattr(sandbox, "LocalSandbox", lambda **kwargs: made.append(kwargs))
+    code_grading(Dataset.from_list([{"prompt": "p", "tests": "[]"}]), h.config("rlif", "eval.grader=code",
+                                                                             "eval.code_timeout=3.5").eval)
+    assert made == [{"timeout": 3.5}]
+
+
 def p_eval_before(h):
     """``before_training``: the recipes' shared train-and-evaluate evaluates the starting model."""
     from recipes import training
@@ -755,6 +773,7 @@ PROBES = {
     "DataConfig.max_rows": p_data_max_rows, "DataConfig.revision": p_data_revision, "DataConfig.fallback": p_data_fallback,
     "DataConfig.data_dir": p_data_dir, "DataConfig.split_on": p_data_split_on,
     "EvalConfig.max_rows": p_eval_max_rows, "EvalConfig.batch_size": p_eval_batch, "EvalConfig.max_new_tokens": p_eval_tokens,
+    "EvalConfig.grader": p_eval_grader, "EvalConfig.code_timeout": p_eval_code_timeout,
     "EvalConfig.greedy": p_eval_greedy, "EvalConfig.sampled": p_eval_sampled, "EvalConfig.temperature": p_eval_temperature,
     "EvalConfig.top_p": p_eval_top_p, "EvalConfig.num_samples": p_eval_num_samples, "EvalConfig.pass_k": p_eval_pass_k,
     "EvalConfig.self_certainty": p_eval_sc, "EvalConfig.negative_entropy": p_eval_ne,

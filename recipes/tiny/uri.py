@@ -17,6 +17,7 @@ from datasets import Dataset
 from filelock import FileLock
 
 from .models import FAMILIES, TinyModelSpec, build_tiny_model
+from .code import CodeSpec, OutputPredictionSpec
 from .samples import SamplesSpec, build_samples, load_samples
 from .tasks import ArithmeticSpec, arithmetic_dataset
 from .tokenizer import build_char_tokenizer
@@ -24,6 +25,7 @@ from .tokenizer import build_char_tokenizer
 SCHEME = "tiny://"
 TASKS = {"arith": ArithmeticSpec, "arithmetic": ArithmeticSpec}
 DATASETS = {**TASKS, "samples": SamplesSpec}  # dataset URIs; `samples`: a tiny model's own answers (A-LoL data)
+DATASETS.update(code=CodeSpec, cruxeval=OutputPredictionSpec)  # hand-written code tasks (recipes/tiny/code.py)
 CACHE_VERSION = 1  # bump when what a spec builds changes
 
 
@@ -203,6 +205,8 @@ def resolve_tiny_dataset(uri: str, split: str) -> Dataset:
             model_dir = resolve_tiny_model(spec.model_uri)
             target = cache_dir() / "tiny" / f"samples-{_key(spec)}-{Path(model_dir).name[-16:]}"
             return load_samples(_build_once(target, lambda d: build_samples(spec, model_dir, d)), split)
+        if isinstance(spec, CodeSpec | OutputPredictionSpec):
+            return spec.dataset(split)
         return arithmetic_dataset(spec, split)
     except ValueError as err:
         raise TinyURIError(f"{uri!r}: {err}") from None
