@@ -37,6 +37,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 from rewards import LENS_SIGNALS, SIGNALS, InternalReward, default_layers
 
 from .lens import LogitLens, lens_modules, locate_answers
+from .logit_transform import logit_transform
 from .signals import pack_prompt_completion, token_signals
 
 logger = logging.getLogger("intrinsic")
@@ -46,7 +47,11 @@ logger = logging.getLogger("intrinsic")
 class RLIFConfig(GRPOConfig):
     """``GRPOConfig`` plus the options of the internal-signal pass."""
 
-    signal_chunk_size: int = field(default=512, metadata={"help": "tokens per chunk of the signal head projection"})
+    signal_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "tokens per chunk of the signal head projection (null: the device's default, "
+                          "512 on CPU, 4096 on CUDA; see trainers/projection.py)"},
+    )
     log_signals: bool = field(
         default=True,
         metadata={"help": "log mean self-certainty/entropy every step even if no reward reads them (may add a pass)"},
@@ -82,6 +87,7 @@ class RLIFTrainer(GRPOTrainer):
         self._policy = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
         self._peft = unwrapped if hasattr(unwrapped, "peft_config") else None
         self._tuner_layer = None
+        self._logit_transform = logit_transform(self._policy)  # Gemma-2 soft-capping, Cohere/Granite scaling
         if self._peft is not None:
             from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -119,7 +125,8 @@ class RLIFTrainer(GRPOTrainer):
             weight = head.weight
             vocab = vocab if vocab < weight.shape[0] else None  # Qwen pads its head past the tokenizer
             part = token_signals(hidden, weight, input_ids[:, -c:], bias=head.bias, temperature=self.temperature,
-                                 signals=self.signal_names, chunk_size=self.args.signal_chunk_size, vocab_size=vocab)
+                                 signals=self.signal_names, chunk_size=self.args.signal_chunk_size, vocab_size=vocab,
+                                 **self._logit_transform.kwargs())
         self._signal_parts.append(part)
 
     # -- overrides (each calls super) -----------------------------------------------------------
