@@ -129,11 +129,12 @@ def _fold_tiles(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     max_before_target = torch.full((n,), float("-inf"), device=device, dtype=torch.float32)
     h = hidden.to(device=device, dtype=dtype)
     y = targets.contiguous()
-    buffer = torch.empty(n, min(tile_cols, vocab), device=device, dtype=torch.float32)
+    buffer = torch.empty(n * min(tile_cols, vocab), device=device, dtype=torch.float32)
     fold = kernel[(n,)] if use_triton(device) else torch_fold
     for v0 in range(0, vocab, tile_cols):
         v1 = min(v0 + tile_cols, vocab)
-        tile = project(h, weight[v0:v1], None if bias is None else bias[v0:v1], dtype=dtype, out=buffer[:, : v1 - v0])
+        out = buffer[: n * (v1 - v0)].view(n, v1 - v0)  # contiguous, also for the narrower last tile
+        tile = project(h, weight[v0:v1], None if bias is None else bias[v0:v1], dtype=dtype, out=out)
         fold(tile, tile.stride(0), y, running_max, stats["sum_exp"], stats["x_sum_exp"], stats["sq_sum_exp"],
              stats["z_sum"], max_before_target, stats["target_logit"], v0, v1 - v0,
              logit_scale=transform.scale, softcap=transform.softcap or 1.0, inv_t=1.0 / temperature,
