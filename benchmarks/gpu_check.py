@@ -18,7 +18,9 @@ failing stage does not stop the others):
 8. ``decred_step``: ``benchmarks/decred_step.py --shape llm``.
 
 The last line printed is one JSON object: per stage ``rc``, ``seconds`` and the stage's JSON
-(or its last error lines), and ``ok``. ``--cpu-smoke`` runs every stage at CPU sizes (tiny shapes,
+(or its last error lines), and ``ok``. Each stage has a timeout, and stages not started within
+``--budget`` seconds (470) are reported as skipped, so the whole check ends in under 8 minutes
+(worst case: the last stage's timeout after the budget). ``--cpu-smoke`` runs every stage at CPU sizes (tiny shapes,
 two dry runs, fp32) to test the script itself without a GPU; CUDA-only checks then report
 ``skipped``.
 
@@ -112,6 +114,8 @@ def main():
     parser.add_argument("--cpu-smoke", action="store_true", help="every stage at CPU sizes (tests this script)")
     parser.add_argument("--only", help="comma-separated stage names")
     parser.add_argument("--workers", type=int, default=6, help="parallel dry runs")
+    parser.add_argument("--budget", type=float, default=470.0,
+                        help="seconds: stages not started by then are skipped (reported), so the check ends < 8 min")
     args = parser.parse_args()
     smoke = args.cpu_smoke
     import torch
@@ -134,27 +138,30 @@ def main():
                 if smoke else [])
     memory = ["--length", "256", "--vocab", "8192"] if smoke else ["--length", "3072", "--repeats", "3"]
     parts = (["--shape", "tiny", "--steps", "2", "--warmup", "1", "--whole-runs", "0", "--reward", "self_certainty"]
-             if smoke else ["--shape", "0.5b", "--steps", "6", "--warmup", "2", "--whole-runs", "0"])
+             if smoke else ["--shape", "0.5b", "--steps", "6", "--warmup", "2", "--whole-runs", "0", "--reward", "self_certainty"])
     decred = ["--shape", "llm", "--steps", "2", "--batch", "2", "--seq", "32", "--repeats", "1"] if smoke else \
         ["--shape", "llm", "--repeats", "1"]
     pytest_ok = importlib.util.find_spec("pytest") is not None
+
+    def limit(seconds: int) -> int:  # per-stage timeout; CPU smoke runs on slow, shared machines
+        return seconds * 5 if smoke else seconds
     stages = {
         "environment": lambda: environment(),
-        "accuracy": lambda: run([PY, "benchmarks/signal_accuracy.py", *accuracy], 300),
+        "accuracy": lambda: run([PY, "benchmarks/signal_accuracy.py", *accuracy], limit(120)),
         "pytest_gpu": lambda: (run([PY, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_gpu.py"],
-                                   300) if pytest_ok else {"rc": 0, "seconds": 0.0, "skipped": "pytest not importable"}),
-        "dry_runs": lambda: dry_runs(configs, args.workers, 600 if smoke else 300),
+                                   limit(120)) if pytest_ok else {"rc": 0, "seconds": 0.0, "skipped": "pytest not importable"}),
+        "dry_runs": lambda: dry_runs(configs, args.workers, limit(150)),
         "tiny_e2e_intuitor": lambda: run([PY, "-m", "recipes.intuitor", "--config", "configs/intuitor/tiny_arithmetic.yaml",
-                                          *e2e_common, f"trainer.output_dir={tmp / 'intuitor'}"], 600 if smoke else 240),
+                                          *e2e_common, f"trainer.output_dir={tmp / 'intuitor'}"], limit(90)),
         "tiny_e2e_rlif_ic": lambda: run([PY, "-m", "recipes.rlif", "--config", "configs/rlif/tiny_arithmetic_ic.yaml",
-                                         *e2e_common, f"trainer.output_dir={tmp / 'rlif_ic'}"], 600 if smoke else 240),
+                                         *e2e_common, f"trainer.output_dir={tmp / 'rlif_ic'}"], limit(90)),
         "signal_memory_1.5b": lambda: run([PY, "benchmarks/signal_memory.py", "--hidden", "256" if smoke else "1536",
-                                           *memory, *([] if cuda else ["--device", "cpu"])], 300),
+                                           *memory, *([] if cuda else ["--device", "cpu"])], limit(60)),
         "signal_memory_7b": lambda: ({"rc": 0, "seconds": 0.0, "skipped": "CPU smoke"} if smoke else
-                                     run([PY, "benchmarks/signal_memory.py", "--hidden", "3584", *memory], 300)),
+                                     run([PY, "benchmarks/signal_memory.py", "--hidden", "3584", *memory], limit(60))),
         "step_parts": lambda: run([PY, "benchmarks/rlif_step_parts.py", *parts, *([] if cuda else ["--device", "cpu"])],
-                                  1200 if smoke else 330),
-        "decred_step": lambda: run([PY, "benchmarks/decred_step.py", *decred], 1200 if smoke else 240),
+                                  limit(150)),
+        "decred_step": lambda: run([PY, "benchmarks/decred_step.py", *decred], limit(120)),
     }
     chosen = args.only.split(",") if args.only else list(stages)
     unknown = set(chosen) - set(stages)
@@ -164,6 +171,9 @@ def main():
     summary = {"mode": "cpu-smoke" if smoke else "cuda", "stages": {}}
     start = time.time()
     for name in chosen:
+        if not smoke and time.time() - start > args.budget:
+            summary["stages"][name] = {"rc": 0, "seconds": 0.0, "skipped": f"over the {args.budget:.0f} s budget"}
+            continue
         print(f"[gpu_check] {name} ...", file=sys.stderr, flush=True)
         result = stages[name]()
         summary["stages"][name] = result
