@@ -144,7 +144,7 @@ def main():
     pytest_ok = importlib.util.find_spec("pytest") is not None
 
     def limit(seconds: int) -> int:  # per-stage timeout; CPU smoke runs on slow, shared machines
-        return seconds * 5 if smoke else seconds
+        return seconds * 10 if smoke else seconds
     stages = {
         "environment": lambda: environment(),
         "accuracy": lambda: run([PY, "benchmarks/signal_accuracy.py", *accuracy], limit(120)),
