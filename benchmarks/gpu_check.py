@@ -137,7 +137,7 @@ def main():
     accuracy = (["--device", "cpu", "--vocab", "4096", "--tokenizer-vocab", "4000", "--hidden", "64", "--tokens", "64"]
                 if smoke else [])
     memory = ["--length", "256", "--vocab", "8192"] if smoke else ["--length", "3072", "--repeats", "3"]
-    parts = (["--shape", "tiny", "--steps", "2", "--warmup", "1", "--whole-runs", "0", "--reward", "self_certainty"]
+    parts = (["--shape", "tiny", "--steps", "4", "--warmup", "1", "--whole-runs", "0", "--reward", "self_certainty"]
              if smoke else ["--shape", "0.5b", "--steps", "6", "--warmup", "2", "--whole-runs", "0", "--reward", "self_certainty"])
     decred = ["--shape", "llm", "--steps", "2", "--batch", "2", "--seq", "32", "--repeats", "1"] if smoke else \
         ["--shape", "llm", "--repeats", "1"]

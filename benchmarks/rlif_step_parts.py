@@ -18,12 +18,14 @@ directly, as a share of the step it sits in:
 * ``optimisation_s``: the rest of the step (loss forward and backward, optimizer, TRL bookkeeping).
 
 ``added_share = (signal_projection + extra_pass + rewards + answer_location) / step``, summed over
-the measured steps (the first ``--warmup`` dropped). This counts every reward call as added work
+the measured steps: the first ``--warmup`` dropped (rounded up to whole generation cycles, since
+TRL generates every ``num_iterations`` steps), then whole cycles only. This counts every reward call as added work
 (a plain GRPO run would still call its text rewards), so it is an upper bound. Goals: <= 2 % riding
 on TRL's pass (``num_iterations=2``), <= 5 % with the extra pass (``num_iterations=1``).
 
 Secondary figure (``--whole-runs N``): N constant-reward runs alternate with the measured runs and
-``whole_run_ratio`` is the median step time of the internal-reward runs over the constant ones
+``whole_run_ratio`` is the median over runs of the mean step time of the internal-reward runs over
+that of the constant ones
 (the old benchmark's number; noisy where generation is).
 
     python benchmarks/rlif_step_parts.py                         # tiny CPU shape
@@ -205,8 +207,14 @@ def run(rewards, model_path, data, tok, shape, steps, num_iterations, seed, out_
     return parts.steps
 
 
-def summarise(steps: list[dict], warmup: int) -> dict:
-    kept = steps[warmup:]
+def measured(steps: list[dict], warmup: int, cycle: int) -> list[dict]:
+    """Steps after the warm-up, in whole generation cycles (TRL generates every ``num_iterations`` steps)."""
+    start = -(-warmup // cycle) * cycle
+    kept = steps[start:]
+    return kept[: len(kept) // cycle * cycle]
+
+
+def summarise(kept: list[dict]) -> dict:
     total = {key: sum(s.get(key, 0.0) for s in kept) for key in
              ("step_s", "_generate_total", "_trl_scoring_total", "_projection_total", "extra_pass_s", "_rewards_total",
               "answer_location_s", "_projection_in_extra")}
@@ -259,18 +267,19 @@ def main():
                 if args.whole_runs:
                     steps = run([ConstantReward()], model_path, data, tok, shape, args.steps, iters, args.seed, tmp,
                                 cuda, measured=False)
-                    constant.append(statistics.median(s["step_s"] for s in steps[args.warmup:]))
+                    constant.append(statistics.fmean(s["step_s"] for s in measured(steps, args.warmup, iters)))
                 for name in rewards:
                     internal[name].append(run([REWARDS[name]()], model_path, data, tok, shape, args.steps, iters,
                                               args.seed, tmp, cuda))
             for name in rewards:
                 runs = internal[name]
-                summary = summarise([s for steps in runs for s in steps[args.warmup:]], 0)
+                summary = summarise([s for steps in runs for s in measured(steps, args.warmup, iters)])
                 summary["goal_met"] = summary["added_share"] <= GOALS[case]
                 if constant:
-                    medians = [statistics.median(s["step_s"] for s in steps[args.warmup:]) for steps in runs]
+                    medians = [statistics.fmean(s["step_s"] for s in measured(steps, args.warmup, iters))
+                               for steps in runs]
                     summary["whole_run_ratio"] = round(statistics.median(medians) / statistics.median(constant), 4)
-                    summary["whole_run_median_step_s"] = {"constant_reward": constant, name: medians}
+                    summary["whole_run_mean_step_s"] = {"constant_reward": constant, name: medians}
                 entry[name] = summary
     report["all_goals_met"] = all(entry[name]["goal_met"] for entry in report["cases"].values() for name in rewards)
     print(json.dumps(report, indent=2))
