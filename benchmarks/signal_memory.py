@@ -3,12 +3,13 @@
     python benchmarks/signal_memory.py                      # Qwen2.5-1.5B shape: V=151,936, H=1,536, L=3,072
     python benchmarks/signal_memory.py --length 512         # quick check
     python benchmarks/signal_memory.py --batch 2 --dtype fp32
+    python benchmarks/signal_memory.py --hidden 3584          # Qwen2.5-7B's head shape
 
 Prints one JSON object. Both methods compute ``sc_t = logsumexp(z_t/T) - mean_j(z_t/T) - log V`` for
 every token of a ``(batch, length)`` completion from its final hidden states and the LM head:
 
-- ``ours``: ``trainers.signals.token_signals`` (token chunks x vocabulary tiles, fp32, no
-  ``(B, L, V)`` tensor);
+- ``ours``: ``trainers.signals.token_signals`` (token chunks x vocabulary tiles; the GEMM at the
+  inputs' precision with an fp32 tile, fp32 reductions; no ``(B, L, V)`` tensor);
 - ``naive``: what the Intuitor reference code does, ``logits = lm_head(hidden).float() / T``,
   ``log_softmax`` over the full ``(B, L, V)`` logits, ``-mean(log p) - log V``.
 
@@ -33,7 +34,6 @@ use ``--repeats`` for more timed runs (the peak is taken over the first).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -104,11 +104,11 @@ def _naive(hidden, weight, temperature):
 
 
 def _token_signals():
-    try:
-        from trainers.signals import token_signals
-    except ImportError:  # run as a script from anywhere: the repository root is one level up
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from trainers.signals import token_signals
+    root = str(Path(__file__).resolve().parents[1])  # this checkout first, even if another one is installed
+    if sys.path[0] != root:
+        sys.path.insert(0, root)
+    from trainers.signals import token_signals
+
     return token_signals
 
 
@@ -188,11 +188,14 @@ def main() -> None:
     parser.add_argument("--_worker", dest="method", help=argparse.SUPPRESS)
     parser.add_argument("--_out", dest="out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    defaults = inspect.signature(_token_signals()).parameters
+    _token_signals()  # puts the repository root on sys.path when run as a script
+    from trainers.projection import default_chunks
+
+    tokens, cols = default_chunks(args.device)  # token_signals' per-device defaults
     if args.chunk_size is None:
-        args.chunk_size = defaults["chunk_size"].default
+        args.chunk_size = tokens
     if args.vocab_chunk_size is None:
-        args.vocab_chunk_size = defaults["vocab_chunk_size"].default
+        args.vocab_chunk_size = cols
     args.vocab_chunk_size = args.vocab_chunk_size or None
 
     if args.method:

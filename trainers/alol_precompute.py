@@ -50,6 +50,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from .distributed import Ranks, merge_shards, whole_parameters
+from .logit_transform import logit_transform
 from .signals import token_signals
 
 logger = logging.getLogger("intrinsic")
@@ -470,9 +471,7 @@ def _compute(trainer, dataset: Dataset, reward_funcs, reward_weights, value_data
             stats.update(head_stats)
         # 4. reference pass
         lm_head = causal.get_output_embeddings()
-        config = causal.config.get_text_config() if hasattr(causal.config, "get_text_config") else causal.config
-        softcap = getattr(config, "final_logit_softcapping", None)
-        logit_scale = getattr(config, "logit_scale", None) or 1.0
+        transform = logit_transform(causal)  # the model's own distribution (Gemma-2 soft-capping, Granite scaling)
         ref_token, value = [], []
         for start in tqdm(range(0, len(mine), args.precompute_batch_size), desc="A-LoL reference pass", leave=False,
                           disable=not ranks.main):
@@ -484,8 +483,7 @@ def _compute(trainer, dataset: Dataset, reward_funcs, reward_weights, value_data
             pos = torch.arange(ids.shape[1], device=device)
             target_mask = (pos[None, 1:] >= p[:, None]) & mask[:, 1:].bool()  # position t-1 predicts token t
             logps = token_signals(hidden[:, :-1][target_mask], lm_head.weight, ids[:, 1:][target_mask],
-                                  bias=lm_head.bias, signals=("logps",), final_logit_softcapping=softcap,
-                                  logit_scale=logit_scale)["logps"].cpu()
+                                  bias=lm_head.bias, signals=("logps",), **transform.kwargs())["logps"].cpu()
             ref_token.extend(logps.split(target_mask.sum(1).tolist()))
             if head is not None:
                 prompt_mask = (pos[None, :] < p[:, None]) & mask.bool()

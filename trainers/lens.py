@@ -63,6 +63,9 @@ from torch import nn
 
 from rewards import default_layers, find_answer, group_rows
 
+from .logit_transform import IDENTITY, LogitTransform, logit_transform
+from .projection import compute_dtype, default_chunks, project
+
 __all__ = ["BATCH_MODES", "LABEL_SETS", "MODES", "LogitLens", "agreement", "answer_token_indices",
            "calibrated_agreement", "calibrated_votes", "group_candidates", "label_token_ids", "lens_modules",
            "lens_readout", "locate_answers", "per_completion"]
@@ -212,6 +215,7 @@ class LogitLens:
             raise ValueError(f"logit lens layers must be in 1..{n} (the model has {n} decoder layers), got {bad}")
         self.layers = sorted({int(layer) for layer in chosen} | {n})
         self.vocab_size = vocab_size
+        self.transform = logit_transform(model)
         self._indices: list[list[int]] | None = None
         self._handles = [self.modules[layer - 1].register_forward_hook(self._hook(layer)) for layer in self.layers]
 
@@ -279,7 +283,8 @@ class LogitLens:
         bias = getattr(self.head, "bias", None)
         with maybe_gather_lm_head_ctx(*self.norm.parameters(), self.head.weight, bias):
             return lens_readout(states, self.norm, self.head.weight, bias, emitted, vocab_size=self.vocab_size,
-                                candidates=candidates, label_sets=self.label_sets or None, **kwargs)
+                                candidates=candidates, label_sets=self.label_sets or None, transform=self.transform,
+                                **kwargs)
 
     def readout(self, states: torch.Tensor, emitted: torch.Tensor, modes: Sequence[str] = ("hard",),
                 candidates: torch.Tensor | None = None, quantile: float = 0.5, **kwargs) -> dict[str, torch.Tensor]:
@@ -356,16 +361,20 @@ def per_completion(agreements: dict[str, torch.Tensor], counts: Sequence[int], l
 @torch.no_grad()
 def lens_readout(states: torch.Tensor, norm: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None,
                  emitted: torch.Tensor, *, vocab_size: int | None = None, candidates: torch.Tensor | None = None,
-                 label_sets: dict[str, torch.Tensor] | None = None, token_chunk: int = 256,
-                 vocab_chunk: int = 8192) -> dict[str, torch.Tensor]:
-    """Lens statistics of ``K`` layers at ``N`` positions: ``z^k = W[:V] norm(states[k]) + b``.
+                 label_sets: dict[str, torch.Tensor] | None = None, token_chunk: int | None = None,
+                 vocab_chunk: int | None = None, transform: LogitTransform = IDENTITY) -> dict[str, torch.Tensor]:
+    """Lens statistics of ``K`` layers at ``N`` positions: ``z^k = transform(W[:V] norm(states[k]) + b)``.
 
     Returns fp32 ``logp (N, K) = log softmax(z^k)[emitted]``, ``argmax (N, K)`` over the first
     ``V = vocab_size`` rows (padding rows of the head never win), and with ``candidates``
     (``(N, M)`` token ids, ``-1`` = none) ``candidate_logits (N, K, M)`` (``-inf`` where ``-1``);
     with ``label_sets`` (``{name: (M,) token ids}``) ``label_logits_<name> (N, K, M)`` and
     ``label_index_<name> (N,)``, the emitted token's index in the set (``-1``: not a label).
-    Peak extra memory: one ``token_chunk x vocab_chunk`` fp32 tile.
+    ``transform`` is the model's logit transform after the head (:mod:`trainers.logit_transform`).
+    Precision (:func:`trainers.projection.project`): the GEMM runs in the head's dtype (or
+    autocast's) with an fp32 tile; every reduction in fp32. Peak extra memory: one
+    ``token_chunk x vocab_chunk`` fp32 tile; ``None`` takes the device's default
+    (:func:`trainers.projection.default_chunks`: 512 x 4096 on CPU, 4096 x 8192 on CUDA).
     """
     layers, n_tokens, _ = states.shape
     vocab = weight.shape[0] if vocab_size is None else min(int(vocab_size), weight.shape[0])
@@ -381,23 +390,25 @@ def lens_readout(states: torch.Tensor, norm: nn.Module, weight: torch.Tensor, bi
     norm_dtype = next(norm.parameters(), weight).dtype
     labels = {name: ids.to(device=device, dtype=torch.long) for name, ids in (label_sets or {}).items()}
     label_logits = {name: torch.empty(n_tokens, layers, len(ids), device=device) for name, ids in labels.items()}
+    dtype = compute_dtype(weight)  # decided before autocast is switched off below
+    default_tokens, default_cols = default_chunks(device)
+    token_chunk, vocab_chunk = token_chunk or default_tokens, vocab_chunk or default_cols
 
     def logits_at(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:  # z[ids] for x (n, H), ids (n, ...)
-        z = torch.einsum("nh,n...h->n...", x, weight[ids].float())
-        return z if bias is None else z + bias[ids].float()
+        z = torch.einsum("nh,n...h->n...", x.float(), weight[ids].to(dtype).float())
+        return transform.apply(z if bias is None else z + bias[ids].to(dtype).float())
 
     with torch.autocast(device.type, enabled=False):
         for k in range(layers):
             for start in range(0, n_tokens, token_chunk):
                 end = min(start + token_chunk, n_tokens)
-                x = norm(states[k, start:end].to(device=device, dtype=norm_dtype)).float()
+                x = norm(states[k, start:end].to(device=device, dtype=norm_dtype)).to(dtype)
                 best = torch.full((end - start,), float("-inf"), device=device)
                 best_id = torch.zeros(end - start, dtype=torch.long, device=device)
                 total = torch.zeros(end - start, device=device)
                 for v0 in range(0, vocab, vocab_chunk):
-                    z = x @ weight[v0 : v0 + vocab_chunk].float().T
-                    if bias is not None:
-                        z = z + bias[v0 : v0 + vocab_chunk].float()
+                    z = transform.apply(project(x, weight[v0 : v0 + vocab_chunk],
+                                                None if bias is None else bias[v0 : v0 + vocab_chunk], dtype=dtype))
                     tile_max, tile_id = z.max(-1)
                     new_best = torch.maximum(best, tile_max)
                     total = total * torch.exp(best - new_best) + torch.exp(z - new_best[:, None]).sum(-1)

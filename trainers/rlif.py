@@ -39,6 +39,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 from rewards import LENS_SIGNALS, SIGNALS, InternalReward, default_layers
 
 from .lens import LogitLens, lens_modules, locate_answers
+from .logit_transform import IDENTITY, logit_transform
 from .signals import in_vocab_targets, pack_prompt_completion, skip_outside_vocab, token_signals
 from .vote import VoteSamplesMixin
 
@@ -49,7 +50,11 @@ logger = logging.getLogger("intrinsic")
 class RLIFConfig(GRPOConfig):
     """``GRPOConfig`` plus the options of the internal-signal pass."""
 
-    signal_chunk_size: int = field(default=512, metadata={"help": "tokens per chunk of the signal head projection"})
+    signal_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "tokens per chunk of the signal head projection (null: the device's default, "
+                          "512 on CPU, 4096 on CUDA; see trainers/projection.py)"},
+    )
     log_signals: bool = field(
         default=True,
         metadata={"help": "log mean self-certainty/entropy every step even if no reward reads them (may add a pass)"},
@@ -155,6 +160,7 @@ class RLIFTrainer(VoteSamplesMixin, GRPOTrainer):
     _lens_found: list | None = None
     _lens_answer_ids: list | None = None
     _pass_done = False
+    _logit_transform = IDENTITY
 
     def _option(self, name: str):
         """An RLIF option from ``args``, or its :class:`RLIFConfig` default (``args`` a plain ``GRPOConfig``)."""
@@ -185,6 +191,7 @@ class RLIFTrainer(VoteSamplesMixin, GRPOTrainer):
         self._policy = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
         self._peft = unwrapped if hasattr(unwrapped, "peft_config") else None
         self._tuner_layer = None
+        self._logit_transform = logit_transform(self._policy)  # Gemma-2 soft-capping, Cohere/Granite scaling
         if self._peft is not None:
             from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -230,7 +237,7 @@ class RLIFTrainer(VoteSamplesMixin, GRPOTrainer):
             targets = in_vocab_targets(input_ids[:, -c:], vocab)  # padding-row ids: skipped in _calculate_rewards
             part = token_signals(hidden, weight, targets, bias=head.bias, temperature=self.temperature,
                                  signals=self.signal_names, chunk_size=self._option("signal_chunk_size"),
-                                 vocab_size=vocab)
+                                 vocab_size=vocab, **self._logit_transform.kwargs())
         self._signal_parts.append(part)
 
     # -- overrides (each calls super) -----------------------------------------------------------

@@ -14,32 +14,38 @@ signal             per-token value
 
 How it is computed (why we build on TRL)
 ----------------------------------------
-TRL 1.16 ships ``trl.kernels.ChunkedLogProbFunction``, the kernel behind its own fused LM head
-(``trl.trainer.utils.add_fused_lm_head``, used by ``GRPOTrainer._get_per_token_logps_and_entropies``).
-It projects ``hidden @ W.T`` in ``[tokens, vocab_chunk]`` tiles and folds every tile into running
-online-logsumexp statistics, returning the target log-prob and, on request, the entropy and the
-mean (temperature-scaled) logit. On CUDA/XPU the fold is a Triton kernel; elsewhere the same fold
-runs as torch ops. We call it rather than re-implementing the fold, so our numbers are computed by
-the same code that computes TRL's training log-probs.
+TRL 1.16's fused LM head (``trl.trainer.utils.add_fused_lm_head``, behind
+``GRPOTrainer._get_per_token_logps_and_entropies``) projects ``hidden @ W.T`` in ``[tokens,
+vocab_chunk]`` tiles and folds every tile into running online-logsumexp statistics
+(``trl.kernels.chunked_logprob``: a Triton kernel on CUDA/XPU, the same fold as torch ops
+elsewhere). We call that fold on our own tiles rather than re-implementing it, so our numbers come
+from the code that computes TRL's training log-probs. The tiles are ours
+(:func:`trainers.projection.project`) because TRL's forward stores a bf16 model's tile in bf16;
+ours is always fp32 (see Precision). The fold gives ``logsumexp(z)``, ``z[y]``, the entropy terms
+and ``sum_j z_j`` in one pass over V, so every signal costs one GEMM per tile.
 
-It does not return ``logsumexp(z)`` itself, but ``logsumexp(z) = z[y] - log p[y]``, and ``z[y]`` is
-one dot product per token (``h_t . W[y_t]``), so self-certainty costs no second reduction over V:
+On top of the vocabulary tiling we chunk the *flattened tokens* (``B * L``), so the caller bounds
+the tile: peak extra memory is about ``k * chunk_size * min(vocab_chunk_size, V) * 4`` bytes
+(``k`` = 1 with Triton, ~5 on the CPU fallback, which materialises a few tile-sized temporaries),
+plus ``vocab_chunk_size * H * 4`` bytes for an fp32 copy of one head slice off CUDA when the head
+is not fp32. Defaults are per device (:data:`trainers.projection.CHUNKS`: 512 tokens x 4096 rows on
+CPU, 4096 x 8192 on CUDA). With ``vocab_chunk_size=None`` the tile spans the whole vocabulary.
+Self-certainty for one 3,072-token completion of Qwen2.5-1.5B (V = 151,936, H = 1,536, bf16
+head, CPU defaults) peaks at ~65 MiB above the inputs against ~3.5 GiB for full fp32 logits +
+log_softmax (``benchmarks/signal_memory.py``).
 
-    ``self_certainty = (z[y] - logps) - mean_logits - log V``
+Precision: the GEMM runs at the model's precision with an fp32 tile (bf16/fp16 head or
+low-precision autocast: operands in that dtype, fp32 accumulation and output, a tensor-core GEMM
+on CUDA; fp32 head: exact fp32), and every reduction runs in fp32
+(:mod:`trainers.projection`). Against a float64 reference: relative error of entropy and
+self-certainty <= 2e-3 with bf16 inputs, <= 1e-5 with fp32 inputs (tests/test_signals.py). These
+are reward / diagnostic signals: :func:`token_signals` runs under ``torch.no_grad()`` and never
+builds a graph. (Use TRL's fused head for differentiable log-probs and entropy.)
 
-On top of TRL's vocabulary tiling we chunk the *flattened tokens* (``B * L``) ourselves, so the
-caller bounds the tile: peak extra memory is about ``k * chunk_size * min(vocab_chunk_size, V) * 4``
-bytes (``k`` = 1 with Triton, ~5 on the CPU fallback, which materialises a few tile-sized
-temporaries) plus ``vocab_chunk_size * H * 4`` bytes for the fp32 copy of one head slice when the
-head is not fp32. With ``vocab_chunk_size=None`` the tile spans the whole vocabulary (pure token
-chunking, ``chunk_size * V``). With the defaults (512 tokens x 4096 rows), self-certainty for one
-3,072-token completion of Qwen2.5-1.5B (V = 151,936, H = 1,536, bf16 head, CPU) peaks at ~65 MiB
-above the inputs against ~3.5 GiB for full fp32 logits + log_softmax (``benchmarks/signal_memory.py``).
-
-Precision and autograd: everything runs in fp32 (hidden chunks and head slices are upcast one
-tile at a time, autocast is switched off inside), whatever the input dtypes (bf16, fp16, fp32).
-These are reward / diagnostic signals: :func:`token_signals` runs under ``torch.no_grad()`` and
-never builds a graph. (Use TRL's fused head for differentiable log-probs and entropy.)
+Logit transforms: ``logit_scale`` and ``final_logit_softcapping`` apply the transform some
+architectures put after the head (Gemma-2 soft-capping, Cohere/Granite scaling);
+:func:`trainers.logit_transform.logit_transform` reads them from a model's config, and every
+caller in this package passes them.
 
 Vocabulary restriction: Qwen pads its LM head beyond the tokenizer (151,936 rows for 151,665
 tokens). ``vocab_size=V'`` keeps only the first ``V'`` rows of ``W`` (and of ``b``): the softmax,
@@ -76,6 +82,8 @@ import torch
 from rewards import LENS_SIGNALS
 
 from .lens import LogitLens, agreement, group_candidates, locate_answers, per_completion
+from .logit_transform import LogitTransform, logit_transform
+from .projection import compute_dtype, default_chunks, project
 
 __all__ = [
     "SIGNALS",
@@ -94,22 +102,49 @@ SIGNALS = ("logps", "entropy", "self_certainty")
 """Names :func:`token_signals` can compute."""
 
 
-def _chunked_logprob():
+def _trl_fold():
+    """TRL's tile fold (Triton kernel on CUDA/XPU, torch ops elsewhere): the reduction behind its fused LM head."""
     try:
-        from trl.kernels import ChunkedLogProbFunction
-    except ImportError as err:  # pragma: no cover - depends on the installed TRL
+        from trl.kernels import chunked_logprob as kernels
+
+        return kernels._forward_kernel, kernels._forward_tile, kernels._use_triton, kernels._BLOCK_SIZE
+    except (ImportError, AttributeError) as err:  # pragma: no cover - depends on the installed TRL
         raise ImportError(
-            "trainers.signals needs trl.kernels.ChunkedLogProbFunction (TRL >= 1.16); install the pinned TRL."
+            "trainers.signals needs trl.kernels.chunked_logprob's tile fold (TRL 1.16); install the pinned TRL."
         ) from err
-    return ChunkedLogProbFunction
 
 
-def _transform(z: torch.Tensor, temperature: float, logit_scale: float, softcap: float | None) -> torch.Tensor:
-    # Same order as TRL's kernel: scale, optional tanh soft-capping, then divide by the temperature.
-    z = z * logit_scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return z / temperature
+def _fold_tiles(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, *,
+                dtype: torch.dtype, temperature: float, tile_cols: int, transform: LogitTransform, entropy: bool,
+                mean_logits: bool) -> dict[str, torch.Tensor]:
+    """Online-logsumexp statistics of ``z = transform(h W^T + b) / T`` over all rows of ``weight``, one tile at a time.
+
+    Each ``(n, tile_cols)`` fp32 tile comes from :func:`trainers.projection.project` (GEMM in ``dtype``,
+    fp32 output) and is folded by TRL's kernel into fp32 running statistics: ``log_z = logsumexp(z)``,
+    ``target_logit = z[y]``, ``sum_exp``/``x_sum_exp`` (``sum e^(z - m)`` and ``sum e^(z - m) z``) and
+    ``z_sum = sum_j z_j``.
+    """
+    kernel, torch_fold, use_triton, block = _trl_fold()
+    n, vocab, device = hidden.shape[0], weight.shape[0], weight.device
+    stats = {name: torch.zeros(n, device=device, dtype=torch.float32)
+             for name in ("sum_exp", "x_sum_exp", "sq_sum_exp", "z_sum", "target_logit")}
+    running_max = torch.full((n,), float("-inf"), device=device, dtype=torch.float32)
+    max_before_target = torch.full((n,), float("-inf"), device=device, dtype=torch.float32)
+    h = hidden.to(device=device, dtype=dtype)
+    y = targets.contiguous()
+    buffer = torch.empty(n * min(tile_cols, vocab), device=device, dtype=torch.float32)
+    fold = kernel[(n,)] if use_triton(device) else torch_fold
+    for v0 in range(0, vocab, tile_cols):
+        v1 = min(v0 + tile_cols, vocab)
+        out = buffer[: n * (v1 - v0)].view(n, v1 - v0)  # contiguous, also for the narrower last tile
+        tile = project(h, weight[v0:v1], None if bias is None else bias[v0:v1], dtype=dtype, out=out)
+        fold(tile, tile.stride(0), y, running_max, stats["sum_exp"], stats["x_sum_exp"], stats["sq_sum_exp"],
+             stats["z_sum"], max_before_target, stats["target_logit"], v0, v1 - v0,
+             logit_scale=transform.scale, softcap=transform.softcap or 1.0, inv_t=1.0 / temperature,
+             HAS_SOFTCAP=transform.softcap is not None, HAS_ENTROPY=entropy, HAS_LOG_SUM_SQ_PROBS=False,
+             HAS_MEAN_LOGITS=mean_logits, HAS_IS_TOP1=False, BLOCK_SIZE=block)
+    stats["log_z"] = running_max + stats["sum_exp"].log()
+    return stats
 
 
 @torch.no_grad()
@@ -121,8 +156,8 @@ def token_signals(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     signals: Sequence[str] = SIGNALS,
-    chunk_size: int = 512,
-    vocab_chunk_size: int | None = 4096,
+    chunk_size: int | None = None,
+    vocab_chunk_size: int | None | str = "auto",
     vocab_size: int | None = None,
     logit_scale: float = 1.0,
     final_logit_softcapping: float | None = None,
@@ -145,8 +180,10 @@ def token_signals(
         bias: optional ``(V_head,)`` LM-head bias.
         temperature: ``T > 0``; the sampling temperature (TRL's ``args.temperature``).
         signals: which of :data:`SIGNALS` to return.
-        chunk_size: tokens (of the flattened ``B * L``) per chunk.
-        vocab_chunk_size: vocabulary rows per projection tile; ``None`` for the whole vocabulary.
+        chunk_size: tokens (of the flattened ``B * L``) per chunk; ``None``: the device's default
+            (:func:`trainers.projection.default_chunks`: 512 on CPU, 4096 on CUDA).
+        vocab_chunk_size: vocabulary rows per projection tile; ``None`` for the whole vocabulary;
+            ``"auto"``: the device's default (4096 on CPU, 8192 on CUDA).
         vocab_size: use only the first ``vocab_size`` rows of the head (``V = vocab_size``, also in
             ``log V``); ``None`` for all ``V_head`` rows.
         logit_scale: multiplier applied to the raw logits (e.g. Cohere/Granite configs); 1 otherwise.
@@ -161,7 +198,7 @@ def token_signals(
         raise ValueError(f"signals must be a non-empty subset of {SIGNALS}, got {tuple(signals)}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if chunk_size < 1 or (vocab_chunk_size is not None and vocab_chunk_size < 1):
+    if (chunk_size is not None and chunk_size < 1) or (isinstance(vocab_chunk_size, int) and vocab_chunk_size < 1):
         raise ValueError(f"chunk sizes must be >= 1, got chunk_size={chunk_size}, vocab_chunk_size={vocab_chunk_size}")
     if weight.ndim != 2:
         raise ValueError(f"weight must be (V, H), got shape {tuple(weight.shape)}")
@@ -188,31 +225,28 @@ def token_signals(
 
     need_sc = "self_certainty" in wanted
     need_entropy = "entropy" in wanted
-    outputs = (("entropy",) if need_entropy else ()) + (("mean_logits",) if need_sc else ())
+    tokens_default, cols_default = default_chunks(weight.device)
+    chunk_size = tokens_default if chunk_size is None else chunk_size
+    vocab_chunk_size = cols_default if vocab_chunk_size == "auto" else vocab_chunk_size
     tile_cols = vocab if vocab_chunk_size is None else min(vocab_chunk_size, vocab)
-    chunked_logprob = _chunked_logprob()
+    transform = LogitTransform(logit_scale, final_logit_softcapping)
+    dtype = compute_dtype(weight)  # decided before autocast is switched off below
     log_vocab = math.log(vocab)
 
     pieces: dict[str, list[torch.Tensor]] = {name: [] for name in wanted}
     with torch.autocast(weight.device.type, enabled=False):
         for start in range(0, n_tokens, chunk_size):
             end = min(start + chunk_size, n_tokens)
-            h = flat_hidden[start:end].to(device=weight.device, dtype=torch.float32)
-            y = flat_targets[start:end]
-            logps, entropy, _, mean_logits, _ = chunked_logprob.apply(
-                h, weight, bias, y, temperature, tile_cols, final_logit_softcapping, logit_scale, outputs
-            )
+            folded = _fold_tiles(flat_hidden[start:end], weight, bias, flat_targets[start:end], dtype=dtype,
+                                 temperature=temperature, tile_cols=tile_cols, transform=transform,
+                                 entropy=need_entropy, mean_logits=need_sc)
+            log_z = folded["log_z"]
             if "logps" in wanted:
-                pieces["logps"].append(logps)
+                pieces["logps"].append(folded["target_logit"] - log_z)
             if need_entropy:
-                pieces["entropy"].append(entropy)
+                pieces["entropy"].append(log_z - folded["x_sum_exp"] / folded["sum_exp"])
             if need_sc:
-                # logsumexp(z) = z[y] - log p[y]: one dot product per token instead of a second pass over V.
-                raw = (h * weight[y].float()).sum(-1)
-                if bias is not None:
-                    raw = raw + bias[y].float()
-                target_logit = _transform(raw, temperature, logit_scale, final_logit_softcapping)
-                pieces["self_certainty"].append(target_logit - logps - mean_logits - log_vocab)
+                pieces["self_certainty"].append(log_z - folded["z_sum"] / vocab - log_vocab)
     return {name: torch.cat(parts).view(targets.shape) for name, parts in pieces.items()}
 
 
@@ -380,6 +414,7 @@ def token_signal_dicts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], co
         raise ValueError(f"unknown signals {sorted(unknown)}; available: {list(SIGNALS + LENS_SIGNALS)}")
     out: list[dict] = [{} for _ in completion_ids]
     head = model.get_output_embeddings()
+    transform = logit_transform(model)
     vocab = len(tokenizer) if len(tokenizer) < head.weight.shape[0] else None
     lens = LogitLens(model, lens_layers, vocab_size=len(tokenizer), tokenizer=tokenizer) if lens_modes else None
     if lens is not None:
@@ -399,8 +434,8 @@ def token_signal_dicts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], co
             hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
             if signals:
                 values = completion_signals(hidden, head.weight, in_vocab_targets(ids, vocab), p, bias=head.bias,
-                                            temperature=temperature,
-                                            signals=tuple(signals), vocab_size=vocab)
+                                            temperature=temperature, signals=tuple(signals), vocab_size=vocab,
+                                            **transform.kwargs())
                 for j, c in enumerate(batch):
                     out[i + j].update({name: v[j, : len(c)].float().cpu() for name, v in values.items()})
             if lens is not None:

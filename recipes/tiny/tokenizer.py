@@ -34,12 +34,19 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_char_tokenizer(model_max_length: int = 512) -> PreTrainedTokenizerFast:
-    """Build the tiny world's tokenizer (deterministic: same ids on every machine)."""
+def build_char_tokenizer(model_max_length: int = 512, vocab_size: int | None = None) -> PreTrainedTokenizerFast:
+    """Build the tiny world's tokenizer (deterministic: same ids on every machine).
+
+    ``vocab_size`` pads the vocabulary with unused tokens ``<w0>``, ``<w1>``, ... (never produced by
+    encoding, since BPE has no merges; decoded as their text) up to a real tokenizer's size, so that
+    benchmarks can run a real-shaped head (e.g. 151,936 rows) with every row a token.
+    """
     specials = [PAD, BOS, EOS, UNK, *ROLES]
     vocab = {tok: i for i, tok in enumerate(specials)}
     for ch in CHARACTERS:
         vocab.setdefault(ch, len(vocab))
+    for i in range(max(0, (vocab_size or 0) - len(vocab))):
+        vocab[f"<w{i}>"] = len(vocab)
     # No pre-tokenizer: the whole text is one "word" and BPE without merges splits it into
     # characters, keeping spaces and newlines as ordinary tokens.
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK, fuse_unk=False))
