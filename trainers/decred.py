@@ -17,9 +17,12 @@ model's own loss aligns them, the loss is::
   (:func:`layer_scales`), optionally switched on and off per step by a curriculum
   (:func:`curriculum_mask`).
 
-Intermediate states come from forward hooks on the decoder blocks; every head is projected
-in chunks of ``chunk_size`` tokens under activation checkpointing, so no ``(B, L, V)`` tensor
-of an auxiliary head (nor, for decoder-only models, of the final head) ever exists. The heads
+Intermediate states come from forward hooks on the decoder blocks; every head projects only
+the labelled tokens, ``chunk_size`` at a time, and computes its loss and gradients in the same
+chunk loop (:func:`fused_heads_ce`; heads sharing the LM head in one call), so no ``(B, L, V)``
+tensor of an auxiliary head (nor, for decoder-only models, of the final head) ever exists and
+backward recomputes nothing. Heads that are not a plain linear layer on a whole local weight
+(PEFT, ZeRO-3, FSDP2) use :func:`chunked_head_loss` (chunks under activation checkpointing). The heads
 are a submodule (``model.decred_heads``) so optimisers, DDP and ``save_pretrained`` see them;
 their layout is stored in ``model.config.decred`` and :func:`load_heads` restores them.
 
