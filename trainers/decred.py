@@ -332,6 +332,8 @@ class _FusedHeadsCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, *_):
+        if ctx.grads is None:
+            raise RuntimeError("fused_heads_ce: its gradients are computed in the forward; backward runs once")
         gw, gb, gx = ctx.grads
         ctx.grads = None
         if grad_total is None:
