@@ -19,7 +19,8 @@ forward + backward, TRL's fused LM head (what plain SFT pays for its head), one 
 fused chunked CE (forward, backward) and through the previous path (``chunked_head_loss``:
 chunks under activation checkpointing, so the backward recomputes each projection), the
 optimizer step, and whole ``training_step`` + optimizer step of plain SFT and of DeCRED (separate,
-shared), each with the fused CE and with the checkpointed fallback.
+shared), each with the fused CE and with the checkpointed fallback; then, in fresh processes, the
+peak RSS one head's CE adds (fused, checkpointed, TRL's head).
 """
 
 from __future__ import annotations
@@ -118,6 +119,29 @@ def _cpu_time(fn) -> float:
     return time.process_time() - start
 
 
+def head_peak(which: str, shape: str, batch: int, seq: int) -> float:
+    """MiB of peak RSS one head's CE (forward + backward, random rows) adds in a fresh process."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    torch.set_num_threads(1)
+    V, H = SHAPES[shape]["vocab_size"], SHAPES[shape]["hidden_size"]
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(batch * (seq - 1), H, generator=g, requires_grad=True)
+    labels = torch.randint(0, V, (batch * (seq - 1),), generator=g)
+    head = torch.nn.Linear(H, V, bias=False)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(2):
+        if which == "fused":
+            loss = fused_heads_ce([hidden], head.weight, None, labels, [1.0], 0.0, 2048)[0]
+        elif which == "checkpoint":
+            loss = chunked_head_loss(hidden, labels, head, 0.0, 2048)[0]
+        else:  # plain SFT's head: TRL's fused kernel with SFT's outputs
+            loss = -ChunkedLogProbFunction.apply(hidden, head.weight, None, labels, 1.0, 32768, None, 1.0,
+                                                 ("log_probs", "entropy", "is_top1"))[0].sum()
+        loss.backward()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
+
 def parts(shape: str, batch: int, seq: int, threads: int, repeats: int) -> dict:
     """Median process CPU time (s) of each piece of a step, pieces alternating over ``repeats`` rounds."""
     if threads:
@@ -213,6 +237,10 @@ def parts(shape: str, batch: int, seq: int, threads: int, repeats: int) -> dict:
               "cpu_s": med}
     for v in ("separate_fused", "shared_fused", "separate_checkpoint", "shared_checkpoint"):
         report[f"{v}_step_ratio"] = round(med[f"step_{v}"] / med["step_plain"], 3)
+    report["head_ce_peak_rss_added_mib"] = {
+        w: round(float(subprocess.run([sys.executable, __file__, "--head-peak", w, "--shape", shape, "--batch", str(batch),
+                                       "--seq", str(seq)], capture_output=True, text=True, check=True
+                                      ).stdout.strip().splitlines()[-1]), 1) for w in ("fused", "checkpoint", "trl")}
     return report
 
 
@@ -227,7 +255,11 @@ def main() -> None:
     parser.add_argument("--variants", default="plain,final_only,separate,shared")
     parser.add_argument("--parts", action="store_true", help="time the parts of a step in one process instead")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--head-peak", default=None, help=argparse.SUPPRESS)
     a = parser.parse_args()
+    if a.head_peak:
+        print(head_peak(a.head_peak, a.shape, a.batch, a.seq))
+        return
     if a.parts:
         print(json.dumps(parts(a.shape, a.batch, a.seq, a.threads, a.repeats), indent=2))
         return
