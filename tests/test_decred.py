@@ -30,6 +30,7 @@ from trainers.decred import (
     curriculum_mask,
     evaluate_heads,
     from_pretrained_with_heads,
+    fused_heads_ce,
     head_weights,
     label_smoothed_ce,
     layer_scales,
@@ -221,6 +222,79 @@ def test_chunked_head_loss_equals_full_and_stays_chunked(chunk):
         assert all(s < n_valid * 50 for s in sizes)
 
 
+def naive_heads_ce(xs, weight, bias, targets, coefs, eps, softcap):
+    """Full logits of every head, autograd through label_smoothed_ce: the reference."""
+    total, sums, hits = 0.0, [], []
+    for c, x in zip(coefs, xs):
+        z = x @ weight.t() + (bias if bias is not None else 0.0)
+        if softcap:
+            z = softcap * torch.tanh(z / softcap)
+        s = label_smoothed_ce(z, targets, eps).sum()
+        total, sums, hits = total + c * s, [*sums, float(s)], [*hits, int((z.argmax(-1) == targets).sum())]
+    return total, sums, hits
+
+
+@pytest.mark.parametrize("eps, softcap, bias, chunk", [(0.0, None, False, 4), (0.1, None, True, 5), (0.1, 2.0, True, 3),
+                                                       (0.0, 2.0, False, 100)])
+def test_fused_heads_ce_loss_and_gradients_equal_full_logits(eps, softcap, bias, chunk):
+    torch.manual_seed(0)
+    weight = torch.randn(40, 6, requires_grad=True)
+    b = torch.randn(40, requires_grad=True) if bias else None
+    xs = [torch.randn(11, 6, requires_grad=True) for _ in range(3)]
+    xs[1] = xs[1].detach()  # a probe: no gradient to its rows
+    targets = torch.randint(0, 40, (11,))
+    targets[:3] = (xs[0][:3] @ weight.t()).argmax(-1)  # some hits
+    coefs = [0.2, 0.3, 0.5]
+    total, sums, hits = fused_heads_ce(xs, weight, b, targets, coefs, eps, chunk_size=chunk, softcap=softcap)
+    ref, ref_sums, ref_hits = naive_heads_ce(xs, weight, b, targets, coefs, eps, softcap)
+    assert float(total.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
+    assert sums.tolist() == pytest.approx(ref_sums, rel=1e-5) and hits.tolist() == ref_hits
+    assert not sums.requires_grad and not hits.requires_grad
+    params = [weight, xs[0], xs[2], *([b] if bias else [])]
+    ours = torch.autograd.grad(3.0 * total, params)  # the upstream gradient scales everything
+    expected = torch.autograd.grad(3.0 * ref, params)
+    for a, e in zip(ours, expected):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_heads_ce_keeps_no_logits_between_forward_and_backward():
+    """The graph holds the gradients of W, b and the rows (what backward returns), never a chunk's logits."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 300)
+    xs = [torch.randn(50, 8, requires_grad=True), torch.randn(50, 8, requires_grad=True)]
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        total, _, _ = fused_heads_ce(xs, head.weight, head.bias, torch.randint(0, 300, (50,)), [0.5, 0.5], 0.1,
+                                     chunk_size=16)
+    held = [t.numel() for t in (*total.grad_fn.grads[:2], *total.grad_fn.grads[2])]
+    assert sizes == [] and sorted(held) == sorted([300 * 8, 300, 50 * 8, 50 * 8])
+    total.backward()
+    assert total.grad_fn.grads is None  # released after backward
+
+
+def test_fused_heads_ce_bf16_and_without_grad():
+    torch.manual_seed(0)
+    weight, x = torch.randn(64, 16, dtype=torch.float64), torch.randn(20, 16, dtype=torch.float64)
+    targets = torch.randint(0, 64, (20,))
+    w16, x16 = weight.bfloat16().requires_grad_(), x.bfloat16().requires_grad_()
+    total, sums, _ = fused_heads_ce([x16], w16, None, targets, [1.0], 0.1, chunk_size=7)
+    total.backward()
+    wr, xr = w16.detach().double().requires_grad_(), x16.detach().double().requires_grad_()
+    ref, _, _ = naive_heads_ce([xr], wr, None, targets, [1.0], 0.1, None)  # float64, same (rounded) inputs
+    ref.backward()
+    wb, xb = w16.detach().clone().requires_grad_(), x16.detach().clone().requires_grad_()
+    naive16, _, _ = naive_heads_ce([xb], wb, None, targets, [1.0], 0.1, None)  # autograd on bf16 logits
+    naive16.backward()
+    assert float(total) == pytest.approx(float(ref), rel=2e-3)
+    assert w16.grad.dtype == torch.bfloat16 and x16.grad.dtype == torch.bfloat16
+    for ours, bf16, exact in [(w16.grad, wb.grad, wr.grad), (x16.grad, xb.grad, xr.grad)]:
+        err, err16 = (ours.double() - exact).abs().max(), (bf16.double() - exact).abs().max()
+        assert err <= 1e-2 * exact.abs().max() and err <= 1.5 * err16  # bf16 level, no worse than plain autograd
+    with torch.no_grad():
+        again, sums2, _ = fused_heads_ce([x16], w16, None, targets, [1.0], 0.1, chunk_size=7)
+    assert again.grad_fn is None and torch.equal(sums, sums2)
+
+
 # ------------------------------------------------------------------ trainers against explicit formulas
 
 
@@ -259,6 +333,27 @@ def test_sft_loss_equals_formula(tmp_path, head, final_norm, eps):
     assert float(ours) == pytest.approx(float(ref), rel=1e-5)
     if head == "shared":
         assert len(list(model.decred_heads.parameters())) == 0
+
+
+@pytest.mark.parametrize("head, final_norm, eps", [("separate", True, 0.1), ("shared", False, 0.1), ("separate", False, 0.0)])
+def test_sft_gradients_equal_formula(tmp_path, head, final_norm, eps):
+    """Gradients of every parameter (body, LM head, aux heads) through the fused heads' CE equal
+    autograd through the full logits (label smoothing, prompt and padding labels ignored)."""
+    tok = build_char_tokenizer()
+    model = tiny()
+    options = DeCREDOptions(layers=[1, 3], head=head, final_norm=final_norm, init="random",
+                            weights=[0.2, 0.3, 0.5], label_smoothing=eps, chunk_size=3)
+    trainer = DeCREDSFTTrainer(model=model, args=sft_args(tmp_path), train_dataset=Dataset.from_list(ROWS),
+                               processing_class=tok, decred=options)
+    assert all(trainer.decred._projection(l) is not None for l in (1, 3, 4))  # the fused path, not the fallback
+    batch = causal_batch(tok)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ours = torch.autograd.grad(trainer.compute_loss(trainer.model, dict(batch)), params, allow_unused=True)
+    ref = torch.autograd.grad(explicit_causal(model, batch, options, [0.2, 0.3, 0.5]), params, allow_unused=True)
+    assert sum(g is not None for g in ours) == sum(g is not None for g in ref) > 0
+    for (name, _), a, b in zip(model.named_parameters(), ours, ref):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_sft_scaled_weights_and_curriculum_in_loss(tmp_path):

@@ -17,9 +17,12 @@ model's own loss aligns them, the loss is::
   (:func:`layer_scales`), optionally switched on and off per step by a curriculum
   (:func:`curriculum_mask`).
 
-Intermediate states come from forward hooks on the decoder blocks; every head is projected
-in chunks of ``chunk_size`` tokens under activation checkpointing, so no ``(B, L, V)`` tensor
-of an auxiliary head (nor, for decoder-only models, of the final head) ever exists. The heads
+Intermediate states come from forward hooks on the decoder blocks; every head projects only
+the labelled tokens, ``chunk_size`` at a time, and computes its loss and gradients in the same
+chunk loop (:func:`fused_heads_ce`; heads sharing the LM head in one call), so no ``(B, L, V)``
+tensor of an auxiliary head (nor, for decoder-only models, of the final head) ever exists and
+backward recomputes nothing. Heads that are not a plain linear layer on a whole local weight
+(PEFT, ZeRO-3, FSDP2) use :func:`chunked_head_loss` (chunks under activation checkpointing). The heads
 are a submodule (``model.decred_heads``) so optimisers, DDP and ``save_pretrained`` see them;
 their layout is stored in ``model.config.decred`` and :func:`load_heads` restores them.
 
@@ -263,6 +266,157 @@ def chunked_head_loss(hidden: torch.Tensor, labels: torch.Tensor, head: Callable
     return total, correct
 
 
+def _fused_heads_ce_pass(xs, weight, bias, targets, coefs, epsilon, chunk_size, softcap, need_x, need_w, need_b):
+    """The forward of :class:`_FusedHeadsCE`: per-head sums and hits, and, where asked, the
+    gradients of ``Σ_k c_k Σ_t CE_ls`` w.r.t. each ``x_k``, the weight and the bias. The GEMMs run
+    in the autocast dtype when autocast is on (else the inputs'), everything else in float32."""
+    device = weight.device
+    cd = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else xs[0].dtype
+    with torch.autocast(device.type, enabled=False):
+        return _fused_heads_ce_loop(xs, weight, bias, targets, coefs, epsilon, chunk_size, softcap, need_x, need_w,
+                                    need_b, cd)
+
+
+def _fused_heads_ce_loop(xs, weight, bias, targets, coefs, epsilon, chunk_size, softcap, need_x, need_w, need_b, cd):
+    device = weight.device
+    w = weight.to(cd)
+    V = w.shape[0]
+    dense = softcap is not None  # softcapped logits: build the whole logit gradient per chunk
+    gw = torch.zeros(w.shape, device=device, dtype=torch.float32) if need_w else None
+    gb = torch.zeros(V, device=device, dtype=torch.float32) if need_b else None
+    x_total = torch.zeros(w.shape[1], device=device, dtype=torch.float32)  # Σ_k c_k Σ_t x_kt (ε term of gw)
+    row_total = 0.0  # Σ_k c_k n_k (ε term of gb)
+    w_sum = w.float().sum(0) if epsilon and not dense and any(need_x) else None  # Σ_v W_v (ε term of gx)
+    b = bias.float() if bias is not None else None
+    sums = torch.zeros(len(xs), device=device, dtype=torch.float32)
+    hits = torch.zeros(len(xs), device=device, dtype=torch.long)
+    grads_x = []
+    for k, x in enumerate(xs):
+        c = float(coefs[k])
+        gx = torch.empty(x.shape, device=device, dtype=torch.float32) if need_x[k] else None
+        for start in range(0, x.shape[0], chunk_size):
+            xc, y = x[start : start + chunk_size].to(cd), targets[start : start + chunk_size]
+            n = xc.shape[0]
+            z = torch.mm(xc, w.t()).float()
+            if b is not None:
+                z += b
+            if dense:
+                t = torch.tanh(z / softcap)
+                z = t * softcap
+            zy = z.gather(1, y.unsqueeze(1)).squeeze(1)
+            m = z.amax(1)
+            top = zy == m  # a hit iff the label is the first maximum (argmax's tie rule)
+            if bool(top.any()):
+                rows = top.nonzero().squeeze(1)
+                hits[k] += (z[rows].argmax(1) == y[rows]).sum()
+            z_mean = z.mean(1) if epsilon else None
+            e = z.sub_(m.unsqueeze(1)).exp_()  # in place: z is no longer needed
+            s = e.sum(1)
+            rows_loss = m + s.log() - (1.0 - epsilon) * zy
+            if epsilon:
+                rows_loss -= epsilon * z_mean
+            sums[k] += rows_loss.sum()
+            if not (need_x[k] or need_w or need_b):
+                continue
+            r = c / s  # row scale: c · softmax = (c / s) · e
+            if dense:  # g = c (p - (1-ε) 1_y - ε/V), times d softcap(z)/dz = 1 - t²
+                g = e.mul_(r.unsqueeze(1))
+                if epsilon:
+                    g -= c * epsilon / V
+                g[torch.arange(n, device=device), y] -= c * (1.0 - epsilon)
+                g *= 1.0 - t * t
+                gc = g.to(cd)
+                if gx is not None:
+                    gx[start : start + n] = torch.mm(gc, w).float()
+                if gw is not None:
+                    gw += torch.mm(gc.t(), xc).float()
+                if gb is not None:
+                    gb += g.sum(0)
+                continue
+            # g = c·p - c(1-ε)·1_y - cε/V: the dense part is e scaled per row; the rest is sparse or rank one
+            ec = e.to(cd)
+            if gx is not None:
+                part = torch.mm(ec, w).float().mul_(r.unsqueeze(1))
+                part -= (c * (1.0 - epsilon)) * w[y].float()
+                if epsilon:
+                    part -= (c * epsilon / V) * w_sum
+                gx[start : start + n] = part
+            if gw is not None:
+                xf = xc.float()
+                scaled = (xf * r.unsqueeze(1)).to(cd)
+                if cd == torch.float32:
+                    gw.addmm_(ec.t(), scaled)
+                else:
+                    gw += torch.mm(ec.t(), scaled).float()
+                gw.index_add_(0, y, xf, alpha=-c * (1.0 - epsilon))
+                if epsilon:
+                    x_total += c * xf.sum(0)
+            if gb is not None:
+                gb += torch.mv(e.t(), r)
+                gb.index_add_(0, y, torch.full((n,), -c * (1.0 - epsilon), device=device))
+                row_total += c * n
+        grads_x.append(gx)
+    if epsilon and not dense:
+        if gw is not None:
+            gw -= (epsilon / V) * x_total.unsqueeze(0)
+        if gb is not None:
+            gb -= epsilon * row_total / V
+    total = (sums * torch.tensor(coefs, device=device, dtype=torch.float32)).sum()
+    grads_x = [g.to(x.dtype) if g is not None else None for g, x in zip(grads_x, xs)]
+    return total, sums, hits, grads_x, gw.to(weight.dtype) if gw is not None else None, \
+        gb.to(bias.dtype) if gb is not None else None
+
+
+class _FusedHeadsCE(torch.autograd.Function):
+    """Loss and gradients of :func:`fused_heads_ce` in one pass over the chunks: the backward only
+    scales the gradients the forward already computed (no recomputation of any projection)."""
+
+    @staticmethod
+    def forward(ctx, weight, bias, targets, coefs, epsilon, chunk_size, softcap, *xs):
+        need = ctx.needs_input_grad
+        total, sums, hits, gx, gw, gb = _fused_heads_ce_pass(
+            xs, weight, bias, targets, coefs, epsilon, chunk_size, softcap, list(need[7:]), need[0], need[1])
+        ctx.grads = (gw, gb, gx)
+        ctx.mark_non_differentiable(sums, hits)
+        return total, sums, hits
+
+    @staticmethod
+    def backward(ctx, grad_total, *_):
+        if ctx.grads is None:
+            raise RuntimeError("fused_heads_ce: its gradients are computed in the forward; backward runs once")
+        gw, gb, gx = ctx.grads
+        ctx.grads = None
+        if grad_total is None:
+            return (None,) * (7 + len(gx))
+        scale = [g.mul_(grad_total) if g is not None else None for g in (gw, gb, *gx)]
+        return scale[0], scale[1], None, None, None, None, None, *scale[2:]
+
+
+def fused_heads_ce(xs: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                   coefs: list[float], epsilon: float = 0.0, chunk_size: int = 1024, softcap: float | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Heads that share one linear projection, each on its own rows ``x_k`` (``(N, H)``, labelled
+    rows only) with the same ``targets`` (``(N,)``)::
+
+        z_k = cap(x_k W^T + b),  cap(z) = s·tanh(z / s) (softcap s) or z
+        total = Σ_k c_k Σ_t CE_ls(z_kt, y_t)
+
+    Returns ``total`` (differentiable w.r.t. every ``x_k``, ``W`` and ``b``), each head's
+    ``Σ_t CE_ls`` and its number of top-1 hits (both detached). Chunks of ``chunk_size`` rows; the
+    gradients are computed in the same chunk loop as the loss, from ``∂CE_ls/∂z = p - (1-ε)·1_y -
+    ε/V`` (``p`` never normalised as a matrix: ``p = e / Σe`` is folded into the GEMMs row-wise,
+    the label and smoothing terms are a row gather and a rank-one update), so no ``(N, V)`` tensor
+    outlives a chunk and backward recomputes nothing. The gradient of ``W`` (one per call, shared
+    by its heads) is held from forward to backward.
+    """
+    if torch.is_grad_enabled() and (weight.requires_grad or any(x.requires_grad for x in xs)
+                                     or (bias is not None and bias.requires_grad)):
+        return _FusedHeadsCE.apply(weight, bias, targets, list(coefs), float(epsilon), int(chunk_size), softcap, *xs)
+    total, sums, hits, *_ = _fused_heads_ce_pass(xs, weight, bias, targets, coefs, epsilon, chunk_size, softcap,
+                                                 [False] * len(xs), False, False)
+    return total, sums, hits
+
+
 def ctc_loss(log_probs: torch.Tensor, output_lengths: torch.Tensor, labels: torch.Tensor, blank: int) -> torch.Tensor:
     """Mean over the batch of ``CTC(log_probs_b[:T_b], y_b) / |y_b|`` (``labels`` padded with -100;
     blank ids in the labels are dropped), as ``F.ctc_loss(reduction="mean")``."""
@@ -497,6 +651,15 @@ def options_of(model: nn.Module) -> DeCREDOptions | None:
 # --------------------------------------------------------------------------------------------
 
 
+def _sharded(obj) -> bool:
+    """A ZeRO-3 partitioned parameter, an FSDP2 ``DTensor``, or a module under FSDP."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(obj, nn.Module):
+        return type(obj).__name__.startswith("FSDP") or hasattr(obj, "_fsdp_wrapped_module")
+    return isinstance(obj, DTensor) or hasattr(obj, "ds_id")
+
+
 def _first(output):
     return output[0] if isinstance(output, tuple | list) else output
 
@@ -609,6 +772,77 @@ class DeCREDRegularizer:
             out[layer] = chunked_head_loss(hidden, targets, self.head_fn(layer), eps, self.options.chunk_size)
         return out
 
+    def _projection(self, layer: int) -> tuple | None:
+        """``(key, prep, weight, bias, softcap)`` with ``head_fn(layer)(h) == cap(prep(h) W^T + b)``,
+        ``prep`` row-wise (norm, T5's output scale; ``None``: identity), or ``None`` when the head
+        is not a plain ``nn.Linear`` on a whole local weight (PEFT/quantised layers, ZeRO-3 or FSDP2
+        shards): those go through :func:`chunked_head_loss`. Heads with the same ``key`` share
+        ``W`` and ``b`` (the final head and LayerSkip's shared heads)."""
+        parts, opts = self.parts, self.options
+        shared = layer == parts.num_layers or opts.head == "shared"
+        linear = parts.lm_head if shared else self.heads.heads[str(layer)]
+        weight = linear.weight
+        if type(linear) is not nn.Linear or _sharded(weight) or _sharded(parts.model):
+            return None
+        norm = parts.norm if layer != parts.num_layers and (shared or opts.final_norm) else None
+        scale = parts.pre_scale if shared else 1.0
+        if norm is None and scale == 1.0:
+            prep = None
+        elif norm is None:
+            prep = lambda h: h * scale  # noqa: E731
+        else:
+            prep = (lambda h: norm(h) * scale) if scale != 1.0 else norm
+        if not shared:
+            return (("head", layer), prep, weight, linear.bias, None)
+        bias = linear.bias
+        if parts.logits_bias is not None:
+            extra = parts.logits_bias.reshape(-1).to(weight.dtype)
+            bias = extra if bias is None else bias + extra
+        return (("lm_head",), prep, weight, bias, parts.softcap or None)
+
+    def weighted_losses(self, labels: torch.Tensor, shift: bool, weights: dict[int, float],
+                        final_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, tuple]]:
+        """``Σ_k w_k Σ_t CE_ls(head_k(h_k), y_t)`` over ``weights`` (``{layer: w_k}``), and each
+        head's ``(Σ_t CE_ls, hits)``: the same sums as :meth:`head_losses`, computed by
+        :func:`fused_heads_ce` for linear heads (one pass per projection, the label gather and
+        row selection shared; heads sharing the LM head in one call, so one gradient of ``W``).
+        ``final_logits`` (the model's own) stand in for the final head when given."""
+        eps = self.options.label_smoothing
+        targets = labels[:, 1:] if shift else labels
+        mask = targets != IGNORE
+        y = targets[mask]
+        total = labels.new_zeros((), dtype=torch.float32)
+        out: dict[int, tuple] = {}
+        groups: dict[tuple, list] = {}
+        for layer, w in weights.items():
+            if layer == self.num_layers and final_logits is not None:
+                logits = final_logits[:, :-1] if shift else final_logits
+                per_token = label_smoothed_ce(logits, targets, eps)
+                out[layer] = (per_token.sum(), (logits.detach().argmax(-1) == targets).sum())
+                total = total + w * out[layer][0]
+                continue
+            hidden = self.captured["final" if layer == self.num_layers else layer]
+            hidden = hidden[:, :-1] if shift else hidden
+            if self.options.detach and layer != self.num_layers:
+                hidden = hidden.detach()
+            spec = self._projection(layer)
+            if spec is None:
+                out[layer] = chunked_head_loss(hidden, targets, self.head_fn(layer), eps, self.options.chunk_size)
+                total = total + w * out[layer][0]
+                continue
+            key, prep, weight, bias, softcap = spec
+            rows = hidden[mask]
+            group = groups.setdefault(key, [weight, bias, softcap, [], [], []])
+            group[3].append(layer)
+            group[4].append(prep(rows) if prep is not None else rows)
+            group[5].append(w)
+        for weight, bias, softcap, layers, xs, coefs in groups.values():
+            part, sums, hits = fused_heads_ce(xs, weight, bias, y, coefs, eps, self.options.chunk_size, softcap)
+            total = total + part
+            for i, layer in enumerate(layers):
+                out[layer] = (sums[i], hits[i])
+        return total, out
+
     def weights(self, step: int, max_steps: int) -> dict[int, float]:
         w = step_weights(self.options, self.num_layers, step, max_steps)
         if self.options.detach:  # probes: the model sees plain fine-tuning
@@ -685,10 +919,7 @@ class DeCREDMixin:
         weights = self.decred.weights(step, max_steps)
         if not final:
             weights.pop(self.decred.num_layers)
-        layers = [l for l, w in weights.items() if w]
-        losses = self.decred.head_losses(labels, shift, final_logits, layers=layers)
-        total = sum(weights[l] * losses[l][0] for l in layers) if layers else labels.new_zeros((), dtype=torch.float32)
-        return total, losses
+        return self.decred.weighted_losses(labels, shift, {l: w for l, w in weights.items() if w}, final_logits)
 
 
 def _forward_inputs(inputs: dict) -> dict:
