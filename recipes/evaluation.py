@@ -76,7 +76,7 @@ def internal_signals(model, tokenizer, prompts: list, completion_ids: list[list[
       paper's dataset-level calibration).
 
     A completion without tokens (or answer positions) gets ``None``, and so does one holding an id
-    outside the tokenizer (a padding row of the LM head; its signals are skipped, METHODS.md section 6).
+    outside the tokenizer (a padding row of the LM head; its signals are skipped, docs/METHODS.md §6).
     """
     prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts(tokenizer, prompts)]
     names = ("self_certainty",) * certainty + ("entropy",) * entropy

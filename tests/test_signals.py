@@ -1,4 +1,4 @@
-"""trainers.signals against naive full-softmax references (METHODS.md sections 1-2)."""
+"""trainers.signals against naive full-softmax references (docs/METHODS.md §2, §3, §6)."""
 
 from __future__ import annotations
 
@@ -266,7 +266,7 @@ def test_alignment_matches_model_logits():
     # an off-by-one (the authors' TRL bug) would give different numbers
     shifted = logp[:, P : P + C - 1].gather(-1, completion_ids[:, :-1].unsqueeze(-1)).squeeze(-1)
     assert (sig["logps"][:, :-1].double() - shifted).abs().max() > 1e-2
-    # per-completion mean over real tokens (METHODS section 1)
+    # per-completion mean over real tokens (docs/METHODS.md §2)
     per_seq = S.masked_mean(sig["self_certainty"], completion_mask)
     expected = [
         (zc[b].logsumexp(-1) - zc[b].mean(-1) - math.log(V))[completion_mask[b].bool()].mean() for b in range(B)

@@ -1,6 +1,6 @@
 """A-LoL: offline advantage-weighted policy gradients on fixed (prompt, response) data.
 
-"Improving Language Models with Advantage-based Offline Policy Gradients" (METHODS.md §4).
+"Improving Language Models with Advantage-based Offline Policy Gradients" (docs/METHODS.md §7).
 The reference policy ``pi_ref`` is the starting model, frozen. Once, before training
 (:mod:`trainers.alol_precompute`), every training pair gets its reward ``R``, the value ``V(x)`` of
 its prompt (a small head on ``pi_ref``'s prompt hidden states, :class:`ValueHead`), its advantage
@@ -29,7 +29,7 @@ from trl import SFTConfig, SFTTrainer
 logger = logging.getLogger("intrinsic")
 
 VARIANTS = ("nll", "wbc", "r_gold", "r_lol", "a_lol", "a_lol_seq", "a_lol_ref_free", "a_lol_kl")
-"""Loss variants of :func:`alol_loss` (METHODS.md §4 table)."""
+"""Loss variants of :func:`alol_loss` (docs/METHODS.md §7)."""
 
 COLUMNS = ("alol_reward", "alol_advantage", "alol_ref_logps")
 """Columns the precompute adds to the tokenised training rows (and the collator batches)."""

@@ -300,7 +300,7 @@ class RLIFTrainer(VoteSamplesMixin, GRPOTrainer):
             for signals, extra in zip(per_completion, lens):
                 signals.update(extra)
             self._log_gathered("signals/ic_answer_found", sum(self._lens_found) / max(len(self._lens_found), 1))
-        # padding rows of the head: signals are defined over the tokenizer's tokens only (METHODS.md, section 6)
+        # padding rows of the head: signals are defined over the tokenizer's tokens only (docs/METHODS.md §6)
         self._log_gathered("signals/outside_vocab",
                            float(skip_outside_vocab(per_completion, completion_ids_list, len(self._tokenizer))))
         for example, signals in zip(inputs, per_completion):

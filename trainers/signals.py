@@ -1,6 +1,6 @@
 """Per-token internal signals of a causal LM, computed without a ``(batch, length, vocab)`` tensor.
 
-Notation (METHODS.md): ``h_t`` is the final hidden state at the position that *predicts*
+Notation (docs/METHODS.md): ``h_t`` is the final hidden state at the position that *predicts*
 completion token ``y_t``, ``W`` (``V x H``) and ``b`` the LM head, ``T`` the sampling temperature,
 ``z_t = (W h_t + b) / T`` the temperature-scaled logits, ``p_t = softmax(z_t)``.
 
