@@ -425,9 +425,9 @@ HH_RESPONSE = " Spinach is usually ready to pick in about six weeks."
 
 
 def _hh_args():
-    from tests.test_alol_configs import load_hh
+    from tests.test_paper_configs import load_as_written
 
-    return load_hh().trainer
+    return load_as_written("configs/alol/llama-7b_hh.yaml").trainer
 
 
 def test_hh_layout_is_the_references():
