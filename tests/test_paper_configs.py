@@ -25,7 +25,8 @@ from tests.test_configs import schema_of
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ROOT / "docs" / "METHODS.md"
 CONFIG_LINE = re.compile(r"^Config: `(configs/([^/`]+)/[^`]+\.yaml)`")
-ROW = re.compile(r"^\| `([^`]+)` \| `([^`]*)` \| (.+) \|$")
+# a value cell is `text`, or `` text `` when the text holds a backtick
+ROW = re.compile(r"^\| `([^`]+)` \| (?:`([^`]*)`|`` (.*?) ``) \| (.+) \|$")
 # what a file says about itself, its interpolation helpers, and where a run writes: not settings
 NOT_SETTINGS = {"description", "launch", "vars", "trainer.output_dir"}
 
@@ -60,7 +61,9 @@ def provenance_tables(text: str) -> dict[str, list[tuple[str, str, str]]]:
             continue
         row = ROW.match(line)
         if row and current is not None:
-            tables[current].append(tuple(cell.replace("\\|", "|") for cell in row.groups()))
+            key, plain, ticked, source = row.groups()
+            value = plain if plain is not None else ticked
+            tables[current].append(tuple(cell.replace("\\|", "|") for cell in (key, value, source)))
         elif current is not None and tables[current] and not line.startswith("|"):
             current = None  # the table ended
     return tables
@@ -83,6 +86,7 @@ def load_as_written(path: str):
     recipe = CONFIG_LINE.match(f"Config: `{path}`").group(2)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(config, "check_model_options", lambda cfg, origins: None)
+        mp.delenv("INTRINSIC_DATA", raising=False)  # local fallbacks as the tables list them: under data/
         return load_config(schema_of(recipe), ROOT / path)
 
 
