@@ -61,7 +61,7 @@ def dry_run_overrides(schema: type[RecipeConfig], path: str | os.PathLike, overr
     out += [
         "model.dtype=float32", "model.attn_implementation=null", "model.revision=null", "model.quantization=null",
         "model.adapter=null", "data.name=null", "data.data_dir=null", "data.split_on=null", "data.max_rows=null",
-        "eval.max_rows=4", "eval.max_new_tokens=4", "eval.batch_size=4", "eval.num_samples=1",
+        "eval.max_rows=4", "eval.max_new_tokens=4", "eval.batch_size=4", "eval.num_samples=1", "eval.pass_k=[]",
         "eval.before_training=false", f"trainer.output_dir={Path(workdir) / 'out'}", "trainer.max_steps=2",
         "trainer.report_to=[]", "trainer.save_strategy='no'", "trainer.logging_steps=1", "trainer.bf16=false",
         "trainer.gradient_checkpointing=false", "trainer.gradient_accumulation_steps=1",

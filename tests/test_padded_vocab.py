@@ -48,7 +48,8 @@ def recording(cls, **kwargs):
     """An instance of ``cls`` (an internal reward) that keeps what it was given and what it returned."""
 
     class Recording(cls):
-        name = cls.name  # same metric name; this subclass is not registered separately
+        name = cls.name  # same metric name
+        abstract = True  # not registered: `name` must keep resolving to the real reward in other tests
 
         def __call__(self, prompts, completions, token_signals=None, **kw):
             out = super().__call__(prompts, completions, token_signals=token_signals, **kw)
