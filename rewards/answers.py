@@ -29,18 +29,29 @@ class Answer(NamedTuple):
     end: int
 
 
+def closing_brace(text: str, opening: int) -> int | None:
+    """Index of the ``}`` that closes the ``{`` at ``opening``, ``None`` if the group never closes.
+
+    >>> closing_brace("a{b{c}}d", 1), closing_brace("{a", 0)
+    (6, None)
+    """
+    depth = 0
+    for j in range(opening, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return j
+    return None
+
+
 def _last_boxed(text: str) -> Answer | None:
     start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
     if start < 0:
         return None
-    i = text.index("{", start) + 1
-    depth, j = 1, i
-    while j < len(text) and depth:
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        j += 1
-    if depth:  # unbalanced: the box never closed
+    opening = text.index("{", start)
+    end = closing_brace(text, opening)
+    if end is None:  # unbalanced: the box never closed
         return None
-    return Answer(text[i : j - 1].strip(), i, j - 1)
+    return Answer(text[opening + 1 : end].strip(), opening + 1, end)
 
 
 def find_answer(text: str) -> Answer | None:

@@ -17,6 +17,7 @@ import logging
 import math
 from typing import Any, ClassVar
 
+from .answers import closing_brace
 from .base import Reward, completion_text
 
 logger = logging.getLogger("intrinsic")
@@ -93,14 +94,7 @@ def has_boxed_answer(text: str) -> bool:
     if text.startswith("\\boxed ", start):  # rent-rl (verl's last_boxed_only_string) reads "\\boxed 5" too
         return True
     opening = text.find("{", start)
-    if opening < 0:
-        return False
-    depth = 0
-    for char in text[opening:]:
-        depth += {"{": 1, "}": -1}.get(char, 0)
-        if depth == 0:
-            return True
-    return False
+    return opening >= 0 and closing_brace(text, opening) is not None
 
 
 class NegativeEntropy(InternalReward):
