@@ -5,11 +5,11 @@ Depends on nothing else in this project.
 
 from .accuracy import MathAccuracy
 from .code import CodeAccuracy, extract_output_prediction, extract_program, output_prediction_correct
-from .answers import answers_match, extract_answer, find_answer, normalize_answer
+from .answers import extract_answer, find_answer, normalize_answer
 from .base import REGISTRY, Reward, UnknownRewardError, build_reward, completion_text, get_reward_class
 from .format import Format
 from .consistency import LENS_SIGNALS, ConsistencyVote, InternalConsistency, default_layers
-from .grading import final_answer, grade
+from .grading import answers_match, final_answer, grade
 from .group import MajorityVote, SemanticCluster, group_rows, plurality
 from .internal import SIGNALS, InternalReward, NegativeEntropy, SelfCertainty, SequenceLogProb
 from .model import RewardModel

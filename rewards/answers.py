@@ -1,15 +1,12 @@
 """Where the final answer sits in a completion: the character span the logit lens reads.
 
 Grading (is an answer right, which answers vote together) is :mod:`rewards.grading`'s job
-(math-verify); ``answers_match`` and ``gold_answer`` are re-exported from there. This module
-keeps the project's own span finder, which the logit lens needs for token positions: the
-answer is the content of the last ``\\boxed{...}`` when the text has one, otherwise the last
+(math-verify). This module keeps the project's own span finder, which the logit lens needs for
+token positions: the answer is the content of the last ``\\boxed{...}`` when the text has one, otherwise the last
 number in the text, and :func:`find_answer` returns its character span.
 
 >>> find_answer("so 12+34 = \\\\boxed{46}.")
 Answer(text='46', start=18, end=20)
->>> answers_match("46.0", "46"), answers_match("1,000", "1000"), answers_match("\\\\frac{1}{2}", "0.5")
-(True, True, True)
 """
 
 from __future__ import annotations
@@ -106,5 +103,3 @@ def boxed_content(text: str) -> str | None:
     boxed = _last_boxed(text)
     return None if boxed is None or not boxed.text else boxed.text
 
-
-from .grading import answers_match, gold_answer  # noqa: E402  (grading imports boxed_content lazily)

@@ -55,6 +55,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from .answers import boxed_content
+
 logger = logging.getLogger(__name__)
 
 TIMEOUT_S = 5.0
@@ -360,8 +362,6 @@ def gold_answer(gold: str) -> str | None:
     >>> gold_answer("She pays 3 * 24 = <<3*24=72>>72 dollars.\\n#### 72"), gold_answer("so \\\\boxed{\\\\frac{1}{2}}")
     ('72', '\\\\frac{1}{2}')
     """
-    from .answers import boxed_content
-
     gold = str(gold)
     if "####" in gold:
         return gold.rsplit("####", 1)[1].strip() or None
@@ -409,7 +409,11 @@ def answers_match_many(predicted: Sequence[str | None], gold: Sequence[str | Non
 
 
 def answers_match(predicted: str | None, gold: str | None) -> bool:
-    """Whether an answer string equals the answer of a gold label (math-verify, gold first)."""
+    """Whether an answer string equals the answer of a gold label (math-verify, gold first).
+
+    >>> answers_match("46.0", "46"), answers_match("1,000", "1000"), answers_match("\\\\frac{1}{2}", "0.5")
+    (True, True, True)
+    """
     return answers_match_many([predicted], [gold])[0]
 
 

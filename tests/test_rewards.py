@@ -5,7 +5,8 @@ import pickle
 import pytest
 
 from rewards import REGISTRY, MathAccuracy, Reward, UnknownRewardError, build_reward, get_reward_class
-from rewards.answers import answers_match, extract_answer, find_answer, normalize_answer
+from rewards.answers import extract_answer, find_answer, normalize_answer
+from rewards.grading import answers_match
 
 
 class ShortAnswer(Reward):
