@@ -80,7 +80,7 @@ class RLIFConfig(GRPOConfig):
                 raise ValueError(f"vote_samples ({self.vote_samples}) must be >= num_generations "
                                  f"({self.num_generations}): the trained completions are among the voters")
             local = self.per_device_train_batch_size * self.steps_per_generation
-            if local % self.num_generations:
+            if groups_split(local, self.num_generations, self.world_size):  # one process: TRL's own check
                 raise ValueError(f"vote_samples needs whole groups on every process: per_device_train_batch_size "
                                  f"x steps_per_generation ({local}) must be a multiple of num_generations "
                                  f"({self.num_generations})")
