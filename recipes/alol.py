@@ -36,6 +36,7 @@ class ALoLRecipeConfig(RecipeConfig):
     """Sections of the alol recipe; ``trainer:`` takes any field of ``ALoLConfig`` (``SFTConfig`` +)."""
 
     trainer_class = ALoLConfig
+    evaluates_during_training = True  # eval.every_steps
 
     rewards: list[RewardSpec] = field(default_factory=list, metadata={"help": "training reward (weighted sum)"})
     eval_rewards: list[RewardSpec] = field(default_factory=list, metadata={"help": "test-time reward (default: rewards)"})
@@ -68,16 +69,36 @@ def evaluate(trainer, path: str | None, tokenizer, tests: dict, rewards, weights
     """Reward report of every test set, the prompts dealt over the processes (the reports on the main
     process, ``None`` elsewhere); under ZeRO-3 / FSDP on a whole copy of the model (``path``: ``None``
     for the starting model, else the saved ``output_dir``)."""
-    ranks = Ranks(trainer.accelerator)
     with outside_zero3():
-        model = evaluation_model(cfg, trainer, path)
+        return reports_of(evaluation_model(cfg, trainer, path), trainer, tokenizer, tests, rewards, weights, cfg, name)
 
-        def respond(prompts, desc):  # generated as the value head's targets are: A-LoL layout and stop rule
-            ids = policy_prompt_ids(tokenizer, prompts, trainer.args)
-            return greedy_responses(model, tokenizer, ids, trainer.args, cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                                    desc=desc)
-        return {label: reward_report(model, tokenizer, data, rewards, weights, cfg.eval, desc=f"{name} {label}",
-                                     ranks=ranks, respond=respond) for label, data in tests.items()}
+
+def reports_of(model, trainer, tokenizer, tests: dict, rewards, weights, cfg: ALoLRecipeConfig, name: str) -> dict:
+    """:func:`evaluate` of a given (whole) ``model``."""
+    ranks = Ranks(trainer.accelerator)
+
+    def respond(prompts, desc):  # generated as the value head's targets are: A-LoL layout and stop rule
+        ids = policy_prompt_ids(tokenizer, prompts, trainer.args)
+        return greedy_responses(model, tokenizer, ids, trainer.args, cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                                desc=desc)
+    return {label: reward_report(model, tokenizer, data, rewards, weights, cfg.eval, desc=f"{name} {label}",
+                                 ranks=ranks, respond=respond) for label, data in tests.items()}
+
+
+def evaluate_during_training(trainer, tokenizer, tests: dict, rewards, weights, cfg: ALoLRecipeConfig) -> None:
+    """``eval.every_steps``: the reward report of the first ``eval.every_rows`` rows of every test set, logged
+    as ``eval_<metric>`` (``eval_<label>/<metric>`` with several test sets)."""
+    from .periodic_eval import EvaluateEverySteps, held_out_slice
+
+    rows = {label: held_out_slice(data, cfg.eval.every_rows) for label, data in tests.items()}
+
+    def flat(model) -> dict | None:
+        reports = reports_of(model, trainer, tokenizer, rows, rewards, weights, cfg, f"step {trainer.state.global_step}")
+        if not trainer.is_world_process_zero():
+            return None
+        return {(f"{label}/{k}" if len(rows) > 1 else k): v for label, report in reports.items()
+                for k, v in report.items() if k != "rows"}
+    trainer.add_callback(EvaluateEverySteps(trainer, cfg.eval.every_steps, flat))
 
 
 def run(cfg: ALoLRecipeConfig) -> dict:
@@ -119,8 +140,12 @@ def run(cfg: ALoLRecipeConfig) -> dict:
         if main_process:
             save_config(cfg, args.output_dir)
             (Path(args.output_dir) / "alol_precompute.json").write_text(json.dumps(precompute, indent=2))
+        if tests and cfg.eval.every_steps:
+            evaluate_during_training(trainer, tokenizer, tests, eval_funcs, eval_weights, cfg)
         trainer.train(resume_from_checkpoint=resume_argument(args))
         trainer.save_model(args.output_dir)
+        if main_process:  # the logged history beside the model, for `python -m recipes.plot`
+            trainer.state.save_to_json(str(Path(args.output_dir) / "trainer_state.json"))
         if tests:
             result = evaluate(trainer, args.output_dir, tokenizer, tests, eval_funcs, eval_weights, cfg, variant)
             if main_process:

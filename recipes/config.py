@@ -156,6 +156,14 @@ class EvalConfig:
     code_timeout: float = field(default=6.0, metadata={"help": "code graders: wall seconds per test"})
     before_training: bool = field(default=True, metadata={"help": "also evaluate the starting model"})
     seed: int = field(default=1234, metadata={"help": "sampling seed"})
+    every_steps: int | None = field(
+        default=None,
+        metadata={"help": "also evaluate every N optimizer steps during training, logged as eval_* metrics "
+                          "(TensorBoard/W&B: eval/...); null: only before and after training"},
+    )
+    every_rows: int | None = field(
+        default=None, metadata={"help": "held-out rows evaluated during training: the first N (null: all eval.max_rows)"}
+    )
 
 
 @dataclass
@@ -163,6 +171,7 @@ class RecipeConfig:
     """Sections every recipe has; a recipe subclasses it to add its own."""
 
     trainer_class: typing.ClassVar[type | None] = None  # TRL config class of the ``trainer:`` section
+    evaluates_during_training: typing.ClassVar[bool] = False  # the recipe honours ``eval.every_steps``
 
     model: ModelConfig = field(metadata={"help": "model to train"})
     data: DataConfig = field(metadata={"help": "training and held-out data"})
@@ -584,6 +593,8 @@ def check_eval_values(ev: EvalConfig, origins: dict[tuple, str], key: str = "eva
         _check_range(origins, f"{key}.{name}", getattr(ev, name), test, expected)
     for k in ev.pass_k:
         _check_range(origins, f"{key}.pass_k", k, lambda v: 1 <= v <= ev.num_samples, f"in 1..num_samples ({ev.num_samples})")
+    for name in ("every_steps", "every_rows"):
+        _check_range(origins, f"{key}.{name}", getattr(ev, name, None), lambda v: v >= 1, ">= 1 or null")
     modes = [m[3:] for m in LENS_SIGNALS]
     if ev.ic_mode not in modes:
         close = difflib.get_close_matches(ev.ic_mode, modes, n=1)
@@ -722,11 +733,24 @@ def check_data_values(cfg: RecipeConfig, origins: dict[tuple, str]) -> None:
             raise ConfigError(_origin(origins, f"{name}.prompt"), f"{name}.prompt", err.args[0]) from None
 
 
+def check_periodic_eval(cfg: RecipeConfig, origins: dict[tuple, str]) -> None:
+    """``eval.every_steps`` needs a recipe that evaluates during training and held-out data to evaluate."""
+    if cfg.eval.every_steps is None:
+        return
+    key, source = "eval.every_steps", _origin(origins, "eval.every_steps")
+    if not type(cfg).evaluates_during_training:
+        raise ConfigError(source, key, f"{type(cfg).__module__} does not evaluate during training (rlif, intuitor, sft "
+                                       "and alol do); set eval.every_steps=null")
+    if not (cfg.data.eval_split or getattr(cfg, "eval_data", None) or getattr(cfg, "eval_sets", None)):
+        raise ConfigError(source, key, "needs held-out data: set data.eval_split (or eval_data / eval_sets)")
+
+
 def check_values(cfg: RecipeConfig, origins: dict[tuple, str]) -> None:
     """Every value check that needs no model weights and no data rows (run by :func:`load_config`)."""
     if type(cfg).trainer_class is not None and not isinstance(cfg.trainer, dict):
         check_trainer_values(cfg.trainer, origins)
     check_eval_values(cfg.eval, origins)
+    check_periodic_eval(cfg, origins)
     check_data_values(cfg, origins)
     check_model_options(cfg, origins)
     check_depth(cfg, origins)

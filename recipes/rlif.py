@@ -25,6 +25,7 @@ class RLIFRecipeConfig(RecipeConfig):
     """Sections of the RLIF recipes; ``trainer:`` takes any field of ``RLIFConfig`` (``GRPOConfig`` +)."""
 
     trainer_class = RLIFConfig
+    evaluates_during_training = True  # eval.every_steps
 
     rewards: list[RewardSpec] = field(default_factory=list, metadata={"help": "rewards and their weights"})
     log_accuracy: bool = field(

@@ -24,6 +24,7 @@ class SFTRecipeConfig(RecipeConfig):
     """Sections of the sft recipe; ``trainer:`` takes any field of TRL's ``SFTConfig``."""
 
     trainer_class = SFTConfig
+    evaluates_during_training = True  # eval.every_steps
 
 
 def run(cfg: SFTRecipeConfig) -> dict:

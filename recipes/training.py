@@ -105,6 +105,12 @@ def train_and_evaluate(cfg: RecipeConfig, trainer, tokenizer, test: Dataset | No
             reports["before"] = before
     if main_process:
         save_config(cfg, args.output_dir)
+    if test is not None and cfg.eval.every_steps:  # the same evaluation on a held-out slice, every N steps
+        from .periodic_eval import EvaluateEverySteps, held_out_slice
+
+        rows = held_out_slice(test, cfg.eval.every_rows)
+        trainer.add_callback(EvaluateEverySteps(trainer, cfg.eval.every_steps, lambda model: evaluate_model(
+            model, tokenizer, rows, cfg.eval, desc=f"step {trainer.state.global_step}", ranks=ranks)))
     trainer.train(resume_from_checkpoint=resume_argument(args))
     trainer.save_model(args.output_dir)
     if main_process:  # the logged history beside the model, for `python -m recipes.plot`

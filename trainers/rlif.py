@@ -320,6 +320,9 @@ class RLIFTrainer(VoteSamplesMixin, GRPOTrainer):
         nan = torch.tensor(float("nan"))
         table = torch.stack([torch.stack([s[n].float().mean() if s[n].numel() else nan for n in self.signal_names])
                              for s in per_completion])
+        if self.log_completions:  # per completion, columns of TRL's completion table (and completions.jsonl)
+            for j, name in enumerate(self.signal_names):
+                self._log_completion_extra(f"signals/{name}", [v if math.isfinite(v) else None for v in table[:, j].tolist()])
         local = table.nanmean(0).to(self.accelerator.device)
         means = self.accelerator.gather_for_metrics(local[None]).nanmean(0)
         for name, value in zip(self.signal_names, means.tolist()):

@@ -1,0 +1,121 @@
+"""``eval.every_steps``: the held-out evaluation runs during training, its numbers land in the
+training log, and it changes nothing about the training itself."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from recipes.cli import main
+
+
+def _history(out) -> list[dict]:
+    return json.loads((out / "trainer_state.json").read_text())["log_history"]
+
+
+def _rlif_config(tmp_path, model_dir) -> str:
+    config = tmp_path / "rl.yaml"
+    config.write_text(f"""
+model: {{name_or_path: "{model_dir}", dtype: float32}}
+data: {{path: "tiny://arithmetic?n_train=64&n_test=12"}}
+rewards: [{{name: self_certainty, weight: 1.0}}]
+eval: {{max_rows: 12, every_rows: 6, before_training: false, max_new_tokens: 4, batch_size: 6, num_samples: 2,
+        self_certainty: true, negative_entropy: true}}
+trainer:
+  max_steps: 3
+  per_device_train_batch_size: 8
+  num_generations: 4
+  max_completion_length: 4
+  learning_rate: 1.0e-3
+  temperature: 1.0
+  logging_steps: 1
+  report_to: []
+  save_strategy: "no"
+  seed: 3
+""")
+    return str(config)
+
+
+def test_rlif_evaluates_every_steps_without_changing_training(tmp_path, warm_model_dir):
+    """The same seeded run with and without ``eval.every_steps=1``: identical losses and rewards at every
+    step (the evaluation samples with its own seed, and the training generators are restored), and
+    the evaluation's accuracy and calibration numbers logged at every step."""
+    from recipes.rlif import RLIFRecipeConfig, run
+
+    config = _rlif_config(tmp_path, warm_model_dir)
+    plain, evaluated = tmp_path / "plain", tmp_path / "evaluated"
+    main("rlif", RLIFRecipeConfig, run, ["--config", config, f"trainer.output_dir={plain}"])
+    main("rlif", RLIFRecipeConfig, run, ["--config", config, f"trainer.output_dir={evaluated}", "eval.every_steps=1"])
+    trained = [h for h in _history(plain) if "loss" in h]
+    again = [h for h in _history(evaluated) if "loss" in h]
+    assert len(trained) == len(again) == 3
+    for a, b in zip(trained, again):
+        for key in ("loss", "reward", "rewards/self_certainty/mean", "signals/entropy/mean"):
+            assert a[key] == b[key], (key, a, b)
+    assert not any(k.startswith("eval_") for h in _history(plain) for k in h)
+    evals = [h for h in _history(evaluated) if "eval_greedy_accuracy" in h]
+    assert [h["step"] for h in evals] == [1, 2, 3]
+    for h in evals:  # an entry of its own: TRL's training metrics are not folded into it
+        assert "loss" not in h and "reward" not in h
+        assert {"eval_sampled_accuracy", "eval_pass@1", "eval_pass@2", "eval_vote_accuracy"} <= set(h)
+        assert 0.0 <= h["eval_greedy_accuracy"] <= 1.0
+    # calibration AUROC (the warm model answers some of the 6 x 2 samples right, some wrong)
+    assert all("eval_sc_auc" in h and "eval_ne_auc" in h for h in evals)
+    after = json.loads((evaluated / "eval.json").read_text())["after"]
+    assert after["rows"] == 12  # the final evaluation still reads eval.max_rows; during training: every_rows
+
+
+def test_alol_evaluates_every_steps(tmp_path, tiny_model_dir):
+    """A-LoL's reward report of the held-out rows, logged every 2 steps as eval_reward, eval_length, ..."""
+    from recipes.alol import ALoLRecipeConfig, run
+    from tests.test_alol import _alol_overrides, _pairs_file
+
+    out = tmp_path / "out"
+    main("alol", ALoLRecipeConfig, run, ["--config", "configs/alol/tiny_arithmetic.yaml", "variants=[]",
+         *_alol_overrides(tiny_model_dir, _pairs_file(tmp_path / "pairs.jsonl"), out, tmp_path / "cache"),
+         "trainer.variant=nll", "eval.before_training=false", "eval.every_steps=2", "eval.every_rows=3"])
+    history = _history(out)
+    evals = [h for h in history if "eval_reward" in h]
+    assert [h["step"] for h in evals] == [2, 4]
+    assert all({"eval_length", "eval_distinct_1", "eval_distinct_2"} <= set(h) and "loss" not in h for h in evals)
+    assert any("loss" in h for h in history)
+
+
+def test_preserved_rng_restores_every_generator():
+    from recipes.periodic_eval import preserved_rng
+
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    with preserved_rng():
+        torch.manual_seed(99), random.seed(99), np.random.seed(99)
+        torch.rand(10), random.random(), np.random.rand()
+    got = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_every_steps_and_rows_must_be_positive(tmp_path, value):
+    from recipes.config import ConfigError, load_config
+    from recipes.rlif import RLIFRecipeConfig
+
+    for key in ("eval.every_steps", "eval.every_rows"):
+        with pytest.raises(ConfigError, match=key):
+            load_config(RLIFRecipeConfig, "configs/intuitor/tiny_arithmetic.yaml", [f"{key}={value}"])
+
+
+def test_every_steps_needs_held_out_data_and_a_recipe_that_honours_it():
+    from recipes.config import ConfigError, load_config
+    from recipes.decred import DeCREDRecipeConfig
+    from recipes.rlif import RLIFRecipeConfig
+
+    with pytest.raises(ConfigError, match="needs held-out data"):
+        load_config(RLIFRecipeConfig, "configs/intuitor/tiny_arithmetic.yaml", ["eval.every_steps=5", "data.eval_split=null"])
+    with pytest.raises(ConfigError, match="does not evaluate during training"):
+        load_config(DeCREDRecipeConfig, "configs/decred/tiny_decoder_only.yaml", ["eval.every_steps=5"])
+    cfg = load_config(RLIFRecipeConfig, "configs/intuitor/tiny_arithmetic.yaml", ["eval.every_steps=5", "eval.every_rows=7"])
+    assert (cfg.eval.every_steps, cfg.eval.every_rows) == (5, 7)
