@@ -20,6 +20,7 @@ from pathlib import Path
 from rewards import build_reward
 from trainers import ALOL_VARIANTS, ALoLConfig, ALoLTrainer
 from trainers.alol_precompute import greedy_responses, policy_prompt_ids
+from trainers.card import rewards_table
 from trainers.distributed import Ranks
 
 from .cli import main
@@ -28,7 +29,7 @@ from .data import load_split, to_sft_format
 from .evaluation import format_table, write_report
 from .modeling import load_model, load_tokenizer, lora_config
 from .reward_eval import reward_report
-from .training import evaluation_model, held_out, outside_zero3, release, resume_argument
+from .training import card_sections, evaluation_model, held_out, outside_zero3, release, resume_argument
 
 
 @dataclass
@@ -101,6 +102,14 @@ def evaluate_during_training(trainer, tokenizer, tests: dict, rewards, weights, 
     trainer.add_callback(EvaluateEverySteps(trainer, cfg.eval.every_steps, flat))
 
 
+def alol_card(cfg: ALoLRecipeConfig, output_dir: str, reports: dict) -> dict[str, str]:
+    """Model card sections: the recipe, the evaluation of this variant, the rewards (A-LoL's trainer keeps
+    none: the precompute read them), the resolved config."""
+    sections = card_sections(cfg, reports, output_dir)
+    rewards = [(s.name, s.weight) for s in cfg.rewards] or [(f"column {cfg.trainer.reward_column}", 1.0)]
+    return {"Rewards": rewards_table(rewards), **sections}
+
+
 def run(cfg: ALoLRecipeConfig) -> dict:
     for v in cfg.variants:
         if v not in ALOL_VARIANTS:
@@ -140,6 +149,7 @@ def run(cfg: ALoLRecipeConfig) -> dict:
         if main_process:
             save_config(cfg, args.output_dir)
             (Path(args.output_dir) / "alol_precompute.json").write_text(json.dumps(precompute, indent=2))
+        trainer.card_sections = alol_card(cfg, args.output_dir, {})  # the card save_model writes
         if tests and cfg.eval.every_steps:
             evaluate_during_training(trainer, tokenizer, tests, eval_funcs, eval_weights, cfg)
         trainer.train(resume_from_checkpoint=resume_argument(args))
@@ -150,6 +160,11 @@ def run(cfg: ALoLRecipeConfig) -> dict:
             result = evaluate(trainer, args.output_dir, tokenizer, tests, eval_funcs, eval_weights, cfg, variant)
             if main_process:
                 reports[variant] = result
+                labels = [label for label in ("reference", variant) if label in reports]
+                trainer.card_sections = alol_card(cfg, args.output_dir, {f"{label} [{test}]" if len(tests) > 1 else label:
+                                                                         reports[label][test] for label in labels
+                                                                         for test in tests})
+                trainer.create_model_card()
         release(trainer)
         del trainer, model
     if reports:  # filled on the main process only

@@ -8,11 +8,12 @@ from pathlib import Path
 
 from datasets import Dataset
 
+from trainers.card import ModelCardMixin
 from trainers.distributed import Ranks
 
 from .config import RecipeConfig, save_config
 from .data import load_split
-from .evaluation import evaluate_model, format_table, write_report
+from .evaluation import evaluate_model, format_markdown, format_table, write_report
 from .modeling import load_model, model_init_kwargs, to_device
 
 
@@ -105,6 +106,8 @@ def train_and_evaluate(cfg: RecipeConfig, trainer, tokenizer, test: Dataset | No
             reports["before"] = before
     if main_process:
         save_config(cfg, args.output_dir)
+    if isinstance(trainer, ModelCardMixin):  # the card save_model writes: recipe and config (evaluation below)
+        trainer.card_sections = card_sections(cfg, {}, args.output_dir)
     if test is not None and cfg.eval.every_steps:  # the same evaluation on a held-out slice, every N steps
         from .periodic_eval import EvaluateEverySteps, held_out_slice
 
@@ -123,4 +126,21 @@ def train_and_evaluate(cfg: RecipeConfig, trainer, tokenizer, test: Dataset | No
             reports["after"] = after
             write_report(reports, args.output_dir)
             print(format_table(reports), flush=True)
+    if reports and isinstance(trainer, ModelCardMixin):
+        trainer.card_sections = card_sections(cfg, reports, args.output_dir)
+        trainer.create_model_card()
     return reports
+
+
+def card_sections(cfg: RecipeConfig, reports: dict, output_dir: str) -> dict[str, str]:
+    """The model card's sections a recipe knows (:class:`trainers.card.ModelCardMixin`): how it was run,
+    the evaluation table (``eval.md``'s) and the resolved config (``config.yaml``, read on the main process)."""
+    sections = {"Recipe": f"`python -m {type(cfg).__module__} --config {cfg.source}`"
+                          + (f" ({cfg.description})" if cfg.description else "")}
+    if reports:
+        sections["Evaluation"] = (f"Held-out evaluation (`eval.json`; up to {cfg.eval.max_rows or 'all'} rows, greedy "
+                                  f"and {cfg.eval.num_samples} sampled answer(s) per prompt):\n\n{format_markdown(reports)}")
+    config = Path(output_dir) / "config.yaml"
+    if config.exists():
+        sections["Configuration"] = f"The resolved config (`config.yaml`):\n\n```yaml\n{config.read_text()}```"
+    return sections

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from trl import SFTConfig, SFTTrainer
 
+from .card import ModelCardMixin, card_paper
+
 logger = logging.getLogger("intrinsic")
 
 VARIANTS = ("nll", "wbc", "r_gold", "r_lol", "a_lol", "a_lol_seq", "a_lol_ref_free", "a_lol_kl")
@@ -415,7 +417,7 @@ class _ALoLCollator:
         return batch
 
 
-class ALoLTrainer(SFTTrainer):
+class ALoLTrainer(ModelCardMixin, SFTTrainer):
     """``SFTTrainer`` for A-LoL: precompute (cached) at init, advantage sampling, the A-LoL loss.
 
     Args (beyond ``SFTTrainer``'s): ``reward_funcs`` (TRL-protocol callables, e.g. :mod:`rewards`
@@ -426,6 +428,8 @@ class ALoLTrainer(SFTTrainer):
     """
 
     loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean; Trainer divides by GA steps
+    _name, _paper = card_paper(["alol"])  # TRL's model card: the method and its citation (trainers/card.py)
+    _tag_names = ["trl", "sft", "alol"]
 
     def __init__(self, *args, reward_funcs: Sequence[Callable] | None = None, reward_weights: Sequence[float] | None = None,
                  value_dataset=None, cache_key_extra: str = "", **kwargs):

@@ -38,6 +38,8 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from rewards import LENS_SIGNALS, SIGNALS, InternalReward, default_layers
 
+from .card import ModelCardMixin
+from .completions import CompletionsJsonlMixin
 from .lens import LogitLens, lens_modules, locate_answers
 from .logit_transform import IDENTITY, logit_transform
 from .signals import in_vocab_targets, pack_prompt_completion, skip_outside_vocab, token_signals
@@ -139,7 +141,7 @@ RLIF_DEFAULTS = {f.name: f.default for f in fields(RLIFConfig) if f.name not in 
 """The options :class:`RLIFConfig` adds to ``GRPOConfig``, with their defaults."""
 
 
-class RLIFTrainer(VoteSamplesMixin, GRPOTrainer):
+class RLIFTrainer(ModelCardMixin, CompletionsJsonlMixin, VoteSamplesMixin, GRPOTrainer):
     """``GRPOTrainer`` that feeds internal rewards the current policy's per-token signals (and, with
     ``vote_samples``, lets group rewards vote over more completions than it trains on: trainers/vote.py).
 
