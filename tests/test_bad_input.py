@@ -125,6 +125,14 @@ def k_zero_eval_batch_size(d, m):
     return _write(d / "c.yaml", _rlif(d, m)), ["eval.batch_size=0"]
 
 
+def k_zero_every_steps(d, m):
+    return _write(d / "c.yaml", _rlif(d, m)), ["eval.every_steps=0"]
+
+
+def k_every_steps_without_held_out(d, m):
+    return _write(d / "c.yaml", _rlif(d, m)), ["eval.every_steps=5", "data.eval_split=null"]
+
+
 def k_num_generations_not_dividing(d, m):
     return _write(d / "c.yaml", _rlif(d, m)), ["trainer.num_generations=3"]
 
@@ -264,6 +272,8 @@ KINDS = {
     "zero batch size": ("rlif", k_zero_batch_size, "trainer.per_device_train_batch_size"),
     "negative batch size": ("rlif", k_negative_batch_size, "trainer.per_device_train_batch_size"),
     "zero eval batch size": ("rlif", k_zero_eval_batch_size, "eval.batch_size"),
+    "zero eval.every_steps": ("rlif", k_zero_every_steps, "eval.every_steps: must be >= 1"),
+    "eval.every_steps without held-out data": ("rlif", k_every_steps_without_held_out, "eval.every_steps: needs held-out"),
     "num_generations not dividing": ("rlif", k_num_generations_not_dividing, "num_generations"),
     "IC reward layer beyond depth": ("rlif", k_ic_layer_beyond_depth, "rewards[0].kwargs.layers"),
     "eval IC layer beyond depth": ("rlif", k_eval_ic_layer_beyond_depth, "eval.ic_layers"),

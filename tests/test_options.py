@@ -754,6 +754,54 @@ def p_ev_output_dir(h):
     assert (h.tmp / "elsewhere" / "eval.json").is_file()
 
 
+def _periodic(h, *overrides) -> tuple[list, list]:
+    """The callbacks the recipes' shared train-and-evaluate adds to a (fake) trainer, and the held-out
+    rows each of their evaluations reads."""
+    from datasets import Dataset
+
+    from recipes import training
+
+    rows_read, added = [], []
+    h.mp.setattr(training, "evaluate_model", lambda model, tok, data, *a, **k: rows_read.append(len(data)) or {"rows": 1})
+
+    class FakeTrainer:
+        args = types.SimpleNamespace(output_dir=str(h.tmp / "out"), resume_from_checkpoint=None, world_size=1)
+        model, accelerator = None, types.SimpleNamespace(process_index=0, num_processes=1, is_main_process=True,
+                                                         device=None)
+        state = types.SimpleNamespace(save_to_json=lambda path: None, global_step=0)
+
+        def is_world_process_zero(self):
+            return True
+
+        def add_callback(self, callback):
+            added.append(callback)
+
+        def train(self, resume_from_checkpoint=None):
+            for callback in added:
+                callback.evaluate(None)
+
+        def save_model(self, path):
+            pass
+
+    training.train_and_evaluate(h.config("sft", *overrides), FakeTrainer(), None,
+                                Dataset.from_list([{"prompt": str(i), "answer": str(i)} for i in range(5)]))
+    return added, rows_read
+
+
+def p_eval_every_steps(h):
+    from recipes.periodic_eval import EvaluateEverySteps
+
+    added, _ = _periodic(h, "eval.every_steps=3")
+    assert [type(c) for c in added] == [EvaluateEverySteps] and added[0].every_steps == 3
+    assert _periodic(h)[0] == []  # null: no evaluation during training
+    h.refused("decred", "eval.every_steps=3", key="eval.every_steps")  # a recipe that cannot: one config line
+
+
+def p_eval_every_rows(h):
+    assert _periodic(h, "eval.every_steps=3", "eval.every_rows=2")[1] == [2, 5]  # during training: 2; after: all
+    assert _periodic(h, "eval.every_steps=3")[1] == [5, 5]
+
+
 PROBES = {
     "RecipeConfig.model": p_recipe_model, "RecipeConfig.data": p_recipe_data, "RecipeConfig.eval": p_recipe_eval,
     "RecipeConfig.peft": p_recipe_peft, "RecipeConfig.trainer": p_recipe_trainer,
@@ -779,6 +827,7 @@ PROBES = {
     "EvalConfig.self_certainty": p_eval_sc, "EvalConfig.negative_entropy": p_eval_ne,
     "EvalConfig.internal_consistency": p_eval_ic, "EvalConfig.ic_mode": p_eval_ic_mode,
     "EvalConfig.ic_layers": p_eval_ic_layers, "EvalConfig.before_training": p_eval_before, "EvalConfig.seed": p_eval_seed,
+    "EvalConfig.every_steps": p_eval_every_steps, "EvalConfig.every_rows": p_eval_every_rows,
     "RewardSpec.name": p_reward_name, "RewardSpec.weight": p_reward_weight, "RewardSpec.kwargs": p_reward_kwargs,
     "RLIFRecipeConfig.rewards": p_rlif_rewards, "RLIFRecipeConfig.log_accuracy": p_rlif_log_accuracy,
     "RLIFRecipeConfig.eval_data": p_rlif_eval_data,

@@ -83,6 +83,9 @@ def test_alol_evaluates_every_steps(tmp_path, tiny_model_dir):
     assert [h["step"] for h in evals] == [2, 4]
     assert all({"eval_length", "eval_distinct_1", "eval_distinct_2"} <= set(h) and "loss" not in h for h in evals)
     assert any("loss" in h for h in history)
+    card = (out / "README.md").read_text()  # the A-LoL model card: method, citation, rewards, evaluation
+    assert "trained with A-LoL, a method introduced in [Leftover-Lunch" in card and "baheti2024improving" in card
+    assert "| math_accuracy | 1.0 | - |" in card and "| nll |" in card and "```yaml" in card
 
 
 def test_preserved_rng_restores_every_generator():
