@@ -122,3 +122,31 @@ def test_every_steps_needs_held_out_data_and_a_recipe_that_honours_it():
         load_config(DeCREDRecipeConfig, "configs/decred/tiny_decoder_only.yaml", ["eval.every_steps=5"])
     cfg = load_config(RLIFRecipeConfig, "configs/intuitor/tiny_arithmetic.yaml", ["eval.every_steps=5", "eval.every_rows=7"])
     assert (cfg.eval.every_steps, cfg.eval.every_rows) == (5, 7)
+
+
+@pytest.mark.parametrize("engine", ["ddp", "zero3"])
+def test_rlif_evaluates_every_steps_under_two_process_launch(tmp_path, warm_model_dir, engine):
+    """``accelerate launch`` on 2 processes (DDP; ZeRO-3 with every parameter partitioned): every rank
+    evaluates its share of the rows, each evaluation is one entry of the log (also with completions
+    logged), and the evaluation after the last step (its parameters gathered under ZeRO-3) gives the
+    numbers the saved model gives after training."""
+    from tests.launcher import deepspeed_variant, launch_recipe, untie_embeddings
+
+    launch: str | object = engine
+    model_dir = warm_model_dir
+    if engine == "zero3":
+        launch = deepspeed_variant("zero3", tmp_path / "launch", stage3_param_persistence_threshold=0)
+        model_dir = untie_embeddings(warm_model_dir, tmp_path / "untied")
+    out = tmp_path / "out"
+    result = launch_recipe("rlif", _rlif_config(tmp_path, model_dir), launch, f"trainer.output_dir={out}",
+                           "trainer.max_steps=2", "trainer.per_device_train_batch_size=4", "eval.every_steps=1",
+                           "eval.every_rows=null", "trainer.log_completions=true")
+    evals = [h for h in _history(out) if "eval_greedy_accuracy" in h]
+    assert [h["step"] for h in evals] == [1, 2]
+    after = json.loads((out / "eval.json").read_text())["after"]
+    assert after["processes"] == 2 and after["rows"] == 12
+    for key in ("greedy_accuracy", "sampled_accuracy", "sc_auc"):
+        assert evals[-1][f"eval_{key}"] == pytest.approx(after[key], abs=1e-6), key
+    logged = result.stdout + result.stderr
+    assert logged.count("'eval_greedy_accuracy'") == 2, logged[-3000:]  # printed by the main process only
+    assert len((out / "completions.jsonl").read_text().splitlines()) == 2 * 8  # 2 steps x 2 ranks x 4
