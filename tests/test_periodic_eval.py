@@ -88,6 +88,20 @@ def test_alol_evaluates_every_steps(tmp_path, tiny_model_dir):
     assert "| math_accuracy | 1.0 | - |" in card and "| nll |" in card and "```yaml" in card
 
 
+def test_sft_evaluates_every_steps(tmp_path, tiny_model_dir):
+    """The SFT recipe (TRL's SFTTrainer): the evaluation's entries beside the training ones."""
+    from recipes.sft import SFTRecipeConfig, run
+
+    out = tmp_path / "out"
+    main("sft", SFTRecipeConfig, run, ["--config", "configs/sft/tiny_arithmetic.yaml", f"model.name_or_path={tiny_model_dir}",
+         "data.path=tiny://arithmetic?n_train=64&n_test=8", "trainer.max_steps=2", "trainer.logging_steps=1",
+         "trainer.per_device_train_batch_size=8", f"trainer.output_dir={out}", "eval.max_rows=8", "eval.sampled=false",
+         "eval.every_steps=1", "eval.before_training=false"])
+    history = _history(out)
+    assert [h["step"] for h in history if "eval_greedy_accuracy" in h] == [1, 2]
+    assert [h["step"] for h in history if "loss" in h] == [1, 2]
+
+
 def test_preserved_rng_restores_every_generator():
     from recipes.periodic_eval import preserved_rng
 
