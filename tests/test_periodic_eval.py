@@ -67,6 +67,10 @@ def test_rlif_evaluates_every_steps_without_changing_training(tmp_path, warm_mod
     assert all("eval_sc_auc" in h and "eval_ne_auc" in h for h in evals)
     after = json.loads((evaluated / "eval.json").read_text())["after"]
     assert after["rows"] == 12  # the final evaluation still reads eval.max_rows; during training: every_rows
+    from recipes.plot import plot_curves
+
+    drawn = {p.name for p in plot_curves({"run": _history(evaluated)}, tmp_path)}
+    assert {"eval_accuracy.png", "eval_calibration.png", "loss.png"} <= drawn
 
 
 def test_alol_evaluates_every_steps(tmp_path, tiny_model_dir):
