@@ -94,7 +94,8 @@ def evaluate_during_training(trainer, tokenizer, tests: dict, rewards, weights, 
     rows = {label: held_out_slice(data, cfg.eval.every_rows) for label, data in tests.items()}
 
     def flat(model) -> dict | None:
-        reports = reports_of(model, trainer, tokenizer, rows, rewards, weights, cfg, f"step {trainer.state.global_step}")
+        desc = f"step {trainer.state.global_step}"
+        reports = reports_of(model, trainer, tokenizer, rows, rewards, weights, cfg, desc)
         if not trainer.is_world_process_zero():
             return None
         return {(f"{label}/{k}" if len(rows) > 1 else k): v for label, report in reports.items()
@@ -161,9 +162,9 @@ def run(cfg: ALoLRecipeConfig) -> dict:
             if main_process:
                 reports[variant] = result
                 labels = [label for label in ("reference", variant) if label in reports]
-                trainer.card_sections = alol_card(cfg, args.output_dir, {f"{label} [{test}]" if len(tests) > 1 else label:
-                                                                         reports[label][test] for label in labels
-                                                                         for test in tests})
+                table = {f"{label} [{test}]" if len(tests) > 1 else label: reports[label][test]
+                         for label in labels for test in tests}
+                trainer.card_sections = alol_card(cfg, args.output_dir, table)
                 trainer.create_model_card()
         release(trainer)
         del trainer, model

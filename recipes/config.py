@@ -162,7 +162,8 @@ class EvalConfig:
                           "(TensorBoard/W&B: eval/...); null: only before and after training"},
     )
     every_rows: int | None = field(
-        default=None, metadata={"help": "held-out rows evaluated during training: the first N (null: all eval.max_rows)"}
+        default=None,
+        metadata={"help": "held-out rows evaluated during training: the first N (null: all eval.max_rows)"},
     )
 
 

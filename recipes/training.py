@@ -139,7 +139,8 @@ def card_sections(cfg: RecipeConfig, reports: dict, output_dir: str) -> dict[str
                           + (f" ({cfg.description})" if cfg.description else "")}
     if reports:
         sections["Evaluation"] = (f"Held-out evaluation (`eval.json`; up to {cfg.eval.max_rows or 'all'} rows, greedy "
-                                  f"and {cfg.eval.num_samples} sampled answer(s) per prompt):\n\n{format_markdown(reports)}")
+                                  f"and {cfg.eval.num_samples} sampled answer(s) per prompt):\n\n"
+                                  + format_markdown(reports))
     config = Path(output_dir) / "config.yaml"
     if config.exists():
         sections["Configuration"] = f"The resolved config (`config.yaml`):\n\n```yaml\n{config.read_text()}```"

@@ -169,5 +169,6 @@ class ModelCardMixin:
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
-        if not _internal_call and (output_dir is None or os.path.abspath(output_dir) == os.path.abspath(self.args.output_dir)):
+        here = output_dir is None or os.path.abspath(output_dir) == os.path.abspath(self.args.output_dir)
+        if here and not _internal_call:
             self.create_model_card()

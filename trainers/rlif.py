@@ -324,7 +324,8 @@ class RLIFTrainer(ModelCardMixin, CompletionsJsonlMixin, VoteSamplesMixin, GRPOT
                              for s in per_completion])
         if self.log_completions:  # per completion, columns of TRL's completion table (and completions.jsonl)
             for j, name in enumerate(self.signal_names):
-                self._log_completion_extra(f"signals/{name}", [v if math.isfinite(v) else None for v in table[:, j].tolist()])
+                values = table[:, j].tolist()
+                self._log_completion_extra(f"signals/{name}", [v if math.isfinite(v) else None for v in values])
         local = table.nanmean(0).to(self.accelerator.device)
         means = self.accelerator.gather_for_metrics(local[None]).nanmean(0)
         for name, value in zip(self.signal_names, means.tolist()):
