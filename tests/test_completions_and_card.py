@@ -109,3 +109,38 @@ def test_vote_samples_table_keeps_the_trained_rows(tmp_path, tiny_model_dir):
         assert r["majority_vote/answer"] is None or isinstance(r["majority_vote/answer"], str)
     card = (out / "README.md").read_text()
     assert "trained with TTRL" in card and "@article{zuo2025ttrl," in card
+
+
+def test_vote_rewards_log_answers_and_ic_through_trl_log_extra():
+    import torch
+
+    from rewards import ConsistencyVote, MajorityVote
+
+    logged: dict = {}
+    rewards = MajorityVote()(["q"] * 4 + ["r"] * 2, ["7", "7.0", "8", "no", "1", "2"], log_extra=logged.__setitem__)
+    assert rewards == [1.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+    assert logged == {"majority_vote/answer": ["7", "7.0", "8", None, "1", "2"],
+                      "majority_vote/voted_answer": ["7", "7", "7", "7", "1", "1"]}
+    ic = [{"ic_hard": torch.tensor([[v]]), "ic_layers": [1], "ic_answer_found": True} for v in (0.2, 0.2, 0.9)]
+    logged.clear()
+    assert ConsistencyVote()(["q"] * 3, ["7", "7", "8"], token_signals=ic, log_extra=logged.__setitem__) == [0.0, 0.0, 1.0]
+    assert logged["consistency_vote/voted_answer"] == ["8"] * 3
+    assert logged["consistency_vote/ic"] == pytest.approx([0.2, 0.2, 0.9])
+    assert MajorityVote()(["q"], ["7"]) == [1.0]  # called outside TRL (no log_extra): nothing to log
+
+
+def test_vote_samples_columns_keep_the_trained_rows():
+    """Columns a reward logged over all N completions of each group keep the M trained rows; columns
+    logged before the vote (M rows already) are left alone."""
+    import types
+    from collections import defaultdict
+
+    from trainers.vote import VoteSamplesMixin
+
+    fake = types.SimpleNamespace(args=types.SimpleNamespace(vote_samples=4), num_generations=2,
+                                 _pending_extra_logs=defaultdict(list))
+    fake._pending_extra_logs["signals/entropy"] = [0.1, 0.2, 0.3, 0.4]  # before: 2 groups x M=2
+    before = {k: len(v) for k, v in fake._pending_extra_logs.items()}
+    fake._pending_extra_logs["majority_vote/answer"] = ["a0", "a1", "x", "x", "b0", "b1", "y", "y"]  # 2 groups x N=4
+    VoteSamplesMixin._keep_trained_columns(fake, before, groups=2)
+    assert fake._pending_extra_logs == {"signals/entropy": [0.1, 0.2, 0.3, 0.4], "majority_vote/answer": ["a0", "a1", "b0", "b1"]}
