@@ -275,6 +275,8 @@ def evaluate_model(model, tokenizer, data: Dataset, cfg: EvalConfig, desc: str =
                                           for q in range(len(answers))) / max(len(answers), 1)
         if n > 1 and grade is None:  # a vote over final answers; code completions are not voted on
             report["vote_accuracy"] = vote_accuracy(texts, answers, n)
+        elif n > 1 and cfg.grader == "choice":  # a vote over the chosen letters
+            report["vote_accuracy"] = choice_vote_accuracy(texts, grade.gold, n, grade.letters)
         if wants_signals and outputs:
             signals = {name: [v for o in outputs for v in o["signals"][name]] for name in outputs[0]["signals"]}
             report["calibration"] = {}
@@ -298,12 +300,57 @@ def code_grading(data: Dataset, cfg: EvalConfig):
 
     if cfg.grader == "answer":
         return None
+    if cfg.grader == "choice":
+        return choice_grading(data)
     needed = {"code": ["tests"], "output_prediction": ["output"]}[cfg.grader]
     missing = [c for c in needed if c not in data.column_names]
     if missing:
         raise ValueError(f"eval.grader={cfg.grader} needs column(s) {missing} (columns: {data.column_names})")
     rows, sandbox = data.remove_columns(["prompt"]).to_list(), LocalSandbox(timeout=cfg.code_timeout)
     return lambda texts, index: grade_rows(texts, [rows[i] for i in index], cfg.grader, sandbox)
+
+
+def choice_grading(data: Dataset):
+    """``eval.grader: choice``: a function ``(texts, row indices) -> [correct]`` comparing the option
+    letter each completion chose (:func:`rewards.choice.extract_choice`) with the row's gold letter in
+    ``answer``. The letters are ``A``, ``B``, ... as far as the data has such option columns
+    (``data.choices`` makes them), else ``ABCD``; every gold must be one of them (checked here, before
+    any model loads)."""
+    from rewards.choice import LETTERS, extract_choice
+
+    if "answer" not in data.column_names:
+        raise ValueError("eval.grader=choice needs an 'answer' column holding the gold letter "
+                         f"(set data.choices or map one in data.columns; columns: {data.column_names})")
+    letters = "".join(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c in data.column_names) or LETTERS
+    gold = [str(a).strip().upper() for a in data["answer"]]
+    bad = next((i for i, g in enumerate(gold) if len(g) != 1 or g not in letters), None)
+    if bad is not None:
+        raise ValueError(f"eval.grader=choice needs a gold letter ({', '.join(letters)}) in 'answer'; "
+                         f"row {bad} holds {data['answer'][bad]!r}")
+
+    def grade(texts, index) -> list[bool]:
+        return [extract_choice(t, letters) == gold[i] for t, i in zip(texts, index)]
+
+    grade.letters, grade.gold = letters, gold
+    return grade
+
+
+def choice_vote_accuracy(texts: list[str], gold: list[str], num_samples: int, letters: str = "ABCD") -> float:
+    """Self-consistency for multiple choice: fraction of questions whose plurality letter over their
+    ``num_samples`` consecutive samples is the gold one (ties to the letter chosen first; samples
+    without a choice do not vote).
+
+    >>> choice_vote_accuracy(["Answer: C", "(B)", "Answer: C", "A good try"], ["C", "A"], 2)  # C-B tie: C; C != A
+    0.5
+    """
+    from rewards.choice import extract_choice
+
+    chosen = [extract_choice(t, letters) for t in texts]
+    right = 0
+    for q, g in enumerate(gold):
+        label = plurality(chosen[q * num_samples : (q + 1) * num_samples])
+        right += label is not None and label == g
+    return right / max(len(gold), 1)
 
 
 def _scalar_metrics(reports: dict[str, dict]) -> list[str]:
