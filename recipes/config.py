@@ -643,6 +643,9 @@ def check_model_options(cfg: RecipeConfig, origins: dict[tuple, str]) -> None:
         if trains and cfg.peft is None and not cfg.model.adapter:
             raise ConfigError(_origin(origins, key), key, "4-bit weights cannot be trained: add a peft: section (QLoRA) "
                                                           "or a model.adapter to train on top of them")
+    if cfg.eval.backend == "vllm" and cfg.peft is not None and trains:
+        raise ConfigError(_origin(origins, "eval.backend"), "eval.backend", "the run saves a LoRA adapter, which vLLM "
+                                                                            "generation does not load: set eval.backend=hf")
     if cfg.eval.backend == "vllm" and cfg.model.adapter:
         raise ConfigError(_origin(origins, "eval.backend"), "eval.backend", "vLLM generation loads model.name_or_path "
                                                                             "alone: merge the adapter first, or set eval.backend=hf")
