@@ -48,7 +48,8 @@ def run(cfg: EvaluateRecipeConfig) -> dict:
         model, tokenizer = to_device(load_model(model_cfg), ranks.device), load_tokenizer(model_cfg)
         engine = engine_for(cfg.eval, model_cfg, ranks=ranks, source=cfg.source)  # eval.backend: vllm
         reports[label] = evaluate_model(model, tokenizer, test, cfg.eval, desc=label, ranks=ranks, engine=engine)
-        release_engine(engine)
+        del engine
+        release_engine()
     if not ranks.main:
         return {}
     save_config(cfg, cfg.output_dir)

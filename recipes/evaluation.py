@@ -90,15 +90,14 @@ def check_backend(cfg: EvalConfig, ranks: Ranks | None, source: str = "config") 
                                                   "itself): evaluate without accelerate launch, or set eval.backend=hf")
 
 
-def release_engine(engine) -> None:
-    """Drop a vLLM engine and return its GPU memory before the next one is built."""
-    if engine is not None:
-        import gc
+def release_engine() -> None:
+    """Return a dropped vLLM engine's GPU memory before the next one is built (the caller deletes
+    its last reference first: ``del engine``)."""
+    import gc
 
-        del engine
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def generate_vllm(engine, tokenizer, prompts: list, *, max_new_tokens: int, do_sample: bool, temperature: float = 1.0,

@@ -158,7 +158,8 @@ def evaluate_saved(cfg, name_or_path: str, tokenizer, test, desc: str, ranks: Ra
                             ranks, cfg.source)  # eval.backend: vllm, over the saved model
         report = evaluate_model(whole_model(cfg, name_or_path, ranks), tokenizer, test, cfg.eval, desc=desc, ranks=ranks,
                                 engine=engine)
-        release_engine(engine)
+        del engine
+        release_engine()
         return report
 
 

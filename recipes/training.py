@@ -104,7 +104,8 @@ def train_and_evaluate(cfg: RecipeConfig, trainer, tokenizer, test: Dataset | No
             model = evaluation_model(cfg, trainer, None)
             engine = engine_for(cfg.eval, cfg.model, ranks=ranks, source=cfg.source)  # the starting model
             before = evaluate_model(model, tokenizer, test, cfg.eval, desc="before", ranks=ranks, engine=engine)
-            release_engine(engine)
+            del engine
+        release_engine()
         if main_process:
             reports["before"] = before
     if main_process:
@@ -118,7 +119,8 @@ def train_and_evaluate(cfg: RecipeConfig, trainer, tokenizer, test: Dataset | No
             model = evaluation_model(cfg, trainer, args.output_dir)
             engine = engine_for(cfg.eval, cfg.model, args.output_dir, ranks, cfg.source)  # vLLM: the saved model
             after = evaluate_model(model, tokenizer, test, cfg.eval, desc="after", ranks=ranks, engine=engine)
-            release_engine(engine)
+            del engine
+        release_engine()
         if main_process:
             reports["after"] = after
             write_report(reports, args.output_dir)
