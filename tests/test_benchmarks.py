@@ -335,3 +335,21 @@ def test_dry_run_directory_is_not_the_config_output(tmp_path):
 
     out = dry_run_overrides(EvaluateRecipeConfig, CONFIGS / "evaluate" / "qwen2.5-3b_math500.yaml", [], tmp_path)
     assert f"output_dir={Path(tmp_path) / 'out'}" in out and "eval.backend=hf" in out
+
+
+def test_vllm_backend_refused_where_it_could_not_be_honoured(monkeypatch):
+    """A LoRA run saves an adapter vLLM does not load; A-LoL's reward reports generate with
+    transformers only: both refused with the key, before anything loads (vLLM stands in as installed)."""
+    from recipes.alol import ALoLRecipeConfig
+    from recipes.alol import run as alol_run
+    from recipes.config import ConfigError, load_config
+    from recipes.rlif import RLIFRecipeConfig
+
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm_module([1], "x"))
+    with pytest.raises(ConfigError, match="LoRA adapter") as err:
+        load_config(RLIFRecipeConfig, CONFIGS / "rlif" / "tiny_arithmetic_gold.yaml", ["eval.backend=vllm", "peft={r: 2}"])
+    assert err.value.key == "eval.backend"
+    cfg = load_config(ALoLRecipeConfig, CONFIGS / "alol" / "tiny_arithmetic.yaml", ["eval.backend=vllm"])
+    with pytest.raises(ConfigError, match="transformers only") as err:
+        alol_run(cfg)
+    assert err.value.key == "eval.backend"
