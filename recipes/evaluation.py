@@ -103,7 +103,7 @@ def release_engine() -> None:
 def generate_vllm(engine, tokenizer, prompts: list, *, max_new_tokens: int, do_sample: bool, temperature: float = 1.0,
                   top_p: float = 1.0, num_return_sequences: int = 1, seed: int = 0) -> tuple[list[str], list[list[int]]]:
     """:func:`generate` with a ``vllm.LLM``: the same prompt tokens (chat template applied, no special
-    tokens added), the same sampling parameters (``n``, ``temperature``, ``top_p``, no top-k,
+    tokens added), the same sampling parameters (``n``, ``temperature``, ``top_p``, no top-k: vLLM's default,
     ``max_tokens = max_new_tokens``; greedy is temperature 0), prompt ``i`` seeded with ``seed + i`` so
     its samples do not depend on how vLLM batches. Texts (special tokens skipped) and token ids cut
     after the first EOS, grouped by prompt as :func:`generate` returns them."""
@@ -113,7 +113,7 @@ def generate_vllm(engine, tokenizer, prompts: list, *, max_new_tokens: int, do_s
     inputs = [{"prompt_token_ids": tokenizer(t, add_special_tokens=False)["input_ids"]} for t in texts]
     n = num_return_sequences
     params = [SamplingParams(n=n, max_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
-                             top_p=top_p if do_sample else 1.0, top_k=-1, seed=seed + i, skip_special_tokens=True)
+                             top_p=top_p if do_sample else 1.0, seed=seed + i, skip_special_tokens=True)
               for i in range(len(inputs))]
     outputs = engine.generate(inputs, params, use_tqdm=False) if inputs else []
     decoded, ids_out, eos = [], [], tokenizer.eos_token_id

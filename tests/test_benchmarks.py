@@ -260,7 +260,7 @@ def test_vllm_sampling_parameters_and_outputs(monkeypatch):
     assert [i["prompt_token_ids"] for i in inputs] == [tok(t, add_special_tokens=False)["input_ids"]
                                                        for t in prompt_texts(tok, prompts)]
     assert [p.kwargs for p in params] == [
-        {"n": 3, "max_tokens": 12, "temperature": 0.6, "top_p": 0.95, "top_k": -1, "seed": 40 + i,
+        {"n": 3, "max_tokens": 12, "temperature": 0.6, "top_p": 0.95, "seed": 40 + i,
          "skip_special_tokens": True} for i in range(2)]
     assert texts == ["56"] * 6 and ids == [[5, 6, eos]] * 6
     generate_vllm(engine, tok, prompts, max_new_tokens=7, do_sample=False, seed=3)
