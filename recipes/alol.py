@@ -117,6 +117,9 @@ def run(cfg: ALoLRecipeConfig) -> dict:
             raise ConfigError(cfg.source, "variants", f"unknown variant {v!r} (variants: {list(ALOL_VARIANTS)})")
     if not cfg.rewards and not cfg.trainer.reward_column:
         raise ConfigError(cfg.source, "rewards", "A-LoL needs rewards (or trainer.reward_column)")
+    if cfg.eval.backend != "hf":
+        raise ConfigError(cfg.source, "eval.backend", "A-LoL's reward reports generate with transformers only: "
+                                                      "set eval.backend=hf")
     if cfg.value_split and not cfg.rewards:
         raise ConfigError(cfg.source, "value_split", "the value head scores new responses: it needs rewards")
     raw = load_split(cfg.data, cfg.data.split, cfg.data.max_rows, cfg.source)

@@ -83,6 +83,19 @@ class LoraConfigSection:
 
 
 @dataclass
+class ChoicesSection:
+    """Multiple-choice rows whose options sit in columns of their own, the correct one in a fixed column
+    (GPQA's ``Correct Answer``): the options are shuffled into columns ``A``, ``B``, ... (for the prompt's
+    ``{A}``, ``{B}``, ...) and the gold letter becomes the ``answer`` column."""
+
+    correct: str = field(metadata={"help": "the dataset's column holding the correct option"})
+    incorrect: list[str] = field(metadata={"help": "the dataset's columns holding the wrong options"})
+    seed: int = field(
+        default=0, metadata={"help": "shuffle seed: row i's options are ordered by random.Random(f'{seed}:{i}')"}
+    )
+
+
+@dataclass
 class DataConfig:
     """Where the data come from and how rows become prompts."""
 
@@ -106,6 +119,10 @@ class DataConfig:
         default=None,
         metadata={"help": "split each question at the last occurrence of this marker: the text up to and including it "
                           "is the question, the rest the completion (e.g. '\\n\\nAssistant:' for Anthropic HH)"},
+    )
+    choices: ChoicesSection | None = field(
+        default=None, metadata={"help": "multiple choice: options shuffled per row into columns A, B, ...; "
+                                        "the gold letter becomes `answer` (null: none)"},
     )
 
 
@@ -148,12 +165,16 @@ class EvalConfig:
     ic_layers: list[int] | None = field(
         default=None, metadata={"help": "internal consistency: 1-based decoder layers (null: upper half)"}
     )
-    grader: Literal["answer", "code", "output_prediction"] = field(
+    grader: Literal["answer", "code", "output_prediction", "choice"] = field(
         default="answer",
         metadata={"help": "answer: final answer vs `answer`; code: the program passes every test in `tests`; "
-                          "output_prediction: predicted output of `code` vs `output` (CRUXEval-O)"},
+                          "output_prediction: predicted output of `code` vs `output` (CRUXEval-O); "
+                          "choice: the option letter chosen vs the letter in `answer` (GPQA)"},
     )
     code_timeout: float = field(default=6.0, metadata={"help": "code graders: wall seconds per test"})
+    backend: Literal["hf", "vllm"] = field(
+        default="hf", metadata={"help": "generation: hf (transformers generate) or vllm (vllm.LLM, needs the vllm extra)"}
+    )
     before_training: bool = field(default=True, metadata={"help": "also evaluate the starting model"})
     seed: int = field(default=1234, metadata={"help": "sampling seed"})
     every_steps: int | None = field(
@@ -596,11 +617,24 @@ def check_eval_values(ev: EvalConfig, origins: dict[tuple, str], key: str = "eva
         _check_range(origins, f"{key}.pass_k", k, lambda v: 1 <= v <= ev.num_samples, f"in 1..num_samples ({ev.num_samples})")
     for name in ("every_steps", "every_rows"):
         _check_range(origins, f"{key}.{name}", getattr(ev, name, None), lambda v: v >= 1, ">= 1 or null")
+    if ev.backend == "vllm" and not vllm_installed():
+        raise ConfigError(_origin(origins, f"{key}.backend"), f"{key}.backend",
+                          "vLLM is not installed: pip install -e '.[vllm]' (or set eval.backend=hf)")
     modes = [m[3:] for m in LENS_SIGNALS]
     if ev.ic_mode not in modes:
         close = difflib.get_close_matches(ev.ic_mode, modes, n=1)
         raise ConfigError(_origin(origins, f"{key}.ic_mode"), f"{key}.ic_mode", f"expected one of {modes}, got {ev.ic_mode!r}",
                           close[0] if close else None)
+
+
+def vllm_installed() -> bool:
+    """Whether ``import vllm`` would find a module (without importing it: vLLM is slow to import)."""
+    import importlib.util
+    import sys
+
+    if "vllm" in sys.modules:  # imported already, or blocked (None)
+        return sys.modules["vllm"] is not None
+    return importlib.util.find_spec("vllm") is not None
 
 
 def check_model_options(cfg: RecipeConfig, origins: dict[tuple, str]) -> None:
@@ -621,6 +655,12 @@ def check_model_options(cfg: RecipeConfig, origins: dict[tuple, str]) -> None:
         if trains and cfg.peft is None and not cfg.model.adapter:
             raise ConfigError(_origin(origins, key), key, "4-bit weights cannot be trained: add a peft: section (QLoRA) "
                                                           "or a model.adapter to train on top of them")
+    if cfg.eval.backend == "vllm" and cfg.peft is not None and trains:
+        raise ConfigError(_origin(origins, "eval.backend"), "eval.backend", "the run saves a LoRA adapter, which vLLM "
+                                                                            "generation does not load: set eval.backend=hf")
+    if cfg.eval.backend == "vllm" and cfg.model.adapter:
+        raise ConfigError(_origin(origins, "eval.backend"), "eval.backend", "vLLM generation loads model.name_or_path "
+                                                                            "alone: merge the adapter first, or set eval.backend=hf")
     if cfg.peft is not None and cfg.model.adapter:
         raise ConfigError(_origin(origins, "peft"), "peft", "model.adapter is trained further as it is; a second LoRA "
                                                             "(peft) on top of it is not supported: set peft=null")
@@ -732,6 +772,24 @@ def check_data_values(cfg: RecipeConfig, origins: dict[tuple, str]) -> None:
             prompt_template(data.prompt)
         except KeyError as err:
             raise ConfigError(_origin(origins, f"{name}.prompt"), f"{name}.prompt", err.args[0]) from None
+        check_choices(data, origins, name)
+
+
+def check_choices(data: DataConfig, origins: dict[tuple, str], name: str = "data") -> None:
+    """``data.choices``: 2..26 distinct option columns, and the gold letter as the only ``answer``."""
+    choices = data.choices
+    if choices is None:
+        return
+    key = f"{name}.choices"
+    options = [choices.correct, *choices.incorrect]
+    if not 1 <= len(choices.incorrect) <= 25:
+        raise ConfigError(_origin(origins, f"{key}.incorrect"), f"{key}.incorrect",
+                          f"expected 1..25 columns of wrong options, got {len(choices.incorrect)}")
+    if len(set(options)) < len(options):
+        raise ConfigError(_origin(origins, key), key, f"an option column is named twice: {options}")
+    if "answer" in data.columns:
+        raise ConfigError(_origin(origins, f"{name}.columns.answer"), f"{name}.columns.answer",
+                          "data.choices makes the gold letter the answer column: remove this mapping")
 
 
 def check_periodic_eval(cfg: RecipeConfig, origins: dict[tuple, str]) -> None:

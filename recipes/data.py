@@ -11,12 +11,13 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import random
 from dataclasses import replace
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-from .config import ConfigError, DataConfig
+from .config import ChoicesSection, ConfigError, DataConfig
 from .tiny import is_tiny, resolve_tiny_dataset
 
 # Named prompt templates; an inline template is any string containing "{question}".
@@ -106,6 +107,8 @@ def load_rows(cfg: DataConfig, split: str, max_rows: int | None = None, source: 
 def load_split(cfg: DataConfig, split: str, max_rows: int | None = None, source: str = "config") -> Dataset:
     """One split, with our column names and a ``prompt`` column (raises :class:`ConfigError`)."""
     data = read_split(cfg, split, source)
+    if cfg.choices is not None:
+        data = shuffle_choices(data, cfg.choices, source)
     for ours, theirs in cfg.columns.items():
         if ours not in COLUMNS:
             close = difflib.get_close_matches(ours, COLUMNS, n=1)
@@ -151,6 +154,42 @@ def load_split(cfg: DataConfig, split: str, max_rows: int | None = None, source:
         return {"prompt": [*messages, {"role": "user", "content": text}]}
 
     return data.map(make_prompt)
+
+
+def choice_order(seed: int, index: int, n: int) -> list[int]:
+    """Row ``index``'s option order: position ``k`` shows option ``order[k]`` (0: the correct one),
+    ``random.Random(f"{seed}:{index}")`` shuffling ``0..n-1`` (string seeds hash with SHA-512: the
+    same order on every machine and Python version).
+
+    >>> choice_order(0, 0, 4) == choice_order(0, 0, 4), sorted(choice_order(0, 5, 4))
+    (True, [0, 1, 2, 3])
+    """
+    order = list(range(n))
+    random.Random(f"{seed}:{index}").shuffle(order)
+    return order
+
+
+def shuffle_choices(data: Dataset, choices: ChoicesSection, source: str = "config") -> Dataset:
+    """``data.choices``: each row's options (the ``correct`` column's first, then ``incorrect``'s),
+    stripped of surrounding whitespace, in the order :func:`choice_order` gives row ``i`` of the
+    split as stored, as columns ``A``, ``B``, ...; ``answer`` is the letter of the correct one."""
+    from rewards.choice import option_letters
+
+    options = [choices.correct, *choices.incorrect]
+    for i, column in enumerate(options):
+        if column not in data.column_names:
+            key = "data.choices.correct" if i == 0 else f"data.choices.incorrect[{i - 1}]"
+            close = difflib.get_close_matches(column, data.column_names, n=1)
+            raise ConfigError(source, key, f"column {column!r} not in the dataset (columns: {data.column_names})",
+                              close[0] if close else None)
+    letters = option_letters(len(options))
+
+    def shuffle(row: dict, index: int) -> dict:
+        order = choice_order(choices.seed, index, len(options))
+        shown = {letter: str(row[options[k]]).strip() for letter, k in zip(letters, order)}
+        return {**shown, "answer": letters[order.index(0)]}
+
+    return data.map(shuffle, with_indices=True)
 
 
 def check_text_column(data: Dataset, column: str, source: str) -> None:

@@ -39,6 +39,40 @@ def write_rows(columns: dict, path: Path, n: int = 16) -> Path:
     return path
 
 
+def write_graded_rows(grader: str, data: dict, path: Path) -> Path:
+    """Rows for an ``eval.grader`` other than ``answer``, from the tiny world's hand-written tasks, under
+    the config's own column names: programs with tests (``code``), functions with an input and output
+    (``output_prediction``), four-option questions (``choice``: in ``data.choices``'s columns, or, without
+    it, options in the question and the gold letter as the answer)."""
+    from rewards.choice import option_letters
+
+    from .data import choice_order
+    from .tiny import resolve_tiny_dataset
+
+    columns = data.get("columns") or {}
+    question, answer = columns.get("question", "question"), columns.get("answer", "answer")
+    source = {"code": "tiny://code", "output_prediction": "tiny://cruxeval", "choice": "tiny://gpqa"}[grader]
+    rows = []
+    for row in resolve_tiny_dataset(source, "train").to_list():
+        if grader == "choice":
+            choices = data.get("choices") or {}
+            wrong = [row[f"Incorrect Answer {k % 3 + 1}"] + (f" ({k})" if k >= 3 else "")
+                     for k in range(len(choices.get("incorrect") or [0] * 3))]
+            if choices:
+                row = {question: row["Question"], choices["correct"]: row["Correct Answer"],
+                       **dict(zip(choices["incorrect"], wrong))}
+            else:
+                options, letters = [row["Correct Answer"], *wrong], option_letters(1 + len(wrong))
+                order = choice_order(0, len(rows), len(options))
+                listed = "\n".join(f"{letter}) {options[k]}" for letter, k in zip(letters, order))
+                row = {question: f"{row['Question']}\n{listed}", answer: letters[order.index(0)]}
+        else:
+            row.setdefault(question, row.pop("question"))
+        rows.append(row)
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
 def dry_run_overrides(schema: type[RecipeConfig], path: str | os.PathLike, overrides: list[str], workdir: Path) -> list[str]:
     """Dotlist overrides that shrink the config at ``path`` to a 2-step CPU run in ``workdir``."""
     raw, _ = load_raw(path, overrides)
@@ -52,6 +86,9 @@ def dry_run_overrides(schema: type[RecipeConfig], path: str | os.PathLike, overr
         except ValueError as err:
             raise ConfigError(str(path), "model.name_or_path", str(err)) from None
         data_file = write_rows(raw.get("data", {}).get("columns") or {}, Path(workdir) / "rows.jsonl")
+        grader = (raw.get("eval") or {}).get("grader", "answer")
+        if grader != "answer":  # rows the grader can read (tests, outputs, option letters)
+            data_file = write_graded_rows(grader, raw.get("data") or {}, data_file)
         tiny = TINY.format(family=family)
         aux_layers = (raw.get("decred") or {}).get("layers") or []
         if aux_layers:  # deep enough for the config's auxiliary heads
@@ -62,7 +99,7 @@ def dry_run_overrides(schema: type[RecipeConfig], path: str | os.PathLike, overr
         "model.dtype=float32", "model.attn_implementation=null", "model.revision=null", "model.quantization=null",
         "model.adapter=null", "data.name=null", "data.data_dir=null", "data.split_on=null", "data.max_rows=null",
         "eval.max_rows=4", "eval.max_new_tokens=4", "eval.batch_size=4", "eval.num_samples=1", "eval.pass_k=[]",
-        "eval.before_training=false", f"trainer.output_dir={Path(workdir) / 'out'}", "trainer.max_steps=2",
+        "eval.before_training=false", "eval.backend=hf", f"trainer.output_dir={Path(workdir) / 'out'}", "trainer.max_steps=2",
         "trainer.report_to=[]", "trainer.save_strategy='no'", "trainer.logging_steps=1", "trainer.bf16=false",
         "trainer.gradient_checkpointing=false", "trainer.gradient_accumulation_steps=1",
     ]
@@ -76,6 +113,8 @@ def dry_run_overrides(schema: type[RecipeConfig], path: str | os.PathLike, overr
     if "max_length" in fields:
         out.append("trainer.max_length=64")
     own = {f.name for f in dataclasses.fields(schema)}
+    if "output_dir" in own:  # recipes.evaluate writes its report there
+        out.append(f"output_dir={Path(workdir) / 'out'}")
     if "improve" in own:  # self-improvement: one small round
         write_rows(raw.get("data", {}).get("columns") or {}, data_file, n=64)
         ds = 3 if (raw.get("improve") or {}).get("ds_valid_rows") else 0  # <= 5% of the 61 prompts left

@@ -22,7 +22,7 @@ from trainers.distributed import Ranks, merge_shards
 from trainers.lens import BATCH_MODES
 from trainers.signals import token_signal_dicts
 
-from .config import EvalConfig
+from .config import ConfigError, EvalConfig
 
 
 @torch.no_grad()
@@ -52,6 +52,78 @@ def generate(model, tokenizer, prompts: list, *, max_new_tokens: int, batch_size
     finally:
         model.train(was_training)
         tokenizer.padding_side = side
+    return decoded, ids_out
+
+
+VLLM_MEMORY = 0.5  # share of the GPU vLLM takes: the transformers copy that reads the signals shares the GPU
+
+
+def vllm_engine(model_cfg, path: str | None = None, seed: int = 0):
+    """``eval.backend: vllm``: a ``vllm.LLM`` over ``path`` (a saved run directory) or else
+    ``model_cfg.name_or_path`` (a Hub name or directory; a ``tiny://`` URI is resolved to its cached
+    directory), with the model config's dtype, revision and ``trust_remote_code``. vLLM is imported here,
+    only when asked for (the config check refuses the backend where it is not installed)."""
+    import vllm
+
+    from .tiny import is_tiny, resolve_tiny_model
+
+    name = str(path) if path is not None else model_cfg.name_or_path
+    name = resolve_tiny_model(name) if is_tiny(name) else name
+    return vllm.LLM(model=name, tokenizer=name, dtype=model_cfg.dtype, revision=None if path else model_cfg.revision,
+                    trust_remote_code=model_cfg.trust_remote_code, seed=seed, gpu_memory_utilization=VLLM_MEMORY)
+
+
+def engine_for(cfg: EvalConfig, model_cfg, path: str | None = None, ranks: Ranks | None = None, source: str = "config"):
+    """The generation engine :func:`evaluate_model` takes: ``None`` for ``eval.backend: hf``; for ``vllm``
+    a :func:`vllm_engine` over ``path`` or the configured model, refused (a :class:`ConfigError`) in a
+    launch of several processes."""
+    if cfg.backend != "vllm":
+        return None
+    check_backend(cfg, ranks, source)
+    return vllm_engine(model_cfg, path, cfg.seed)
+
+
+def check_backend(cfg: EvalConfig, ranks: Ranks | None, source: str = "config") -> None:
+    """``eval.backend: vllm`` generates in one process: refused (a :class:`ConfigError`) in a launch of several."""
+    if cfg.backend == "vllm" and ranks is not None and ranks.world > 1:
+        raise ConfigError(source, "eval.backend", "vLLM generation runs in one process (it batches the whole set "
+                                                  "itself): evaluate without accelerate launch, or set eval.backend=hf")
+
+
+def release_engine() -> None:
+    """Return a dropped vLLM engine's GPU memory before the next one is built (the caller deletes
+    its last reference first: ``del engine``)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def generate_vllm(engine, tokenizer, prompts: list, *, max_new_tokens: int, do_sample: bool, temperature: float = 1.0,
+                  top_p: float = 1.0, num_return_sequences: int = 1, seed: int = 0) -> tuple[list[str], list[list[int]]]:
+    """:func:`generate` with a ``vllm.LLM``: the same prompt tokens (chat template applied, no special
+    tokens added), the same sampling parameters (``n``, ``temperature``, ``top_p``, no top-k: vLLM's default,
+    ``max_tokens = max_new_tokens``; greedy is temperature 0), prompt ``i`` seeded with ``seed + i`` so
+    its samples do not depend on how vLLM batches. Texts (special tokens skipped) and token ids cut
+    after the first EOS, grouped by prompt as :func:`generate` returns them."""
+    from vllm import SamplingParams
+
+    texts = prompt_texts(tokenizer, prompts)
+    inputs = [{"prompt_token_ids": tokenizer(t, add_special_tokens=False)["input_ids"]} for t in texts]
+    n = num_return_sequences
+    params = [SamplingParams(n=n, max_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
+                             top_p=top_p if do_sample else 1.0, seed=seed + i, skip_special_tokens=True)
+              for i in range(len(inputs))]
+    outputs = engine.generate(inputs, params, use_tqdm=False) if inputs else []
+    decoded, ids_out, eos = [], [], tokenizer.eos_token_id
+    for out in outputs:
+        if len(out.outputs) != n:
+            raise RuntimeError(f"vLLM returned {len(out.outputs)} completions for a prompt, asked for {n}")
+        for completion in out.outputs:
+            row = list(completion.token_ids)
+            ids_out.append(row[: row.index(eos) + 1] if eos in row else row)
+            decoded.append(completion.text)
     return decoded, ids_out
 
 
@@ -194,22 +266,29 @@ def reliability(values: list[float | None], correct: list[bool], bins: int = 5, 
 
 
 def _outputs(model, tokenizer, prompts: list, cfg: EvalConfig, desc: str, ic: InternalConsistency | None,
-             read_signals: bool, seed: int) -> list[dict]:
+             read_signals: bool, seed: int, engine=None) -> list[dict]:
     """Per prompt: the greedy completion, the sampled ones (texts and ids, seeded with ``seed``) and,
-    with ``read_signals``, the sampled completions' internal signals."""
+    with ``read_signals``, the sampled completions' internal signals; generated by ``engine`` (a
+    ``vllm.LLM``) when given, else by ``model``."""
     out: list[dict] = [{} for _ in prompts]
     if not prompts:
         return out
     common = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+
+    def gen(desc: str, batch_size: int, **kwargs) -> tuple[list[str], list[list[int]]]:
+        if engine is not None:  # vLLM batches by itself
+            return generate_vllm(engine, tokenizer, prompts, seed=seed, **kwargs)
+        return generate(model, tokenizer, prompts, batch_size=batch_size, desc=desc, **kwargs)
+
     if cfg.greedy:
-        texts, _ = generate(model, tokenizer, prompts, do_sample=False, desc=f"{desc} greedy", **common)
+        texts, _ = gen(do_sample=False, desc=f"{desc} greedy", **common)
         for o, t in zip(out, texts):
             o["greedy"] = t
     if cfg.sampled:
         n = cfg.num_samples
         torch.manual_seed(seed)
-        texts, ids = generate(model, tokenizer, prompts, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
-                              num_return_sequences=n, desc=f"{desc} sampled", **common)
+        texts, ids = gen(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, num_return_sequences=n,
+                         desc=f"{desc} sampled", **common)
         for q, o in enumerate(out):
             o["sampled"], o["ids"] = texts[q * n : (q + 1) * n], ids[q * n : (q + 1) * n]
         if read_signals:
@@ -227,8 +306,8 @@ def _add_signals(model, tokenizer, prompts: list, outputs: list[dict], cfg: Eval
         o["signals"] = {name: v[q * n : (q + 1) * n] for name, v in values.items()}
 
 
-def evaluate_model(model, tokenizer, data: Dataset, cfg: EvalConfig, desc: str = "eval", ranks: Ranks | None = None
-                   ) -> dict | None:
+def evaluate_model(model, tokenizer, data: Dataset, cfg: EvalConfig, desc: str = "eval", ranks: Ranks | None = None,
+                   engine=None) -> dict | None:
     """Greedy and/or sampled accuracy on ``data``. With ``num_samples > 1`` also self-consistency
     (``vote_accuracy``); with ``cfg.self_certainty`` / ``cfg.internal_consistency`` the signal's
     mean over correct vs incorrect sampled answers and its AUC, and for IC the IC-weighted vote
@@ -237,7 +316,12 @@ def evaluate_model(model, tokenizer, data: Dataset, cfg: EvalConfig, desc: str =
     ``ranks`` (default: this process alone) deals the rows over the processes of a launch: each
     generates and reads signals for its share, the main process computes the report (``None``
     elsewhere). IC's batch-calibrated modes (``candidates``, ``calibrated``), calibrated over every
-    sample, are read on the main process. Code rows (``eval.grader``) are graded by execution."""
+    sample, are read on the main process. Code rows (``eval.grader``) are graded by execution.
+    ``engine`` (``eval.backend: vllm``, :func:`vllm_engine`; one process only) generates instead of
+    ``model``, which still reads the signals."""
+    if engine is not None and (ranks or Ranks(alone=True)).world > 1:
+        raise ValueError("eval.backend=vllm generates in one process (vLLM batches the whole set itself): "
+                         "run the evaluation without accelerate launch, or set eval.backend=hf")
     grade = code_grading(data, cfg)  # None: final answers against `answer`
     if grade is None and "answer" not in data.column_names:
         raise ValueError("evaluation needs an 'answer' column (map one in data.columns)")
@@ -249,7 +333,8 @@ def evaluate_model(model, tokenizer, data: Dataset, cfg: EvalConfig, desc: str =
     whole_set = ic is not None and ic.mode in BATCH_MODES
     mine = ranks.shard(list(range(len(prompts))))
     parts = ranks.gather_to_main((mine, _outputs(model, tokenizer, [prompts[i] for i in mine], cfg, desc, ic,
-                                                 wants_signals and not whole_set, cfg.seed + 100_003 * ranks.rank)))
+                                                 wants_signals and not whole_set, cfg.seed + 100_003 * ranks.rank,
+                                                 engine)))
     if not ranks.main:
         return None
     outputs = merge_shards(parts, len(prompts))
@@ -275,6 +360,8 @@ def evaluate_model(model, tokenizer, data: Dataset, cfg: EvalConfig, desc: str =
                                           for q in range(len(answers))) / max(len(answers), 1)
         if n > 1 and grade is None:  # a vote over final answers; code completions are not voted on
             report["vote_accuracy"] = vote_accuracy(texts, answers, n)
+        elif n > 1 and cfg.grader == "choice":  # a vote over the chosen letters
+            report["vote_accuracy"] = choice_vote_accuracy(texts, grade.gold, n, grade.letters)
         if wants_signals and outputs:
             signals = {name: [v for o in outputs for v in o["signals"][name]] for name in outputs[0]["signals"]}
             report["calibration"] = {}
@@ -298,12 +385,57 @@ def code_grading(data: Dataset, cfg: EvalConfig):
 
     if cfg.grader == "answer":
         return None
+    if cfg.grader == "choice":
+        return choice_grading(data)
     needed = {"code": ["tests"], "output_prediction": ["output"]}[cfg.grader]
     missing = [c for c in needed if c not in data.column_names]
     if missing:
         raise ValueError(f"eval.grader={cfg.grader} needs column(s) {missing} (columns: {data.column_names})")
     rows, sandbox = data.remove_columns(["prompt"]).to_list(), LocalSandbox(timeout=cfg.code_timeout)
     return lambda texts, index: grade_rows(texts, [rows[i] for i in index], cfg.grader, sandbox)
+
+
+def choice_grading(data: Dataset):
+    """``eval.grader: choice``: a function ``(texts, row indices) -> [correct]`` comparing the option
+    letter each completion chose (:func:`rewards.choice.extract_choice`) with the row's gold letter in
+    ``answer``. The letters are ``A``, ``B``, ... as far as the data has such option columns
+    (``data.choices`` makes them), else ``ABCD``; every gold must be one of them (checked here, before
+    any model loads)."""
+    from rewards.choice import LETTERS, extract_choice
+
+    if "answer" not in data.column_names:
+        raise ValueError("eval.grader=choice needs an 'answer' column holding the gold letter "
+                         f"(set data.choices or map one in data.columns; columns: {data.column_names})")
+    letters = "".join(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c in data.column_names) or LETTERS
+    gold = [str(a).strip().upper() for a in data["answer"]]
+    bad = next((i for i, g in enumerate(gold) if len(g) != 1 or g not in letters), None)
+    if bad is not None:
+        raise ValueError(f"eval.grader=choice needs a gold letter ({', '.join(letters)}) in 'answer'; "
+                         f"row {bad} holds {data['answer'][bad]!r}")
+
+    def grade(texts, index) -> list[bool]:
+        return [extract_choice(t, letters) == gold[i] for t, i in zip(texts, index)]
+
+    grade.letters, grade.gold = letters, gold
+    return grade
+
+
+def choice_vote_accuracy(texts: list[str], gold: list[str], num_samples: int, letters: str = "ABCD") -> float:
+    """Self-consistency for multiple choice: fraction of questions whose plurality letter over their
+    ``num_samples`` consecutive samples is the gold one (ties to the letter chosen first; samples
+    without a choice do not vote).
+
+    >>> choice_vote_accuracy(["Answer: C", "(B)", "Answer: C", "A good try"], ["C", "A"], 2)  # C-B tie: C; C != A
+    0.5
+    """
+    from rewards.choice import extract_choice
+
+    chosen = [extract_choice(t, letters) for t in texts]
+    right = 0
+    for q, g in enumerate(gold):
+        label = plurality(chosen[q * num_samples : (q + 1) * num_samples])
+        right += label is not None and label == g
+    return right / max(len(gold), 1)
 
 
 def _scalar_metrics(reports: dict[str, dict]) -> list[str]:

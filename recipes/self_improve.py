@@ -30,7 +30,7 @@ from . import rounds
 from .cli import main
 from .config import ConfigError, DataConfig, RecipeConfig, RewardSpec, save_config
 from .data import load_split
-from .evaluation import evaluate_model, format_table
+from .evaluation import check_backend, engine_for, evaluate_model, format_table, release_engine
 from .modeling import load_model, load_tokenizer, lora_config, model_init_kwargs, to_device
 from .training import held_out, outside_zero3, release
 
@@ -107,6 +107,7 @@ def run(cfg: SelfImproveRecipeConfig) -> dict:
     reads (each round's samples and model are read back from it)."""
     check(cfg)
     ranks = Ranks()
+    check_backend(cfg.eval, ranks, cfg.source)  # eval.backend: vllm runs in one process
     verifier = rounds.build_verifier(cfg.rewards, cfg.source)
     prompts, valid = load_prompts(cfg)
     gold = list(prompts["answer"]) if "answer" in prompts.column_names else None
@@ -153,7 +154,13 @@ def evaluate_saved(cfg, name_or_path: str, tokenizer, test, desc: str, ranks: Ra
     """Held-out metrics of a saved model, the rows dealt over the processes (every rank calls it; the
     metrics on the main process, ``None`` elsewhere)."""
     with outside_zero3():
-        return evaluate_model(whole_model(cfg, name_or_path, ranks), tokenizer, test, cfg.eval, desc=desc, ranks=ranks)
+        engine = engine_for(cfg.eval, cfg.model, None if name_or_path == cfg.model.name_or_path else name_or_path,
+                            ranks, cfg.source)  # eval.backend: vllm, over the saved model
+        report = evaluate_model(whole_model(cfg, name_or_path, ranks), tokenizer, test, cfg.eval, desc=desc, ranks=ranks,
+                                engine=engine)
+        del engine
+        release_engine()
+        return report
 
 
 def one_round(cfg, k, here, current, base, tokenizer, verifier, prompts, gold, valid, pairs, test, ranks) -> dict:

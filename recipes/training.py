@@ -13,7 +13,8 @@ from trainers.distributed import Ranks
 
 from .config import RecipeConfig, save_config
 from .data import load_split
-from .evaluation import evaluate_model, format_markdown, format_table, write_report
+from .evaluation import (check_backend, engine_for, evaluate_model, format_markdown, format_table, release_engine,
+                         write_report)
 from .modeling import load_model, model_init_kwargs, to_device
 
 
@@ -98,10 +99,15 @@ def train_and_evaluate(cfg: RecipeConfig, trainer, tokenizer, test: Dataset | No
     args, main_process = trainer.args, trainer.is_world_process_zero()
     ranks = Ranks(trainer.accelerator)
     reports = {}
+    if test is not None:  # eval.backend: vllm runs in one process; refused here, not after training
+        check_backend(cfg.eval, ranks, cfg.source)
     if test is not None and cfg.eval.before_training:
         with outside_zero3():
             model = evaluation_model(cfg, trainer, None)
-            before = evaluate_model(model, tokenizer, test, cfg.eval, desc="before", ranks=ranks)
+            engine = engine_for(cfg.eval, cfg.model, ranks=ranks, source=cfg.source)  # the starting model
+            before = evaluate_model(model, tokenizer, test, cfg.eval, desc="before", ranks=ranks, engine=engine)
+            del engine
+        release_engine()
         if main_process:
             reports["before"] = before
     if main_process:
@@ -121,7 +127,10 @@ def train_and_evaluate(cfg: RecipeConfig, trainer, tokenizer, test: Dataset | No
     if test is not None:
         with outside_zero3():
             model = evaluation_model(cfg, trainer, args.output_dir)
-            after = evaluate_model(model, tokenizer, test, cfg.eval, desc="after", ranks=ranks)
+            engine = engine_for(cfg.eval, cfg.model, args.output_dir, ranks, cfg.source)  # vLLM: the saved model
+            after = evaluate_model(model, tokenizer, test, cfg.eval, desc="after", ranks=ranks, engine=engine)
+            del engine
+        release_engine()
         if main_process:
             reports["after"] = after
             write_report(reports, args.output_dir)

@@ -254,6 +254,27 @@ def k_improve_zero_samples(d, m):
     return _write(d / "c.yaml", text), []
 
 
+GPQA = ["data.path=tiny://gpqa", "data.columns={question: Question}"]
+
+
+def k_choices_column_missing(d, m):
+    return _write(d / "c.yaml", _rlif(d, m)), [*GPQA, "data.choices={correct: Right Answer, incorrect: [Incorrect Answer 1]}"]
+
+
+def k_choices_one_option(d, m):
+    return _write(d / "c.yaml", _rlif(d, m)), [*GPQA, "data.choices={correct: Correct Answer, incorrect: []}"]
+
+
+def k_choices_and_answer_column(d, m):
+    return _write(d / "c.yaml", _rlif(d, m)), ["data.path=tiny://gpqa", "data.columns={question: Question, answer: Question}",
+                                               "data.choices={correct: Correct Answer, incorrect: [Incorrect Answer 1]}"]
+
+
+def k_choice_grader_numeric_gold(d, m):
+    text = HEADER.format(model=m) + f"output_dir: '{d / 'out'}'\n"
+    return _write(d / "c.yaml", text), ["eval.grader=choice"]
+
+
 KINDS = {
     # name: (recipe, builder, text the error line must contain)
     "yaml duplicate key": ("rlif", k_duplicate_key, "duplicate key"),
@@ -300,6 +321,10 @@ KINDS = {
     "decred layer beyond depth": ("decred", k_decred_layer_beyond_depth, "decred.layers"),
     "negative max_rows": ("rlif", k_negative_max_rows, "data.max_rows"),
     "self_improve zero samples": ("self_improve", k_improve_zero_samples, "improve.num_samples"),
+    "choices column missing": ("rlif", k_choices_column_missing, "data.choices.correct"),
+    "choices with one option": ("rlif", k_choices_one_option, "data.choices.incorrect"),
+    "choices and an answer column": ("rlif", k_choices_and_answer_column, "data.columns.answer"),
+    "choice grader, gold not a letter": ("evaluate", k_choice_grader_numeric_gold, "eval.grader"),
 }
 
 

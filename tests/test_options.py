@@ -339,6 +339,36 @@ def p_data_fallback(h):
     assert len(_train(h, "data.path=someone/missing", f"data.fallback={h.rows}")) == len(ROWS)
 
 
+GPQA = ("data.path=tiny://gpqa", "data.columns={question: Question}", "data.prompt='{question} A) {A} B) {B}'")
+GPQA_WRONG = "[Incorrect Answer 1, Incorrect Answer 2, Incorrect Answer 3]"
+
+
+def _choices(h, choices: str):
+    return _train(h, *GPQA, f"data.choices={choices}")
+
+
+def p_data_choices(h):
+    rows = _choices(h, f"{{correct: Correct Answer, incorrect: {GPQA_WRONG}}}")
+    assert {"A", "B", "C", "D"} <= set(rows.column_names) and set(rows["answer"]) == set("ABCD")
+
+
+def p_choices_correct(h):
+    from recipes.tiny.choice import QUESTIONS
+
+    rows = _choices(h, "{correct: Incorrect Answer 1, incorrect: [Correct Answer, Incorrect Answer 2, Incorrect Answer 3]}")
+    assert rows[0][rows[0]["answer"]] == QUESTIONS[0][2][0]
+
+
+def p_choices_incorrect(h):
+    rows = _choices(h, "{correct: Correct Answer, incorrect: [Incorrect Answer 1]}")
+    assert "C" not in rows.column_names and set(rows["answer"]) == {"A", "B"}
+
+
+def p_choices_seed(h):
+    seeded = [_choices(h, f"{{correct: Correct Answer, incorrect: {GPQA_WRONG}, seed: {s}}}")["answer"] for s in (0, 1)]
+    assert seeded[0] != seeded[1]
+
+
 def p_data_columns(h):
     assert _train(h, "data.columns={question: problem}")["question"][0] == "1 plus 1"
 
@@ -469,6 +499,19 @@ def p_eval_code_timeout(h):
     code_grading(Dataset.from_list([{"prompt": "p", "tests": "[]"}]), h.config("rlif", "eval.grader=code",
                                                                              "eval.code_timeout=3.5").eval)
     assert made == [{"timeout": 3.5}]
+
+
+def p_eval_backend(h):
+    """``vllm``: generation goes to a vllm.LLM (a stand-in module here) built from the model's directory."""
+    from recipes.tiny import resolve_tiny_model
+    from tests.fake_vllm import fake_vllm_module
+
+    fake = fake_vllm_module([5, 6], "11")
+    h.mp.setitem(sys.modules, "vllm", fake)
+    h.mp.setattr("recipes.evaluation.generate", lambda *a, **k: pytest.fail("transformers generate was called"))
+    _evaluate_recipe(h, "eval.backend=vllm")
+    assert [e.init_kwargs["model"] for e in fake.engines] == [resolve_tiny_model(MODEL)]
+    assert fake.engines[0].calls
 
 
 def p_eval_before(h):
@@ -819,9 +862,11 @@ PROBES = {
     "DataConfig.eval_split": p_data_eval_split, "DataConfig.columns": p_data_columns, "DataConfig.prompt": p_data_prompt,
     "DataConfig.system_prompt": p_data_system, "DataConfig.conversational": p_data_conversational,
     "DataConfig.max_rows": p_data_max_rows, "DataConfig.revision": p_data_revision, "DataConfig.fallback": p_data_fallback,
-    "DataConfig.data_dir": p_data_dir, "DataConfig.split_on": p_data_split_on,
+    "DataConfig.data_dir": p_data_dir, "DataConfig.split_on": p_data_split_on, "DataConfig.choices": p_data_choices,
+    "ChoicesSection.correct": p_choices_correct, "ChoicesSection.incorrect": p_choices_incorrect,
+    "ChoicesSection.seed": p_choices_seed,
     "EvalConfig.max_rows": p_eval_max_rows, "EvalConfig.batch_size": p_eval_batch, "EvalConfig.max_new_tokens": p_eval_tokens,
-    "EvalConfig.grader": p_eval_grader, "EvalConfig.code_timeout": p_eval_code_timeout,
+    "EvalConfig.grader": p_eval_grader, "EvalConfig.code_timeout": p_eval_code_timeout, "EvalConfig.backend": p_eval_backend,
     "EvalConfig.greedy": p_eval_greedy, "EvalConfig.sampled": p_eval_sampled, "EvalConfig.temperature": p_eval_temperature,
     "EvalConfig.top_p": p_eval_top_p, "EvalConfig.num_samples": p_eval_num_samples, "EvalConfig.pass_k": p_eval_pass_k,
     "EvalConfig.self_certainty": p_eval_sc, "EvalConfig.negative_entropy": p_eval_ne,

@@ -28,7 +28,8 @@ CONFIG_LINE = re.compile(r"^Config: `(configs/([^/`]+)/[^`]+\.yaml)`")
 # a value cell is `text`, or `` text `` when the text holds a backtick
 ROW = re.compile(r"^\| `([^`]+)` \| (?:`([^`]*)`|`` (.*?) ``) \| (.+) \|$")
 # what a file says about itself, its interpolation helpers, and where a run writes: not settings
-NOT_SETTINGS = {"description", "launch", "vars", "trainer.output_dir"}
+# (an evaluation config's `label` names its table row, its `output_dir` is where the report goes)
+NOT_SETTINGS = {"description", "launch", "vars", "trainer.output_dir", "label", "output_dir"}
 
 # every paper config of issue 14 and the keys its table must cover
 REQUIRED = {

@@ -6,6 +6,7 @@ Configs address it like any model or dataset, by URI::
     tiny://qwen2-arith?digits=2&ops=add       the same, after a supervised warm-up on arithmetic
     tiny://arithmetic?ops=add,mul&digits=2    the arithmetic task (train/test splits)
     tiny://code, tiny://cruxeval              hand-written code tasks (stdin/stdout tests; output prediction)
+    tiny://gpqa                               hand-written multiple choice in GPQA's column layout
 
 Model URIs resolve to a directory in the cache (``$INTRINSIC_CACHE``, default
 ``~/.cache/intrinsic``), keyed by a hash of every option, so everything downstream loads

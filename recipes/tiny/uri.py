@@ -17,6 +17,7 @@ from datasets import Dataset
 from filelock import FileLock
 
 from .models import FAMILIES, TinyModelSpec, build_tiny_model
+from .choice import ChoiceSpec
 from .code import CodeSpec, OutputPredictionSpec
 from .samples import SamplesSpec, build_samples, load_samples
 from .tasks import ArithmeticSpec, arithmetic_dataset
@@ -26,6 +27,7 @@ SCHEME = "tiny://"
 TASKS = {"arith": ArithmeticSpec, "arithmetic": ArithmeticSpec}
 DATASETS = {**TASKS, "samples": SamplesSpec}  # dataset URIs; `samples`: a tiny model's own answers (A-LoL data)
 DATASETS.update(code=CodeSpec, cruxeval=OutputPredictionSpec)  # hand-written code tasks (recipes/tiny/code.py)
+DATASETS.update(gpqa=ChoiceSpec)  # hand-written multiple choice in GPQA's layout (recipes/tiny/choice.py)
 CACHE_VERSION = 1  # bump when what a spec builds changes
 
 
@@ -205,7 +207,7 @@ def resolve_tiny_dataset(uri: str, split: str) -> Dataset:
             model_dir = resolve_tiny_model(spec.model_uri)
             target = cache_dir() / "tiny" / f"samples-{_key(spec)}-{Path(model_dir).name[-16:]}"
             return load_samples(_build_once(target, lambda d: build_samples(spec, model_dir, d)), split)
-        if isinstance(spec, CodeSpec | OutputPredictionSpec):
+        if isinstance(spec, CodeSpec | OutputPredictionSpec | ChoiceSpec):
             return spec.dataset(split)
         return arithmetic_dataset(spec, split)
     except ValueError as err:
