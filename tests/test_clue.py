@@ -1,0 +1,141 @@
+"""CLUE: hook-read hidden-state deltas against full ``output_hidden_states``, centroid and score
+formulas against explicit numpy, the reward's online rule, and CLUE in RLIF / self-improvement / evaluation."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rewards import Clue, MathAccuracy
+from rewards.clue import Centroids, clue_score, layer_distance, update_centroids, vote_labels
+from trainers.clue import HiddenDelta, reasoning_positions, think_positions
+from trainers.signals import pack_prompt_completion, token_signal_dicts
+
+from tests.test_lens import tiny, trl_batch
+
+
+@torch.no_grad()
+def naive_deltas(model, ids, mask, c, spans, layers):
+    """Full ``output_hidden_states`` (entry L final-normed) at the two positions of each row."""
+    hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    offset = ids.shape[1] - c - 1
+    return torch.stack([torch.stack([hs[layer][r, offset + end] - hs[layer][r, offset + start] for layer in layers])
+                        for r, (start, end) in enumerate(spans)])
+
+
+@pytest.mark.parametrize("family,layers", [("qwen2", None), ("llama", [1, 3]), ("qwen2", [4]), ("llama", [2])])
+def test_hooks_equal_output_hidden_states(family, layers):
+    model = tiny(family)
+    ids, mask, c, _ = trl_batch()
+    spans = [(0, 4), (1, 2), (0, 6), (2, 5), (0, 1)]  # lens indices, end <= completion length of the row
+    reader = HiddenDelta(model, layers)
+    reader.arm(spans, c)
+    with torch.no_grad():
+        for start in range(0, ids.shape[0], 2):  # micro-batches, as TRL scores
+            model(input_ids=ids[start : start + 2], attention_mask=mask[start : start + 2])
+    ours = reader.collect()
+    want = naive_deltas(model, ids, mask, c, spans, reader.layers)
+    assert ours.shape == (5, len(reader.layers), 32)
+    # hidden_states[4] is final-normed and tiny()'s norm is not the identity: the last layer is normed once
+    torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
+
+
+def test_think_positions_with_and_without_tags():
+    assert think_positions(list("ab<think>xy</think>z")) == (9, 19)  # 1 + the index of each tag's last token
+    assert think_positions(list("xy</think>z")) == (0, 10)    # the prompt opened the block
+    assert think_positions(list("<think>xy")) == (7, 9)       # never closed: the last token
+    assert think_positions(list("12+3=15")) == (0, 7)
+
+
+def test_token_signal_dicts_reads_the_delta_in_its_pass(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = ["12+34=", "7+5=", "7+5="]
+    completions = ["<think>1+3</think>46", "12", ""]
+    prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    completion_ids = [tok(c, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if c else []) for c in completions]
+    out = token_signal_dicts(model, tok, prompt_ids, completion_ids, prompts, temperature=1.0,
+                             signals=("hidden_delta", "entropy"), batch_size=2)
+    spans = reasoning_positions(tok, completion_ids)
+    assert spans[0] == (len("<think>"), len("<think>1+3</think>")) and spans[1] == (0, 3) and spans[2] == (0, 0)
+    ids, mask, p = pack_prompt_completion(prompt_ids, completion_ids, tok.pad_token_id)
+    layers = list(range(1, model.config.num_hidden_layers + 1))
+    want = naive_deltas(model, ids, mask, ids.shape[1] - p, spans, layers)
+    for i in (0, 1):
+        assert out[i]["hidden_delta_layers"] == layers and "entropy" in out[i]
+        torch.testing.assert_close(out[i]["hidden_delta"], want[i], atol=1e-5, rtol=1e-5)
+    assert out[2]["hidden_delta"].isnan().all()  # no token: never scored
+
+
+# ------------------------------------------------------------------------------------------------
+# formulas against explicit numpy
+
+
+def test_distance_and_score_against_numpy():
+    rng = np.random.default_rng(0)
+    x, s, f = rng.normal(size=(6, 3, 5)), rng.normal(size=(3, 5)), rng.normal(size=(3, 5))
+    d_s = np.array([np.mean([np.sqrt(np.sum((x[i, k] - s[k]) ** 2)) for k in range(3)]) for i in range(6)])
+    d_f = np.array([np.mean([np.sqrt(np.sum((x[i, k] - f[k]) ** 2)) for k in range(3)]) for i in range(6)])
+    t = lambda a: torch.tensor(a)
+    np.testing.assert_allclose(layer_distance(t(x), t(s)).numpy(), d_s, rtol=1e-12)
+    np.testing.assert_allclose(clue_score(t(x), t(s), t(f)).numpy(), d_f - d_s, rtol=1e-12)
+
+
+@pytest.mark.parametrize("decay", [1.0, 0.7])
+def test_online_centroids_equal_weighted_means(decay):
+    """After batches b = 1..B, c_class = sum_b decay^(B-b) sum_{i in b, y_i = class} x_i / same weights' sum."""
+    rng = np.random.default_rng(1)
+    batches = [(rng.normal(size=(5, 2, 4)), list(rng.choice([0, 1, None], size=5))) for _ in range(4)]
+    sums, counts = torch.zeros(2, 2, 4, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    for x, y in batches:
+        sums, counts = update_centroids(sums, counts, torch.tensor(x), y, decay)
+    for cls in (0, 1):
+        num = sum(decay ** (3 - b) * x[i] for b, (x, y) in enumerate(batches) for i in range(5) if y[i] == cls)
+        den = sum(decay ** (3 - b) for b, (x, y) in enumerate(batches) for i in range(5) if y[i] == cls)
+        np.testing.assert_allclose((sums[cls] / counts[cls]).numpy(), num / den, rtol=1e-12)
+
+
+def test_reward_scores_each_batch_with_earlier_centroids_only():
+    rng = np.random.default_rng(2)
+    reward = Clue()
+    sig = lambda d: {"hidden_delta": torch.tensor(d, dtype=torch.float32), "hidden_delta_layers": [1, 2]}
+    seen_x, seen_y = [], []
+    for step in range(3):
+        x = rng.normal(size=(4, 2, 3)).astype(np.float32)
+        completions = ["5", "5", "6", "no"]  # vote: 1, 1, 0, 0
+        got = reward(["q"] * 4, completions, token_signals=[sig(d) for d in x])
+        if step == 0:
+            assert got == [None] * 4
+        else:
+            X, Y = np.concatenate(seen_x), np.concatenate(seen_y)
+            s, f = X[Y == 1].astype(np.float64).mean(0), X[Y == 0].astype(np.float64).mean(0)
+            want = [np.mean(np.linalg.norm(d - f, axis=-1)) - np.mean(np.linalg.norm(d - s, axis=-1)) for d in x]
+            np.testing.assert_allclose(got, want, rtol=1e-6)
+        seen_x.append(x)
+        seen_y.append(np.array([1, 1, 0, 0]))
+    assert reward.centroids.counts.tolist() == [6.0, 6.0]
+    clone = pickle.loads(pickle.dumps(reward))  # rewards are picklable, centroids included
+    restored = Clue()
+    restored.load_state_dict(clone.state_dict())
+    x = torch.tensor(rng.normal(size=(2, 2, 3)), dtype=torch.float32)
+    assert reward.centroids.score(x).tolist() == restored.centroids.score(x).tolist()
+
+
+def test_labels_vote_gold_binary_and_bad_arguments():
+    assert vote_labels(["a", "a", "a", "b", "b"], ["3", "3", "4", "x", "y"]) == [1, 1, 0, None, None]
+    gold = Clue(labels="gold", binary=True)
+    assert gold.labels_of(["a", "a"], ["3", "4"], answer=["4", "4"]) == [0, 1]
+    with pytest.raises(ValueError, match="answer"):
+        gold.labels_of(["a"], ["3"])
+    sig = lambda v: {"hidden_delta": torch.tensor([[v, 0.0]]), "hidden_delta_layers": [1]}
+    gold(["a", "a"], ["3", "4"], token_signals=[sig(1.0), sig(-1.0)], answer=["3", "3"])
+    assert gold(["b"], ["9"], token_signals=[sig(0.8)], answer=["1"]) == [1.0]   # nearer success: 1[score > 0]
+    for kwargs in ({"labels": "oracle"}, {"decay": 0.0}, {"min_count": 0}, {"layers": []}):
+        with pytest.raises(ValueError):
+            Clue(**kwargs)
+    with pytest.raises(ValueError, match="not read"):
+        Clue(layers=[3])(["a"], ["1"], token_signals=[sig(1.0)])
