@@ -17,10 +17,14 @@ a batch of labelled deltas updates ``S_c <- g S_c + sum_{i: y_i = c} dh_i``,
 ``n_c <- g n_c + #{i: y_i = c}`` and ``c_c = S_c / n_c`` (``g = decay``; ``g = 1`` is the plain
 mean of every trace seen so far, ``g < 1`` forgets old traces geometrically, for a drifting policy).
 
-:class:`Clue` (reward / verifier ``clue``) scores a batch with the centroids *as they were before
-the batch*, then adds the batch to them, so no trace is ever scored by a centroid holding its own
-label. Labels are the group's majority vote (pseudo-labels: in the plurality answer cluster = success,
-as TTRL's reward) or, with ``labels: gold``, correctness against the ``answer`` column.
+:class:`Clue` (reward / verifier ``clue``) scores each group of a batch (the completions of one
+prompt) *leaving that group out*: with the centroids the update would give from the earlier
+batches and the batch's *other* groups (:func:`leave_group_out_scores`), then adds the whole
+batch. No trace is ever scored by a centroid holding its own label, or its group's (whose
+pseudo-labels depend on it). Labels are the group's majority vote (pseudo-labels: in the plurality
+answer cluster = success, as TTRL's reward) or, with ``labels: gold``, correctness against the
+``answer`` column. The evaluator's held-out column is the same function with no earlier batches:
+leave-one-prompt-out over the evaluation set.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from .internal import InternalReward
 
 logger = logging.getLogger("intrinsic")
 
-__all__ = ["Centroids", "Clue", "clue_score", "layer_distance", "update_centroids", "vote_labels"]
+__all__ = ["Centroids", "Clue", "clue_score", "layer_distance", "leave_group_out_scores", "update_centroids",
+           "vote_labels"]
 
 
 def layer_distance(deltas: torch.Tensor, centroid: torch.Tensor) -> torch.Tensor:
@@ -88,6 +93,37 @@ def update_centroids(sums: torch.Tensor, counts: torch.Tensor, deltas: torch.Ten
             sums[c] += deltas[rows].double().sum(0)
             counts[c] += len(rows)
     return sums, counts
+
+
+def leave_group_out_scores(sums: torch.Tensor | None, counts: torch.Tensor, deltas: torch.Tensor,
+                           labels: Sequence[int | None], groups: Sequence[Sequence[int]], decay: float = 1.0,
+                           min_count: float = 1.0) -> torch.Tensor:
+    """:func:`clue_score` of every trace with the centroids of the update *without its group*.
+
+    With ``B_c`` the sum (and ``m_c`` the count) of the batch's class-``c`` deltas and ``B_c^g``,
+    ``m_c^g`` those of group ``g``, a trace of group ``g`` is scored with
+    ``c_c = (decay S_c + B_c - B_c^g) / (decay n_c + m_c - m_c^g)``; NaN where a class holds fewer
+    than ``min_count`` traces. ``sums`` ``None`` (nothing seen yet) counts as zeros.
+
+    >>> x = torch.tensor([[[1.0]], [[3.0]], [[-1.0]], [[0.0]]])
+    >>> leave_group_out_scores(None, torch.zeros(2), x, [1, 0, 1, 0], [[0, 1], [2, 3]]).tolist()
+    [-1.0, -1.0, 2.0, 2.0]
+
+    (Group ``[0, 1]`` is scored with the other group's centroids, success ``-1`` and failure ``0``:
+    ``|1 - 0| - |1 + 1| = -1``, ``|3 - 0| - |3 + 1| = -1``; group ``[2, 3]`` with success ``1`` and
+    failure ``3``: ``|-1 - 3| - |-1 - 1| = 2``, ``|0 - 3| - |0 - 1| = 2``.)
+    """
+    shape = deltas.shape[1:]
+    past_sums = torch.zeros(2, *shape, dtype=torch.float64) if sums is None else sums.double()
+    base_sums, base_counts = update_centroids(past_sums, counts, deltas, labels, decay)
+    out = torch.full(deltas.shape[:1], float("nan"), dtype=torch.float64)
+    for rows in groups:
+        own = update_centroids(torch.zeros(2, *shape, dtype=torch.float64), torch.zeros(2, dtype=torch.float64),
+                               deltas, [labels[i] if i in rows else None for i in range(len(labels))])
+        left_sums, left_counts = base_sums - own[0], base_counts - own[1]
+        if bool((left_counts >= min_count).all()):
+            out[list(rows)] = clue_score(deltas[list(rows)], left_sums[1] / left_counts[1], left_sums[0] / left_counts[0])
+    return out
 
 
 def vote_labels(prompts: list, completions: list) -> list[int | None]:
@@ -190,8 +226,9 @@ class Clue(InternalReward):
             ``None``: every layer (the paper).
 
     The centroids live in :attr:`centroids` and persist across calls (``state_dict`` /
-    ``load_state_dict`` save and restore them). Each call scores with the centroids from earlier
-    calls, then updates them with this call's labelled traces.
+    ``load_state_dict`` save and restore them). Each group of a call is scored with the centroids
+    of earlier calls and of the call's other groups (:func:`leave_group_out_scores`), then every
+    labelled trace of the call joins them.
 
     >>> import torch
     >>> r = Clue()
@@ -264,17 +301,19 @@ class Clue(InternalReward):
         deltas, finite, layers = self._deltas(token_signals)
         if deltas is None:
             return [None] * len(completions)
-        ready = self.centroids.ready
-        scores = self.centroids.score(deltas, layers)  # before this batch joins the centroids
-        labels = self.labels_of(prompts, completions, answer)
-        self.centroids.update(deltas, [y if ok else None for y, ok in zip(labels, finite)], layers)
+        labels = [y if ok else None for y, ok in zip(self.labels_of(prompts, completions, answer), finite)]
+        c = self.centroids
+        c._check_layers(deltas, layers)
+        scores = leave_group_out_scores(c.sums, c.counts, deltas.nan_to_num(), labels, group_rows(list(prompts)),
+                                        c.decay, c.min_count)
+        c.update(deltas, labels, layers)
         out: list[float | None] = []
         for s, ok in zip(scores.tolist(), finite):
             if not ok or not math.isfinite(s):
                 out.append(None)
             else:
                 out.append(float(s > 0) if self.binary else float(s))
-        if not ready:
-            logger.info("%s: no success and failure centroids yet (counts fail/success %s before this batch): "
-                        "batch not scored", self.name, self.centroids.counts.tolist())
+        if not any(v is not None for v in out):
+            logger.info("%s: no success and failure centroids outside the groups yet (counts fail/success %s): "
+                        "batch not scored", self.name, c.counts.tolist())
         return out

@@ -99,30 +99,36 @@ def test_online_centroids_equal_weighted_means(decay):
         np.testing.assert_allclose((sums[cls] / counts[cls]).numpy(), num / den, rtol=1e-12)
 
 
-def test_reward_scores_each_batch_with_earlier_centroids_only():
+def test_reward_scores_each_group_with_earlier_batches_and_other_groups_only():
+    """Explicit reference: group g of batch b is scored with the plain means of the labelled deltas of
+    batches < b and of batch b's other group; never with its own group's."""
     rng = np.random.default_rng(2)
     reward = Clue()
     sig = lambda d: {"hidden_delta": torch.tensor(d, dtype=torch.float32), "hidden_delta_layers": [1, 2]}
+    prompts = ["q"] * 4 + ["r"] * 4
+    completions = ["5", "5", "6", "no", "1", "2", "2", "2"]   # vote: 1 1 0 0 | 0 1 1 1
+    y = np.array([1, 1, 0, 0, 0, 1, 1, 1])
     seen_x, seen_y = [], []
     for step in range(3):
-        x = rng.normal(size=(4, 2, 3)).astype(np.float32)
-        completions = ["5", "5", "6", "no"]  # vote: 1, 1, 0, 0
-        got = reward(["q"] * 4, completions, token_signals=[sig(d) for d in x])
-        if step == 0:
-            assert got == [None] * 4
-        else:
-            X, Y = np.concatenate(seen_x), np.concatenate(seen_y)
-            s, f = X[Y == 1].astype(np.float64).mean(0), X[Y == 0].astype(np.float64).mean(0)
-            want = [np.mean(np.linalg.norm(d - f, axis=-1)) - np.mean(np.linalg.norm(d - s, axis=-1)) for d in x]
-            np.testing.assert_allclose(got, want, rtol=1e-6)
+        x = rng.normal(size=(8, 2, 3)).astype(np.float32)
+        got = reward(prompts, completions, token_signals=[sig(d) for d in x])
+        for g in (range(0, 4), range(4, 8)):
+            other = [i for i in range(8) if i not in g]
+            X = np.concatenate(seen_x + [x[other]]).astype(np.float64)
+            Y = np.concatenate(seen_y + [y[other]])
+            s, f = X[Y == 1].mean(0), X[Y == 0].mean(0)
+            want = [np.mean(np.linalg.norm(x[i] - f, axis=-1)) - np.mean(np.linalg.norm(x[i] - s, axis=-1)) for i in g]
+            np.testing.assert_allclose([got[i] for i in g], want, rtol=1e-6)
         seen_x.append(x)
-        seen_y.append(np.array([1, 1, 0, 0]))
-    assert reward.centroids.counts.tolist() == [6.0, 6.0]
+        seen_y.append(y)
+    assert reward.centroids.counts.tolist() == [9.0, 15.0]
+    # one group alone, nothing seen before: no centroid outside it, nothing scored
+    assert Clue()(["q"] * 3, ["1", "1", "2"], token_signals=[sig(d) for d in x[:3]]) == [None] * 3
     clone = pickle.loads(pickle.dumps(reward))  # rewards are picklable, centroids included
     restored = Clue()
     restored.load_state_dict(clone.state_dict())
-    x = torch.tensor(rng.normal(size=(2, 2, 3)), dtype=torch.float32)
-    assert reward.centroids.score(x).tolist() == restored.centroids.score(x).tolist()
+    probe = torch.tensor(rng.normal(size=(2, 2, 3)), dtype=torch.float32)
+    assert reward.centroids.score(probe).tolist() == restored.centroids.score(probe).tolist()
 
 
 def test_labels_vote_gold_binary_and_bad_arguments():
@@ -139,3 +145,48 @@ def test_labels_vote_gold_binary_and_bad_arguments():
             Clue(**kwargs)
     with pytest.raises(ValueError, match="not read"):
         Clue(layers=[3])(["a"], ["1"], token_signals=[sig(1.0)])
+
+
+# ------------------------------------------------------------------------------------------------
+# CLUE in RLIF, self-improvement and evaluation
+
+
+class ClueProbe(Clue):
+    """Records the signals and completion ids it is given."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.seen = []
+
+    def __call__(self, prompts, completions, token_signals=None, completion_ids=None, **kw):
+        self.seen.append((token_signals, completion_ids, list(prompts)))
+        return super().__call__(prompts, completions, token_signals=token_signals, **kw)
+
+
+def test_rlif_reads_the_delta_in_its_pass_and_trains(tiny_model_dir, tmp_path):
+    from tests.test_rlif import PROMPTS, make_trainer
+
+    probe = ClueProbe()
+    trainer = make_trainer(tiny_model_dir, tmp_path, [probe, MathAccuracy()], reward_weights=[1.0, 0.0],
+                           log_signals=False, max_completion_length=8, max_steps=3)
+    assert trainer._delta is not None and trainer.signal_names == ()
+    inputs = [{"prompt": p, "answer": "0"} for p in PROMPTS[:2] for _ in range(4)]
+    torch.manual_seed(0)
+    trainer.model.train()
+    trainer._generate_and_score_completions(inputs)
+    signals, completion_ids, prompts = probe.seen[-1]
+    tok = trainer._tokenizer
+    prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    ids, mask, p = pack_prompt_completion(prompt_ids, completion_ids, tok.pad_token_id)
+    layers = list(range(1, trainer.model.config.num_hidden_layers + 1))
+    want = naive_deltas(trainer.model.eval(), ids, mask, ids.shape[1] - p, reasoning_positions(tok, completion_ids),
+                        layers)
+    torch.testing.assert_close(torch.stack([s["hidden_delta"] for s in signals]), want, atol=1e-5, rtol=1e-5)
+    assert probe.centroids.counts.sum() > 0  # the batch joined the centroids
+    trainer.model.train()
+    before = [q.detach().clone() for q in trainer.model.parameters()]
+    trainer.train()
+    key = f"rewards/{probe.name}/mean"
+    scored = [h[key] for h in trainer.state.log_history if key in h]
+    assert scored and any(np.isfinite(scored))
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
