@@ -148,6 +148,11 @@ class EvalConfig:
     ic_layers: list[int] | None = field(
         default=None, metadata={"help": "internal consistency: 1-based decoder layers (null: upper half)"}
     )
+    clue: bool = field(
+        default=False,
+        metadata={"help": "CLUE's hidden-state-delta score of sampled answers (centroids fit leave-one-prompt-out on "
+                          "the gold labels of the other prompts): its AUC and the accuracy of its top-scored sample"},
+    )
     grader: Literal["answer", "code", "output_prediction"] = field(
         default="answer",
         metadata={"help": "answer: final answer vs `answer`; code: the program passes every test in `tests`; "

@@ -16,6 +16,7 @@ from trainers.clue import HiddenDelta, reasoning_positions, think_positions
 from trainers.signals import pack_prompt_completion, token_signal_dicts
 
 from tests.test_lens import tiny, trl_batch
+from tests.test_self_improve import tiny_config  # noqa: F401  (fixture)
 
 
 @torch.no_grad()
@@ -190,3 +191,47 @@ def test_rlif_reads_the_delta_in_its_pass_and_trains(tiny_model_dir, tmp_path):
     scored = [h[key] for h in trainer.state.log_history if key in h]
     assert scored and any(np.isfinite(scored))
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_self_improvement_round_with_the_clue_verifier(tiny_config, tmp_path):
+    """One round: the verifier reads deltas in the sampling pass, scores every group against the
+    round's other groups, keeps the best-scored sample of each prompt and saves its centroids."""
+    import json
+
+    from datasets import load_from_disk
+
+    from tests.test_self_improve import _run
+
+    out = tmp_path / "run"
+    report = _run(tiny_config, out, "improve.iterations=1", "eval.before_training=false",
+                  "rewards=[{name: clue, weight: 1.0}]", "improve.selection=top_k", "improve.ds_valid_rows=0")
+    data = load_from_disk(str(out / "round_1" / "samples"))
+    scores = np.array(data["score"])
+    assert np.isfinite(scores).mean() > 0.5 and report["round_1"]["kept"] >= 1
+    state = torch.load(out / "round_1" / "verifier_state.pt", weights_only=False)
+    labels = vote_labels(list(data["group"]), list(data["completion"]))
+    assert state[0]["counts"].tolist() == [labels.count(0), labels.count(1)]
+    assert json.loads((out / "round_1" / "DONE").read_text())["kept"] == report["round_1"]["kept"]
+
+
+def test_evaluation_column_is_leave_one_prompt_out():
+    """Each prompt's samples are scored with centroids of the other prompts' samples (gold labels), never their own."""
+    from recipes.evaluation import clue_column
+
+    rng = np.random.default_rng(3)
+    n, prompts = 3, 4
+    x = rng.normal(size=(n * prompts, 2, 5))
+    correct = [bool(v) for v in rng.integers(0, 2, size=n * prompts)]
+    correct[:2] = [True, False]
+    deltas = [torch.tensor(d) for d in x]
+    deltas[5] = torch.full((2, 5), float("nan"))  # not scorable: no score, not in any centroid
+    got = clue_column(deltas, correct, n)
+    assert got[5] is None
+    y = np.array(correct)
+    for q in range(prompts):
+        other = np.array([i for i in range(n * prompts) if i // n != q and i != 5])
+        s, f = x[other][y[other]].mean(0), x[other][~y[other]].mean(0)
+        for i in range(q * n, (q + 1) * n):
+            if i != 5:
+                want = np.mean(np.linalg.norm(x[i] - f, axis=-1)) - np.mean(np.linalg.norm(x[i] - s, axis=-1))
+                assert got[i] == pytest.approx(want, rel=1e-9)
