@@ -235,3 +235,19 @@ def test_evaluation_column_is_leave_one_prompt_out():
             if i != 5:
                 want = np.mean(np.linalg.norm(x[i] - f, axis=-1)) - np.mean(np.linalg.norm(x[i] - s, axis=-1))
                 assert got[i] == pytest.approx(want, rel=1e-9)
+
+
+def test_rlif_checkpoint_saves_and_restores_the_centroids(tiny_model_dir, tmp_path):
+    from tests.test_rlif import make_trainer
+
+    trainer = make_trainer(tiny_model_dir, tmp_path, [Clue()], log_signals=False, max_steps=2, save_strategy="steps",
+                           save_steps=2)
+    trainer.train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    saved = torch.load(checkpoint / "reward_state_0.pt", weights_only=False)
+    live = trainer.reward_funcs[0].state_dict()
+    assert live["counts"].sum() > 0 and torch.equal(saved[0]["sums"], live["sums"])
+    fresh = make_trainer(tiny_model_dir, tmp_path / "again", [Clue()], log_signals=False)
+    fresh._load_rng_state(str(checkpoint))  # what Trainer.train(resume_from_checkpoint=...) calls
+    restored = fresh.reward_funcs[0].state_dict()
+    assert torch.equal(restored["sums"], live["sums"]) and torch.equal(restored["counts"], live["counts"])

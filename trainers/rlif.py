@@ -29,6 +29,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import os
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -333,6 +334,29 @@ class RLIFTrainer(VoteSamplesMixin, GRPOTrainer):
             for example in inputs:
                 example.pop("token_signals", None)
         return self._skip_unscorable(rewards)
+
+    # -- rewards with state (CLUE's centroids): saved and restored with each process's RNG state ------
+
+    def _reward_state_path(self, checkpoint: str) -> str:
+        return os.path.join(checkpoint, f"reward_state_{self.accelerator.process_index}.pt")
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        states = {i: f.state_dict() for i, f in enumerate(self.reward_funcs) if isinstance(f, InternalReward)
+                  and hasattr(f, "state_dict")}
+        if states:
+            torch.save(states, self._reward_state_path(output_dir))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is None:
+            return
+        path = self._reward_state_path(checkpoint)
+        if os.path.isfile(path):
+            for i, state in torch.load(path, weights_only=False).items():
+                self.reward_funcs[int(i)].load_state_dict(state)
+        elif any(hasattr(f, "state_dict") for f in self.reward_funcs if isinstance(f, InternalReward)):
+            logger.warning("no %s in the checkpoint: rewards with state (clue's centroids) start afresh", path)
 
     # -- metrics and NaN handling ---------------------------------------------------------------
 
