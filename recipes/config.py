@@ -673,7 +673,7 @@ def model_depth(cfg: ModelConfig) -> int | None:
 
 def _layer_settings(cfg: RecipeConfig) -> list[tuple[str, list[int], int]]:
     """(key, layers, lowest valid) of every setting that names decoder layers by number."""
-    from rewards import InternalConsistency
+    from rewards import Clue, InternalConsistency
 
     out = []
     if cfg.eval.internal_consistency and cfg.eval.ic_layers:
@@ -684,7 +684,7 @@ def _layer_settings(cfg: RecipeConfig) -> list[tuple[str, list[int], int]]:
             continue
         for i, spec in enumerate(specs):
             layers = spec.kwargs.get("layers")
-            if isinstance(layers, list) and issubclass(get_reward_class(spec.name), InternalConsistency):
+            if isinstance(layers, list) and issubclass(get_reward_class(spec.name), (InternalConsistency, Clue)):
                 out.append((f"{f.name}[{i}].kwargs.layers", layers, 1))
     return out
 

@@ -251,3 +251,19 @@ def test_rlif_checkpoint_saves_and_restores_the_centroids(tiny_model_dir, tmp_pa
     fresh._load_rng_state(str(checkpoint))  # what Trainer.train(resume_from_checkpoint=...) calls
     restored = fresh.reward_funcs[0].state_dict()
     assert torch.equal(restored["sums"], live["sums"]) and torch.equal(restored["counts"], live["counts"])
+
+
+def test_config_refuses_bad_clue_settings_before_any_model_loads():
+    from recipes.config import ConfigError, load_config
+    from recipes.rlif import RLIFRecipeConfig, build_rewards
+
+    from tests.conftest import ROOT
+
+    path = ROOT / "configs/rlif/tiny_arithmetic_clue.yaml"
+    with pytest.raises(ConfigError, match=r"layers \[9\] outside"):
+        load_config(RLIFRecipeConfig, path, ["rewards.0.kwargs.layers=[9]"])
+    with pytest.raises(ConfigError, match="eval.clue"):
+        load_config(RLIFRecipeConfig, path, ["eval.clue=maybe"])
+    cfg = load_config(RLIFRecipeConfig, path, ["rewards.0.kwargs.labels=oracle"])
+    with pytest.raises(ConfigError, match="labels must be 'vote' or 'gold'"):
+        build_rewards(cfg, ["prompt", "answer"])
