@@ -173,8 +173,8 @@ def one_round(cfg, k, here, current, base, tokenizer, verifier, prompts, gold, v
             samples, metrics = rounds.score_round(sampler, tokenizer, verifier, [prompts[i]["prompt"] for i in rows],
                                                   gold_k, imp, valid, ranks)
             if ranks.main:
+                rounds.save_verifier(verifier, here)  # before the samples, whose presence means "scored"
                 rounds.save_samples(samples, here)
-                rounds.save_verifier(verifier, here)
                 (here / "sampled.json").write_text(json.dumps(metrics))
         else:
             rounds.load_verifier(verifier, here)

@@ -48,8 +48,9 @@ class Verifier:
         self.signals = tuple(s for s in SIGNALS if s in needed) + ("hidden_delta",) * ("hidden_delta" in needed)
         readers = [getattr(r, "layers", None) for r in internal if "hidden_delta" in r.signals]
         self.delta_layers = None if not readers or None in readers else sorted({x for c in readers for x in c})
-        self.reads_gold = any(getattr(r, "labels", None) == "gold" for r in internal if "hidden_delta" in r.signals)
         """Layers CLUE's hidden-state delta is read at (``None``: all), for ``token_signal_dicts(delta_layers=...)``."""
+        self.reads_gold = any(getattr(r, "labels", None) == "gold" for r in internal if "hidden_delta" in r.signals)
+        """A CLUE reward labels its centroids with the gold answers: :meth:`score` needs the ``answer`` column."""
         self.lens_modes = tuple(m[3:] for m in LENS_SIGNALS if m in needed)
         self._layer_choice = [getattr(r, "layers", None) for r in internal if set(r.signals) & set(LENS_SIGNALS)]
 
