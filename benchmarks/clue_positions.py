@@ -7,7 +7,7 @@ last prompt token) is read with the CLUE hooks (:class:`trainers.clue.HiddenDelt
 * ``last``: the completion's last token (the default without ``</think>``; docs/METHODS.md "CLUE"),
 * ``answer_end``: the last token of the answer's first emission (``trainers.lens.answer_token_indices``),
 
-and scored leave-one-prompt-out with gold-labelled centroids (:func:`recipes.evaluation.clue_column`,
+and scored with centroids cross-fit on the other half of the prompts (:func:`recipes.evaluation.clue_column`,
 what ``eval.clue`` reports). Prints JSON: per seed the sampled and vote accuracy, and per position
 the Mann-Whitney AUROC (right > wrong) and the accuracy of the top-scored sample per prompt.
 
@@ -60,7 +60,8 @@ def main() -> None:
     cfg = load_config(EvaluateRecipeConfig, ROOT / "configs/evaluate/tiny_arithmetic.yaml", [])
     test = load_split(cfg.data, cfg.data.eval_split or cfg.data.split, args.rows, cfg.source)
     model, tok = load_model(cfg.model).eval(), load_tokenizer(cfg.model)
-    n, report = args.samples, {"model": cfg.model.name_or_path, "rows": len(test), "samples": n}
+    n = args.samples
+    report = {"model": cfg.model.name_or_path, "rows": len(test), "samples": n}
     for seed in args.seeds:
         torch.manual_seed(seed)
         prompts = list(test["prompt"])

@@ -150,8 +150,8 @@ class EvalConfig:
     )
     clue: bool = field(
         default=False,
-        metadata={"help": "CLUE's hidden-state-delta score of sampled answers (centroids fit leave-one-prompt-out on "
-                          "the gold labels of the other prompts): its AUC and the accuracy of its top-scored sample"},
+        metadata={"help": "CLUE's hidden-state-delta score of sampled answers (centroids fit on the gold labels of "
+                          "the other half of the prompts): its AUC and the accuracy of its top-scored sample"},
     )
     grader: Literal["answer", "code", "output_prediction"] = field(
         default="answer",

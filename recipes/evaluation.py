@@ -1,8 +1,8 @@
 """Held-out evaluation: accuracy of a model's final answers, and how well its internal signals know.
 
 Greedy accuracy; sampled accuracy, pass@k (unbiased) and self-consistency over ``num_samples``
-samples; for self-certainty, negative entropy, internal consistency and CLUE (centroids fit
-leave-one-prompt-out) the separation of right from wrong sampled answers (Mann-Whitney AUROC and
+samples; for self-certainty, negative entropy, internal consistency and CLUE (centroids
+cross-fit on the other half of the prompts) the separation of right from wrong sampled answers (Mann-Whitney AUROC and
 rank-biserial effect size) with a reliability table (accuracy per signal quantile); IC-weighted
 self-consistency (SC+IC).
 """
@@ -158,9 +158,16 @@ def vote_accuracy(completions: list[str], answers: list[str], num_samples: int,
 
 
 def clue_column(deltas: list[torch.Tensor], correct: list[bool], num_samples: int) -> list[float | None]:
-    """CLUE's score of each sample, its centroids fit on the gold labels of the *other* prompts
-    (leave-one-prompt-out: :func:`rewards.clue.leave_group_out_scores` with no earlier traces; the
-    ``num_samples`` consecutive samples of a prompt form its group). ``None``: not scorable."""
+    """CLUE's score of each sample, its centroids fit on the gold labels of the *other half* of the
+    prompts (2-fold cross-fitting over prompts: the first ``ceil(Q/2)`` prompts are scored with the
+    centroids of the rest and vice versa; :func:`rewards.clue.leave_group_out_scores` with the two
+    halves as groups and no earlier traces). A prompt's ``num_samples`` consecutive samples stay in
+    one half. ``None``: not scorable (no finite delta, or a class missing from the other half).
+
+    Not leave-one-prompt-out: removing a prompt's own samples from the centroids shifts them away from
+    that prompt in proportion to its own labels, which biases a pooled AUROC below 0.5 when there is
+    no signal; with two halves the centroids that score a sample never depend on its half's labels.
+    """
     from rewards.clue import leave_group_out_scores
 
     if not deltas:
@@ -168,7 +175,9 @@ def clue_column(deltas: list[torch.Tensor], correct: list[bool], num_samples: in
     stacked = torch.stack([d.double() for d in deltas])
     finite = stacked.flatten(1).isfinite().all(-1).tolist()
     labels = [int(ok) if f else None for ok, f in zip(correct, finite)]
-    groups = [list(range(q, min(q + num_samples, len(deltas)))) for q in range(0, len(deltas), num_samples)]
+    prompts = -(-len(deltas) // num_samples)
+    cut = min(-(-prompts // 2) * num_samples, len(deltas))
+    groups = [list(range(cut)), list(range(cut, len(deltas)))]
     scores = leave_group_out_scores(None, torch.zeros(2, dtype=torch.float64), stacked.nan_to_num(), labels, groups)
     return [float(v) if f and math.isfinite(v) else None for v, f in zip(scores.tolist(), finite)]
 
@@ -316,7 +325,7 @@ def evaluate_model(model, tokenizer, data: Dataset, cfg: EvalConfig, desc: str =
                 if wanted:
                     report.update(separation(signals[name], correct, prefix))
                     report["calibration"][name] = reliability(signals[name], correct)
-            if cfg.clue:  # scored with centroids from the other prompts' gold labels only
+            if cfg.clue:  # scored with centroids from the other half of the prompts' gold labels only
                 scores = clue_column(signals["hidden_delta"], correct, n)
                 report.update(separation(scores, correct, "clue"))
                 report["clue_selected_accuracy"] = selected_accuracy(scores, correct, n)

@@ -214,27 +214,28 @@ def test_self_improvement_round_with_the_clue_verifier(tiny_config, tmp_path):
     assert json.loads((out / "round_1" / "DONE").read_text())["kept"] == report["round_1"]["kept"]
 
 
-def test_evaluation_column_is_leave_one_prompt_out():
-    """Each prompt's samples are scored with centroids of the other prompts' samples (gold labels), never their own."""
+def test_evaluation_column_is_cross_fit_on_the_other_half_of_the_prompts():
+    """Each sample is scored with centroids of the other half's samples (gold labels), never its own half's."""
     from recipes.evaluation import clue_column
 
     rng = np.random.default_rng(3)
-    n, prompts = 3, 4
+    n, prompts = 3, 5                                  # halves: prompts 0-2 (rows 0-8), prompts 3-4 (rows 9-14)
     x = rng.normal(size=(n * prompts, 2, 5))
     correct = [bool(v) for v in rng.integers(0, 2, size=n * prompts)]
-    correct[:2] = [True, False]
+    correct[:2], correct[9:11] = [True, False], [True, False]
     deltas = [torch.tensor(d) for d in x]
     deltas[5] = torch.full((2, 5), float("nan"))  # not scorable: no score, not in any centroid
     got = clue_column(deltas, correct, n)
     assert got[5] is None
     y = np.array(correct)
-    for q in range(prompts):
-        other = np.array([i for i in range(n * prompts) if i // n != q and i != 5])
+    for half in (range(0, 9), range(9, 15)):
+        other = np.array([i for i in range(n * prompts) if i not in half and i != 5])
         s, f = x[other][y[other]].mean(0), x[other][~y[other]].mean(0)
-        for i in range(q * n, (q + 1) * n):
+        for i in half:
             if i != 5:
                 want = np.mean(np.linalg.norm(x[i] - f, axis=-1)) - np.mean(np.linalg.norm(x[i] - s, axis=-1))
                 assert got[i] == pytest.approx(want, rel=1e-9)
+    assert clue_column(deltas[:3], correct[:3], n) == [None] * 3   # one prompt: no other half
 
 
 def test_rlif_checkpoint_saves_and_restores_the_centroids(tiny_model_dir, tmp_path):
