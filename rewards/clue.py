@@ -122,7 +122,8 @@ def leave_group_out_scores(sums: torch.Tensor | None, counts: torch.Tensor, delt
                                deltas, [labels[i] if i in rows else None for i in range(len(labels))])
         left_sums, left_counts = base_sums - own[0], base_counts - own[1]
         if bool((left_counts >= min_count).all()):
-            out[list(rows)] = clue_score(deltas[list(rows)], left_sums[1] / left_counts[1], left_sums[0] / left_counts[0])
+            success, failure = left_sums[1] / left_counts[1], left_sums[0] / left_counts[0]
+            out[list(rows)] = clue_score(deltas[list(rows)], success, failure)
     return out
 
 
@@ -181,8 +182,8 @@ class Centroids:
         layers = None if layers is None else [int(layer) for layer in layers]
         if self.sums is not None and (tuple(self.sums.shape[1:]) != tuple(deltas.shape[1:]) or
                                       (layers is not None and self.layers is not None and layers != self.layers)):
-            raise ValueError(f"clue: hidden deltas of shape {tuple(deltas.shape[1:])} (layers {layers}) do not match the "
-                             f"centroids' {tuple(self.sums.shape[1:])} (layers {self.layers})")
+            raise ValueError(f"clue: hidden deltas of shape {tuple(deltas.shape[1:])} (layers {layers}) do not match "
+                             f"the centroids' {tuple(self.sums.shape[1:])} (layers {self.layers})")
 
     def score(self, deltas: torch.Tensor, layers: Sequence[int] | None = None) -> torch.Tensor:
         """:func:`clue_score` of ``(N, K, H)`` deltas (NaN everywhere until :attr:`ready`)."""

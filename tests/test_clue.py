@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rewards import Clue, MathAccuracy
-from rewards.clue import Centroids, clue_score, layer_distance, update_centroids, vote_labels
+from rewards.clue import clue_score, layer_distance, update_centroids, vote_labels
 from trainers.clue import HiddenDelta, reasoning_positions, think_positions
 from trainers.signals import pack_prompt_completion, token_signal_dicts
 

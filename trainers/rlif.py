@@ -264,7 +264,8 @@ class RLIFTrainer(VoteSamplesMixin, GRPOTrainer):
         return out
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        armed = ((bool(self.signal_names) or self._lens is not None or self._delta is not None) and self._signals is None
+        readers = bool(self.signal_names) or self._lens is not None or self._delta is not None
+        armed = (readers and self._signals is None
                  and self._prompt_ids_list is not None and not torch.is_grad_enabled() and model is self.model
                  and self._policy_adapters_active())
         if armed:
