@@ -165,6 +165,11 @@ class EvalConfig:
     ic_layers: list[int] | None = field(
         default=None, metadata={"help": "internal consistency: 1-based decoder layers (null: upper half)"}
     )
+    clue: bool = field(
+        default=False,
+        metadata={"help": "CLUE's hidden-state-delta score of sampled answers (centroids fit on the gold labels of "
+                          "the other half of the prompts): its AUC and the accuracy of its top-scored sample"},
+    )
     grader: Literal["answer", "code", "output_prediction", "choice"] = field(
         default="answer",
         metadata={"help": "answer: final answer vs `answer`; code: the program passes every test in `tests`; "
@@ -720,7 +725,7 @@ def model_depth(cfg: ModelConfig) -> int | None:
 
 def _layer_settings(cfg: RecipeConfig) -> list[tuple[str, list[int], int]]:
     """(key, layers, lowest valid) of every setting that names decoder layers by number."""
-    from rewards import InternalConsistency
+    from rewards import Clue, InternalConsistency
 
     out = []
     if cfg.eval.internal_consistency and cfg.eval.ic_layers:
@@ -731,7 +736,7 @@ def _layer_settings(cfg: RecipeConfig) -> list[tuple[str, list[int], int]]:
             continue
         for i, spec in enumerate(specs):
             layers = spec.kwargs.get("layers")
-            if isinstance(layers, list) and issubclass(get_reward_class(spec.name), InternalConsistency):
+            if isinstance(layers, list) and issubclass(get_reward_class(spec.name), (InternalConsistency, Clue)):
                 out.append((f"{f.name}[{i}].kwargs.layers", layers, 1))
     return out
 

@@ -1,9 +1,10 @@
 """Held-out evaluation: accuracy of a model's final answers, and how well its internal signals know.
 
 Greedy accuracy; sampled accuracy, pass@k (unbiased) and self-consistency over ``num_samples``
-samples; for self-certainty, negative entropy and internal consistency the separation of right
-from wrong sampled answers (Mann-Whitney AUROC and rank-biserial effect size) with a
-reliability table (accuracy per signal quantile); IC-weighted self-consistency (SC+IC).
+samples; for self-certainty, negative entropy, internal consistency and CLUE (centroids
+cross-fit on the other half of the prompts) the separation of right from wrong sampled answers (Mann-Whitney AUROC and
+rank-biserial effect size) with a reliability table (accuracy per signal quantile); IC-weighted
+self-consistency (SC+IC).
 """
 
 from __future__ import annotations
@@ -135,8 +136,8 @@ def prompt_texts(tokenizer, prompts: list) -> list[str]:
 
 def internal_signals(model, tokenizer, prompts: list, completion_ids: list[list[int]], *, temperature: float,
                      batch_size: int = 64, certainty: bool = True, entropy: bool = False,
-                     consistency: InternalConsistency | None = None, fallback_last_k: int | None = 4
-                     ) -> dict[str, list]:
+                     consistency: InternalConsistency | None = None, fallback_last_k: int | None = 4,
+                     clue: bool = False) -> dict[str, list]:
     """Per completion of a decoder-only ``model``, read as the RLIF trainer reads them
     (:func:`trainers.signals.token_signal_dicts`, one no-grad pass per batch):
 
@@ -145,13 +146,14 @@ def internal_signals(model, tokenizer, prompts: list, completion_ids: list[list[
     * ``internal_consistency`` (with ``consistency``): its reward value from the logit lens at the
       answer tokens; consecutive identical prompts form the groups of the ``candidates`` mode; the
       ``candidates`` and ``calibrated`` modes estimate their thresholds over the whole set (the
-      paper's dataset-level calibration).
+      paper's dataset-level calibration);
+    * ``hidden_delta`` (with ``clue``): CLUE's ``(K, H)`` hidden-state delta over all layers (:mod:`trainers.clue`).
 
     A completion without tokens (or answer positions) gets ``None``, and so does one holding an id
     outside the tokenizer (a padding row of the LM head; its signals are skipped, docs/METHODS.md §6).
     """
     prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts(tokenizer, prompts)]
-    names = ("self_certainty",) * certainty + ("entropy",) * entropy
+    names = ("self_certainty",) * certainty + ("entropy",) * entropy + ("hidden_delta",) * clue
     dicts = token_signal_dicts(model, tokenizer, prompt_ids, completion_ids, prompts, temperature=temperature,
                                signals=names, lens_modes=(consistency.mode,) if consistency else (),
                                lens_layers=consistency.layers if consistency else None, batch_size=batch_size,
@@ -165,7 +167,8 @@ def internal_signals(model, tokenizer, prompts: list, completion_ids: list[list[
 
     return {"self_certainty": [finite(mean(d["self_certainty"])) for d in dicts] if certainty else [],
             "negative_entropy": [finite(mean(d["entropy"], -1.0)) for d in dicts] if entropy else [],
-            "internal_consistency": [finite(consistency.reduce(d)) for d in dicts] if consistency else []}
+            "internal_consistency": [finite(consistency.reduce(d)) for d in dicts] if consistency else [],
+            "hidden_delta": [d["hidden_delta"] for d in dicts] if clue else []}
 
 
 def mann_whitney_auc(positive: list[float], negative: list[float]) -> float:
@@ -224,6 +227,44 @@ def vote_accuracy(completions: list[str], answers: list[str], num_samples: int,
                           [weights[i] for i in rows])
         winners.append(None if label is None else extracted[rows[labels.index(label)]])
     return sum(answers_match_many(winners, list(answers))) / max(len(answers), 1)
+
+
+def clue_column(deltas: list[torch.Tensor], correct: list[bool], num_samples: int) -> list[float | None]:
+    """CLUE's score of each sample, its centroids fit on the gold labels of the *other half* of the
+    prompts (2-fold cross-fitting over prompts: the first ``ceil(Q/2)`` prompts are scored with the
+    centroids of the rest and vice versa; :func:`rewards.clue.leave_group_out_scores` with the two
+    halves as groups and no earlier traces). A prompt's ``num_samples`` consecutive samples stay in
+    one half. ``None``: not scorable (no finite delta, or a class missing from the other half).
+
+    Not leave-one-prompt-out: removing a prompt's own samples from the centroids shifts them away from
+    that prompt in proportion to its own labels, which biases a pooled AUROC below 0.5 when there is
+    no signal; with two halves the centroids that score a sample never depend on its half's labels.
+    """
+    from rewards.clue import leave_group_out_scores
+
+    if not deltas:
+        return []
+    stacked = torch.stack([d.double() for d in deltas])
+    finite = stacked.flatten(1).isfinite().all(-1).tolist()
+    labels = [int(ok) if f else None for ok, f in zip(correct, finite)]
+    prompts = -(-len(deltas) // num_samples)
+    cut = min(-(-prompts // 2) * num_samples, len(deltas))
+    groups = [list(range(cut)), list(range(cut, len(deltas)))]
+    scores = leave_group_out_scores(None, torch.zeros(2, dtype=torch.float64), stacked.nan_to_num(), labels, groups)
+    return [float(v) if f and math.isfinite(v) else None for v, f in zip(scores.tolist(), finite)]
+
+
+def selected_accuracy(scores: list[float | None], correct: list[bool], num_samples: int) -> float:
+    """Fraction of prompts whose best-scored sample (first on ties) is right; a prompt with no score counts wrong.
+
+    >>> selected_accuracy([0.1, 0.9, None, 0.2], [False, True, True, False], 2)
+    0.5
+    """
+    right = 0
+    for q in range(0, len(scores), num_samples):
+        rows = [i for i in range(q, min(q + num_samples, len(scores))) if scores[i] is not None]
+        right += bool(rows) and correct[max(rows, key=lambda i: (scores[i], -i))]
+    return right / max(-(-len(scores) // num_samples), 1)
 
 
 def separation(values: list[float | None], correct: list[bool], prefix: str) -> dict:
@@ -301,7 +342,7 @@ def _add_signals(model, tokenizer, prompts: list, outputs: list[dict], cfg: Eval
     values = internal_signals(model, tokenizer, [p for p in prompts for _ in range(n)],
                               [i for o in outputs for i in o["ids"]], temperature=cfg.temperature,
                               batch_size=cfg.batch_size, certainty=cfg.self_certainty, entropy=cfg.negative_entropy,
-                              consistency=ic)
+                              consistency=ic, clue=cfg.clue)
     for q, o in enumerate(outputs):
         o["signals"] = {name: v[q * n : (q + 1) * n] for name, v in values.items()}
 
@@ -329,7 +370,7 @@ def evaluate_model(model, tokenizer, data: Dataset, cfg: EvalConfig, desc: str =
     answers = list(data["answer"]) if grade is None else [None] * len(prompts)
     ranks = ranks or Ranks(alone=True)
     ic = InternalConsistency(cfg.ic_mode, cfg.ic_layers) if cfg.internal_consistency else None
-    wants_signals = cfg.sampled and bool(cfg.self_certainty or cfg.negative_entropy or ic)
+    wants_signals = cfg.sampled and bool(cfg.self_certainty or cfg.negative_entropy or ic or cfg.clue)
     whole_set = ic is not None and ic.mode in BATCH_MODES
     mine = ranks.shard(list(range(len(prompts))))
     parts = ranks.gather_to_main((mine, _outputs(model, tokenizer, [prompts[i] for i in mine], cfg, desc, ic,
@@ -371,6 +412,11 @@ def evaluate_model(model, tokenizer, data: Dataset, cfg: EvalConfig, desc: str =
                 if wanted:
                     report.update(separation(signals[name], correct, prefix))
                     report["calibration"][name] = reliability(signals[name], correct)
+            if cfg.clue:  # scored with centroids from the other half of the prompts' gold labels only
+                scores = clue_column(signals["hidden_delta"], correct, n)
+                report.update(separation(scores, correct, "clue"))
+                report["clue_selected_accuracy"] = selected_accuracy(scores, correct, n)
+                report["calibration"]["clue"] = reliability(scores, correct)
             if ic is not None and n > 1 and grade is None:
                 report["ic_vote_accuracy"] = vote_accuracy(texts, answers, n, signals["internal_consistency"])
     return report

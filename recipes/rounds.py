@@ -107,7 +107,8 @@ def score_round(model, tokenizer, verifier: Verifier, prompts: list, gold: list 
         prompt_ids = tokenizer(prompt_texts(tokenizer, rows), add_special_tokens=False)["input_ids"]
         return token_signal_dicts(model, tokenizer, prompt_ids, ids, groups, temperature=improve.temperature,
                                   signals=verifier.signals, lens_modes=verifier.lens_modes,
-                                  lens_layers=verifier.lens_layers(model), batch_size=improve.batch_size)
+                                  lens_layers=verifier.lens_layers(model), batch_size=improve.batch_size,
+                                  delta_layers=verifier.delta_layers)
 
     def read(rows, ids, groups) -> dict:
         values = {}
@@ -123,7 +124,8 @@ def score_round(model, tokenizer, verifier: Verifier, prompts: list, gold: list 
     rows, texts, ids, groups, values, per_rank = gathered
     if whole_set:
         values["signals"] = signals(rows, ids, groups)
-    scores = verifier.score(groups, texts, token_signals=values.get("signals"))
+    labelled = {"answer": [g for g in gold for _ in range(improve.num_samples)]} if gold and verifier.reads_gold else {}
+    scores = verifier.score(groups, texts, token_signals=values.get("signals"), **labelled)
     answers = final_answers(texts)
     weights = select(scores, groups, answers, improve.selection, top_k=improve.top_k, threshold=improve.threshold,
                      min_share=improve.min_share)
@@ -197,6 +199,25 @@ def training_set(samples: Dataset, weighted: bool, extra: Dataset | None = None)
 def round_args(args, output_dir: Path, seed: int):
     """The recipe's ``SFTConfig`` for one round (its own output dir and seed; no checkpoints kept)."""
     return dataclasses.replace(args, output_dir=str(output_dir), seed=seed, data_seed=None)
+
+
+def save_verifier(verifier: Verifier, directory: Path) -> None:
+    """The verifier's state after scoring a round (CLUE's centroids), if it keeps one."""
+    state = verifier.state_dict()
+    if state:
+        import torch
+
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save(state, directory / "verifier_state.pt")
+
+
+def load_verifier(verifier: Verifier, directory: Path) -> None:
+    """Restore the state :func:`save_verifier` wrote for a round that is not scored again (resume)."""
+    path = directory / "verifier_state.pt"
+    if path.is_file():
+        import torch
+
+        verifier.load_state_dict(torch.load(path, weights_only=False))
 
 
 def finished(directory: Path) -> dict | None:

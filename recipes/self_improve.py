@@ -131,6 +131,8 @@ def run(cfg: SelfImproveRecipeConfig) -> dict:
     for k in range(1, cfg.improve.iterations + 1):
         here = out / f"round_{k}"
         done = ranks.broadcast(rounds.finished(here))
+        if done is not None:
+            rounds.load_verifier(verifier, here)  # a resumed run scores the next round as an uninterrupted one
         if done is None:
             done = one_round(cfg, k, here, current, base, tokenizer, verifier, prompts, gold, valid, pairs, test, ranks)
             if ranks.main:
@@ -178,8 +180,11 @@ def one_round(cfg, k, here, current, base, tokenizer, verifier, prompts, gold, v
             samples, metrics = rounds.score_round(sampler, tokenizer, verifier, [prompts[i]["prompt"] for i in rows],
                                                   gold_k, imp, valid, ranks)
             if ranks.main:
+                rounds.save_verifier(verifier, here)  # before the samples, whose presence means "scored"
                 rounds.save_samples(samples, here)
                 (here / "sampled.json").write_text(json.dumps(metrics))
+        else:
+            rounds.load_verifier(verifier, here)
         if pairs is not None:
             extra, nile_kept = rounds.nile_pairs(sampler, tokenizer, pairs, imp, ranks)
     ranks.wait()

@@ -8,6 +8,7 @@ from .code import CodeAccuracy, extract_output_prediction, extract_program, outp
 from .answers import extract_answer, find_answer, normalize_answer
 from .base import REGISTRY, Reward, UnknownRewardError, build_reward, completion_text, get_reward_class
 from .format import Format
+from .clue import Centroids, Clue
 from .consistency import LENS_SIGNALS, ConsistencyVote, InternalConsistency, default_layers
 from .grading import answers_match, final_answer, grade
 from .group import MajorityVote, SemanticCluster, group_rows, plurality
@@ -19,6 +20,8 @@ __all__ = [
     "LENS_SIGNALS",
     "REGISTRY",
     "SIGNALS",
+    "Centroids",
+    "Clue",
     "CodeAccuracy",
     "ConsistencyVote",
     "LocalSandbox",

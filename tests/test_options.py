@@ -475,6 +475,13 @@ def p_eval_ic_layers(h):
     assert signals[0]["consistency"].layers == [1]
 
 
+def p_eval_clue(h):
+    report, _, signals = _evaluate(h, "eval.sampled=true", "eval.num_samples=2", "eval.clue=true")
+    assert {"clue_auc", "clue_selected_accuracy"} <= set(report) and signals[0]["clue"]
+    with pytest.raises(ConfigError, match="eval.clue"):
+        h.config("rlif", "eval.clue=maybe")
+
+
 def p_eval_seed(h):
     seeds = []
     real = torch.manual_seed
@@ -871,7 +878,7 @@ PROBES = {
     "EvalConfig.top_p": p_eval_top_p, "EvalConfig.num_samples": p_eval_num_samples, "EvalConfig.pass_k": p_eval_pass_k,
     "EvalConfig.self_certainty": p_eval_sc, "EvalConfig.negative_entropy": p_eval_ne,
     "EvalConfig.internal_consistency": p_eval_ic, "EvalConfig.ic_mode": p_eval_ic_mode,
-    "EvalConfig.ic_layers": p_eval_ic_layers, "EvalConfig.before_training": p_eval_before, "EvalConfig.seed": p_eval_seed,
+    "EvalConfig.ic_layers": p_eval_ic_layers, "EvalConfig.clue": p_eval_clue, "EvalConfig.before_training": p_eval_before, "EvalConfig.seed": p_eval_seed,
     "EvalConfig.every_steps": p_eval_every_steps, "EvalConfig.every_rows": p_eval_every_rows,
     "RewardSpec.name": p_reward_name, "RewardSpec.weight": p_reward_weight, "RewardSpec.kwargs": p_reward_kwargs,
     "RLIFRecipeConfig.rewards": p_rlif_rewards, "RLIFRecipeConfig.log_accuracy": p_rlif_log_accuracy,

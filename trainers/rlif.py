@@ -29,6 +29,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import os
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -40,6 +41,7 @@ from rewards import LENS_SIGNALS, SIGNALS, InternalReward, default_layers
 
 from .card import ModelCardMixin
 from .completions import CompletionsJsonlMixin
+from .clue import HiddenDelta, reasoning_positions
 from .lens import LogitLens, lens_modules, locate_answers
 from .logit_transform import IDENTITY, logit_transform
 from .signals import in_vocab_targets, pack_prompt_completion, skip_outside_vocab, token_signals
@@ -161,6 +163,9 @@ class RLIFTrainer(ModelCardMixin, CompletionsJsonlMixin, VoteSamplesMixin, GRPOT
     _lens_indices: list | None = None
     _lens_found: list | None = None
     _lens_answer_ids: list | None = None
+    _delta: HiddenDelta | None = None  # CLUE's hidden-state delta (trainers/clue.py), read in the same pass
+    _delta_spans: list | None = None
+    _deltas = None
     _pass_done = False
     _logit_transform = IDENTITY
 
@@ -178,7 +183,8 @@ class RLIFTrainer(ModelCardMixin, CompletionsJsonlMixin, VoteSamplesMixin, GRPOT
         super().__init__(*args, **kwargs)
         self._refuse_split_groups(self.args, self.reward_funcs)
         internal = [f for f in self.reward_funcs if isinstance(f, InternalReward)]
-        needed = {s for f in internal for s in f.signals} - {"ic_layers", "ic_answer_found"}
+        needed = {s for f in internal for s in f.signals} - {"ic_layers", "ic_answer_found", "hidden_delta",
+                                                                "hidden_delta_layers"}
         unknown = needed - set(SIGNALS) - set(LENS_SIGNALS)
         if unknown:
             raise ValueError(f"unknown internal signals {sorted(unknown)}; available: {list(SIGNALS + LENS_SIGNALS)}")
@@ -206,6 +212,11 @@ class RLIFTrainer(ModelCardMixin, CompletionsJsonlMixin, VoteSamplesMixin, GRPOT
             layers = {layer for f in internal if set(f.signals) & set(LENS_SIGNALS)
                       for layer in (getattr(f, "layers", None) or default_layers(n_layers))}
             self._lens = LogitLens(self._policy, sorted(layers), vocab_size=len(self._tokenizer), tokenizer=self._tokenizer)
+        self._delta = None
+        readers = [f for f in internal if "hidden_delta" in f.signals]
+        if readers:  # CLUE: the union of the layers its rewards read (``None``: every layer)
+            chosen = [getattr(f, "layers", None) for f in readers]
+            self._delta = HiddenDelta(self._policy, None if None in chosen else sorted({x for c in chosen for x in c}))
         self._pass_done = False
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -250,22 +261,29 @@ class RLIFTrainer(ModelCardMixin, CompletionsJsonlMixin, VoteSamplesMixin, GRPOT
         if self._lens is not None:  # where each completion's answer is: known before any pass runs
             self._lens_indices, self._lens_found, self._lens_answer_ids = locate_answers(
                 self._tokenizer, out[1], self._option("ic_fallback_last_k"))
+        if self._delta is not None:
+            self._delta_spans, self._deltas = reasoning_positions(self._tokenizer, out[1]), None
         return out
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        armed = ((bool(self.signal_names) or self._lens is not None) and self._signals is None
+        readers = bool(self.signal_names) or self._lens is not None or self._delta is not None
+        armed = (readers and self._signals is None
                  and self._prompt_ids_list is not None and not torch.is_grad_enabled() and model is self.model
                  and self._policy_adapters_active())
         if armed:
             self._signal_parts, self._completion_length = [] if self.signal_names else None, logits_to_keep
             if self._lens is not None:
                 self._lens.arm(self._lens_indices, logits_to_keep)
+            if self._delta is not None:
+                self._delta.arm(self._delta_spans, logits_to_keep)
         try:
             result = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                                  *args, **kwargs)
         except BaseException:
             if armed and self._lens is not None:
                 self._lens.disarm()
+            if armed and self._delta is not None:
+                self._delta.disarm()
             raise
         finally:
             parts, self._signal_parts = self._signal_parts, None
@@ -273,6 +291,8 @@ class RLIFTrainer(ModelCardMixin, CompletionsJsonlMixin, VoteSamplesMixin, GRPOT
             self._signals = {name: torch.cat([p[name] for p in parts]) for name in self.signal_names}
             if self._lens is not None:
                 self._lens_states = self._lens.collect()
+            if self._delta is not None:
+                self._deltas = self._delta.collect()
         return result
 
     def _policy_pass(self, completion_ids_list: list) -> None:
@@ -287,7 +307,7 @@ class RLIFTrainer(ModelCardMixin, CompletionsJsonlMixin, VoteSamplesMixin, GRPOT
             self._get_per_token_logps_and_entropies(self.model, ids, mask, logits_to_keep, batch_size=batch_size)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        if not self.signal_names and self._lens is None:
+        if not self.signal_names and self._lens is None and self._delta is None:
             return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         if self._signals is None:
             self._policy_pass(completion_ids_list)
@@ -302,6 +322,10 @@ class RLIFTrainer(ModelCardMixin, CompletionsJsonlMixin, VoteSamplesMixin, GRPOT
             for signals, extra in zip(per_completion, lens):
                 signals.update(extra)
             self._log_gathered("signals/ic_answer_found", sum(self._lens_found) / max(len(self._lens_found), 1))
+        if self._delta is not None:
+            for signals, d in zip(per_completion, self._deltas):
+                signals.update(hidden_delta=d, hidden_delta_layers=list(self._delta.layers))
+            self._deltas = None
         # padding rows of the head: signals are defined over the tokenizer's tokens only (docs/METHODS.md §6)
         self._log_gathered("signals/outside_vocab",
                            float(skip_outside_vocab(per_completion, completion_ids_list, len(self._tokenizer))))
@@ -313,6 +337,29 @@ class RLIFTrainer(ModelCardMixin, CompletionsJsonlMixin, VoteSamplesMixin, GRPOT
             for example in inputs:
                 example.pop("token_signals", None)
         return self._skip_unscorable(rewards)
+
+    # -- rewards with state (CLUE's centroids): saved and restored with each process's RNG state ------
+
+    def _reward_state_path(self, checkpoint: str) -> str:
+        return os.path.join(checkpoint, f"reward_state_{self.accelerator.process_index}.pt")
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        states = {i: f.state_dict() for i, f in enumerate(self.reward_funcs) if isinstance(f, InternalReward)
+                  and hasattr(f, "state_dict")}
+        if states:
+            torch.save(states, self._reward_state_path(output_dir))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is None:
+            return
+        path = self._reward_state_path(checkpoint)
+        if os.path.isfile(path):
+            for i, state in torch.load(path, weights_only=False).items():
+                self.reward_funcs[int(i)].load_state_dict(state)
+        elif any(hasattr(f, "state_dict") for f in self.reward_funcs if isinstance(f, InternalReward)):
+            logger.warning("no %s in the checkpoint: rewards with state (clue's centroids) start afresh", path)
 
     # -- metrics and NaN handling ---------------------------------------------------------------
 

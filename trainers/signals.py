@@ -81,6 +81,7 @@ import torch
 
 from rewards import LENS_SIGNALS
 
+from .clue import HiddenDelta, reasoning_positions
 from .lens import LogitLens, agreement, group_candidates, locate_answers, per_completion
 from .logit_transform import LogitTransform, logit_transform
 from .projection import compute_dtype, default_chunks, project
@@ -397,7 +398,8 @@ def pack_prompt_completion(
 def token_signal_dicts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
                        prompts: Sequence, *, temperature: float, signals: Sequence[str] = (),
                        lens_modes: Sequence[str] = (), lens_layers: Sequence[int] | None = None, batch_size: int = 64,
-                       fallback_last_k: int | None = 4, quantile: float = 0.5) -> list[dict]:
+                       fallback_last_k: int | None = 4, quantile: float = 0.5,
+                       delta_layers: Sequence[int] | None = None) -> list[dict]:
     """Internal signals of a decoder-only ``model`` on given completions, as ``RLIFTrainer`` hands them to rewards.
 
     One no-grad pass per batch (TRL's layout, :func:`pack_prompt_completion`) yields, per completion,
@@ -408,7 +410,12 @@ def token_signal_dicts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], co
     only the lens statistics of each batch are kept between batches, not its hidden states.
     A completion holding an id outside the tokenizer (a padding row of the head) gets NaN
     signals throughout (:func:`skip_outside_vocab`), so its internal rewards are skipped.
+    ``"hidden_delta"`` among ``signals`` adds CLUE's hidden-state delta over the reasoning
+    (:mod:`trainers.clue`): ``hidden_delta`` ``(K, H)`` of ``delta_layers`` (``None``: all) and
+    ``hidden_delta_layers``, read by hooks in the same pass.
     """
+    delta = "hidden_delta" in signals
+    signals = tuple(s for s in signals if s != "hidden_delta")
     unknown = (set(signals) - set(SIGNALS)) | ({f"ic_{m}" for m in lens_modes} - set(LENS_SIGNALS))
     if unknown:
         raise ValueError(f"unknown signals {sorted(unknown)}; available: {list(SIGNALS + LENS_SIGNALS)}")
@@ -422,6 +429,8 @@ def token_signal_dicts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], co
         emitted = torch.tensor([t for ids in answer_ids for t in ids], dtype=torch.long)
         candidates = group_candidates(prompts, answer_ids, found) if "candidates" in lens_modes else None
         stats, position = [], 0
+    reader = HiddenDelta(model, delta_layers) if delta else None
+    spans = reasoning_positions(tokenizer, completion_ids) if delta else None
     was_training = model.training
     model.eval()
     try:
@@ -431,6 +440,8 @@ def token_signal_dicts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], co
             ids, mask = ids.to(head.weight.device), mask.to(head.weight.device)
             if lens is not None:
                 lens.arm(indices[i : i + batch_size], ids.shape[1] - p)
+            if reader is not None:
+                reader.arm(spans[i : i + batch_size], ids.shape[1] - p)
             hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
             if signals:
                 values = completion_signals(hidden, head.weight, in_vocab_targets(ids, vocab), p, bias=head.bias,
@@ -438,6 +449,9 @@ def token_signal_dicts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], co
                                             **transform.kwargs())
                 for j, c in enumerate(batch):
                     out[i + j].update({name: v[j, : len(c)].float().cpu() for name, v in values.items()})
+            if reader is not None:
+                for j, d in enumerate(reader.collect()):
+                    out[i + j].update(hidden_delta=d, hidden_delta_layers=list(reader.layers))
             if lens is not None:
                 states, counts = lens.collect()
                 window = slice(position, position + sum(counts))
@@ -453,5 +467,7 @@ def token_signal_dicts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], co
         model.train(was_training)
         if lens is not None:
             lens.remove()
+        if reader is not None:
+            reader.remove()
     skip_outside_vocab(out, completion_ids, len(tokenizer))
     return out

@@ -45,7 +45,12 @@ class Verifier:
         self.rewards, self.weights = list(rewards), [float(w) for w in weights]
         internal = [r for r in self.rewards if isinstance(r, InternalReward)]
         needed = {s for r in internal for s in r.signals}
-        self.signals = tuple(s for s in SIGNALS if s in needed)
+        self.signals = tuple(s for s in SIGNALS if s in needed) + ("hidden_delta",) * ("hidden_delta" in needed)
+        readers = [getattr(r, "layers", None) for r in internal if "hidden_delta" in r.signals]
+        self.delta_layers = None if not readers or None in readers else sorted({x for c in readers for x in c})
+        """Layers CLUE's hidden-state delta is read at (``None``: all), for ``token_signal_dicts(delta_layers=...)``."""
+        self.reads_gold = any(getattr(r, "labels", None) == "gold" for r in internal if "hidden_delta" in r.signals)
+        """A CLUE reward labels its centroids with the gold answers: :meth:`score` needs the ``answer`` column."""
         self.lens_modes = tuple(m[3:] for m in LENS_SIGNALS if m in needed)
         self._layer_choice = [getattr(r, "layers", None) for r in internal if set(r.signals) & set(LENS_SIGNALS)]
 
@@ -59,6 +64,14 @@ class Verifier:
     @property
     def internal(self) -> bool:
         return bool(self.signals or self.lens_modes)
+
+    def state_dict(self) -> dict:
+        """State of the rewards that keep one (CLUE's centroids), by position: saved with each round."""
+        return {i: r.state_dict() for i, r in enumerate(self.rewards) if hasattr(r, "state_dict")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for i, reward_state in state.items():
+            self.rewards[int(i)].load_state_dict(reward_state)
 
     def score(self, prompts: list, completions: list[str], token_signals: list[dict] | None = None,
               **columns) -> list[float | None]:
