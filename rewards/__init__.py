@@ -13,6 +13,7 @@ from .grading import answers_match, final_answer, grade
 from .group import MajorityVote, SemanticCluster, group_rows, plurality
 from .internal import SIGNALS, InternalReward, NegativeEntropy, SelfCertainty, SequenceLogProb
 from .model import RewardModel
+from .perplexity import PerplexityConsistency
 from .sandbox import LocalSandbox, Result, Sandbox, Test
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "MajorityVote",
     "MathAccuracy",
     "NegativeEntropy",
+    "PerplexityConsistency",
     "SelfCertainty",
     "SemanticCluster",
     "SequenceLogProb",
