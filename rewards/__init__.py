@@ -15,6 +15,7 @@ from .internal import SIGNALS, InternalReward, NegativeEntropy, SelfCertainty, S
 from .model import RewardModel
 from .perplexity import PerplexityConsistency
 from .sandbox import LocalSandbox, Result, Sandbox, Test
+from .transform import TransformedReward, with_transform
 
 __all__ = [
     "LENS_SIGNALS",
@@ -26,6 +27,8 @@ __all__ = [
     "Result",
     "Sandbox",
     "Test",
+    "TransformedReward",
+    "with_transform",
     "extract_output_prediction",
     "extract_program",
     "output_prediction_correct",

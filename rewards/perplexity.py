@@ -22,8 +22,9 @@ without an answer keep their mass in the denominator but form no cluster.
 * ``{rule: weibull}`` (the authors' rule): fit a two-component Weibull mixture to the group's
   ``p`` by maximum likelihood (start ``w=0.5, (k, lam) = (1, 1), (1.5, 2)``; bounds
   ``w in [0.2, 0.8]``, ``k, lam >= 0.01``; the authors use scipy's L-BFGS-B, we use torch's
-  L-BFGS on a bounded reparametrisation), call the component with the larger mean "high", and
-  drop a path when its posterior is larger under the low component *and* ``p < mean(p)``;
+  L-BFGS on a sigmoid reparametrisation that also caps ``k, lam`` at 1000), call the component with
+  the larger mean "high", and drop a path when its posterior is larger under the low component
+  *and* ``p < mean(p)``. A group whose probabilities are all equal (to 1e-9, relative) is not pruned;
 * ``{rule: quantile, q: 0.25}`` (a simpler, fit-free rule): drop a path when ``p`` is below the
   ``q``-quantile of the group's ``p`` (linear interpolation). The best path always survives.
 """
@@ -44,6 +45,9 @@ from .internal import InternalReward
 PROBABILITIES = ("mean", "sequence")
 SCORES = ("indicator", "normalized")
 PRUNING_RULES = {"quantile": {"q"}, "weibull": set()}
+MAX_WEIBULL = 1000.0
+"""Upper bound on the fitted Weibull shapes and scales (the authors set none): a group of near-equal
+probabilities otherwise drives a shape to infinity and the fit to NaN."""
 
 
 def path_probability(logps: torch.Tensor, probability: str = "mean") -> float | None:
@@ -89,27 +93,25 @@ def check_pruning(pruning: Any) -> dict | None:
 
 
 def _weibull_log_pdf(x: torch.Tensor, k: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """``log[(k/lam) (x/lam)^(k-1) exp(-(x/lam)^k)]``."""
-    z = x / lam
-    return torch.log(k / lam) + (k - 1) * torch.log(z) - z**k
+    """``log[(k/lam) (x/lam)^(k-1) exp(-(x/lam)^k)]`` (``(x/lam)^k`` capped at ``e^700``: finite everywhere)."""
+    log_z = torch.log(x / lam)
+    return torch.log(k / lam) + (k - 1) * log_z - torch.exp(torch.clamp(k * log_z, max=700.0))
 
 
-def fit_weibull_mixture(p: Sequence[float], steps: int = 100) -> tuple[float, float, float, float, float]:
+def fit_weibull_mixture(p: Sequence[float], steps: int = 50) -> tuple[float, float, float, float, float]:
     """Maximum-likelihood two-component Weibull mixture ``w W(k1, lam1) + (1-w) W(k2, lam2)`` of
     positive values ``p``, with the authors' start and bounds (module docstring); the first
     component is the one with the larger mean ``lam Gamma(1 + 1/k)``. Returns ``(w, k1, lam1, k2, lam2)``."""
     x = torch.tensor(list(p), dtype=torch.float64)
     lo = torch.tensor([0.2, 0.01, 0.01, 0.01, 0.01], dtype=torch.float64)
+    width = torch.tensor([0.6, *[MAX_WEIBULL - 0.01] * 4], dtype=torch.float64)
 
-    def params(u: torch.Tensor) -> torch.Tensor:  # bounded: w in [0.2, 0.8], the rest >= 0.01
-        return torch.cat([0.2 + 0.6 * torch.sigmoid(u[:1]), 0.01 + torch.nn.functional.softplus(u[1:])])
+    def params(u: torch.Tensor) -> torch.Tensor:  # bounded: w in [0.2, 0.8], the rest in [0.01, MAX_WEIBULL]
+        return lo + width * torch.sigmoid(u)
 
-    def unbounded(v: list[float]) -> torch.Tensor:
-        v = torch.tensor(v, dtype=torch.float64) - lo
-        return torch.cat([torch.logit(v[:1] / 0.6), v[1:] + torch.log(-torch.expm1(-v[1:]))])  # softplus^-1
-
-    u = unbounded([0.5, 1.0, 1.0, 1.5, 2.0]).requires_grad_(True)
-    opt = torch.optim.LBFGS([u], max_iter=steps, line_search_fn="strong_wolfe")
+    u = torch.logit((torch.tensor([0.5, 1.0, 1.0, 1.5, 2.0], dtype=torch.float64) - lo) / width).requires_grad_(True)
+    opt = torch.optim.LBFGS([u], max_iter=steps, max_eval=2 * steps, line_search_fn="strong_wolfe")
+    best: list = [math.inf, u.detach().clone()]  # the lowest finite loss seen (L-BFGS can step into NaN on flat fits)
 
     def nll() -> torch.Tensor:
         opt.zero_grad()
@@ -117,23 +119,32 @@ def fit_weibull_mixture(p: Sequence[float], steps: int = 100) -> tuple[float, fl
         both = torch.stack([torch.log(w) + _weibull_log_pdf(x, k1, l1), torch.log1p(-w) + _weibull_log_pdf(x, k2, l2)])
         loss = -torch.logsumexp(both, 0).sum()
         loss.backward()
+        value = float(loss.detach())
+        if math.isfinite(value) and value < best[0] and bool(torch.isfinite(u).all()):
+            best[:] = [value, u.detach().clone()]
         return loss
 
     with torch.enable_grad():
         opt.step(nll)
-    w, k1, l1, k2, l2 = (float(v) for v in params(u.detach()))
+    w, k1, l1, k2, l2 = (float(v) for v in params(best[1]))
     if l1 * math.gamma(1 + 1 / k1) < l2 * math.gamma(1 + 1 / k2):
         w, k1, l1, k2, l2 = 1 - w, k2, l2, k1, l1
     return w, k1, l1, k2, l2
 
 
-def weibull_posterior_high(p: float, w: float, k1: float, lam1: float, k2: float, lam2: float) -> float:
-    """Posterior probability that ``p`` comes from the first (high) component:
-    ``w f1(p) / (w f1(p) + (1-w) f2(p))`` with ``f(p) = (k/lam) (p/lam)^(k-1) exp(-(p/lam)^k)``."""
-    f1 = (k1 / lam1) * (p / lam1) ** (k1 - 1) * math.exp(-((p / lam1) ** k1))
-    f2 = (k2 / lam2) * (p / lam2) ** (k2 - 1) * math.exp(-((p / lam2) ** k2))
-    total = w * f1 + (1 - w) * f2
-    return w * f1 / total if total > 0 else 0.5
+def weibull_posterior_high(p: Sequence[float], w: float, k1: float, lam1: float, k2: float, lam2: float) -> list[float]:
+    """Posterior probability that each ``p`` comes from the first (high) component,
+    ``w f1(p) / (w f1(p) + (1-w) f2(p))`` with ``f(p) = (k/lam) (p/lam)^(k-1) exp(-(p/lam)^k)``, computed in log
+    space (fitted shapes can be large); NaN where both densities vanish.
+
+    >>> [round(v, 4) for v in weibull_posterior_high([0.5], 0.5, 2.0, 1.0, 1.0, 1.0)]  # f1 = e^-0.25, f2 = e^-0.5
+    [0.5622]
+    """
+    x = torch.tensor(list(p), dtype=torch.float64)
+    t = lambda v: torch.tensor(v, dtype=torch.float64)
+    a = math.log(w) + _weibull_log_pdf(x, t(k1), t(lam1))
+    b = math.log1p(-w) + _weibull_log_pdf(x, t(k2), t(lam2))
+    return torch.sigmoid(a - b).tolist()
 
 
 def prune(p: Sequence[float | None], pruning: dict | None) -> list[bool]:
@@ -149,10 +160,15 @@ def prune(p: Sequence[float | None], pruning: dict | None) -> list[bool]:
     if pruning["rule"] == "quantile":
         cut = float(torch.quantile(torch.tensor(finite, dtype=torch.float64), pruning["q"]))
         return [k and v >= cut for k, v in zip(keep, p)]
-    mean = sum(finite) / len(finite)
-    positive = [max(v, 1e-300) for v in finite]
-    fit = fit_weibull_mixture(positive)
-    return [k and not (weibull_posterior_high(max(v, 1e-300), *fit) < 0.5 and v < mean) for k, v in zip(keep, p)]
+    mean = math.fsum(finite) / len(finite)
+    if max(finite) - min(finite) <= 1e-9 * max(finite):  # nothing to separate (and no fit to make)
+        return keep
+    fit = fit_weibull_mixture([max(v, 1e-300) for v in finite])
+    if not all(math.isfinite(v) for v in fit):  # a failed fit prunes nothing
+        return keep
+    high = weibull_posterior_high([max(v, 1e-300) if v is not None else 1.0 for v in p], *fit)
+    # the authors' test ``p_low > p_high and p < mean``; an undefined posterior (NaN) prunes nothing
+    return [k and not (h < 0.5 and v < mean) for k, v, h in zip(keep, p, high)]
 
 
 def cluster_scores(labels: Sequence[int | None], p: Sequence[float | None], keys: Sequence | None = None,

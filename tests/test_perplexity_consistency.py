@@ -141,3 +141,16 @@ def test_picklable():
     reward = PerplexityConsistency(pruning={"rule": "quantile", "q": 0.3})
     again = pickle.loads(pickle.dumps(reward))
     assert again.pruning == {"rule": "quantile", "q": 0.3} and again.__name__ == "perplexity_consistency"
+
+
+@pytest.mark.parametrize("p", [[0.9] * 8, [0.9] * 7 + [0.3], [0.99] * 15 + [0.98], [0.999999] * 3 + [0.2] * 5,
+                               [1e-30, 0.5, 0.5, 0.5], [0.7, 0.7, 0.71, 0.7, 0.69, 0.7, 0.7, 0.7] * 2])
+def test_weibull_pruning_survives_degenerate_groups(p):
+    """Repeated paths (common on small models) make the mixture likelihood unbounded: the fit stays
+    finite, the best path survives, and nothing at or above the mean is pruned."""
+    kept = prune(p, {"rule": "weibull"})
+    assert kept[p.index(max(p))]
+    mean = math.fsum(p) / len(p)
+    assert all(k for k, v in zip(kept, p) if v >= mean)
+    if len(set(p)) > 1:
+        assert all(math.isfinite(v) for v in fit_weibull_mixture(p))
