@@ -154,3 +154,32 @@ def test_weibull_pruning_survives_degenerate_groups(p):
     assert all(k for k, v in zip(kept, p) if v >= mean)
     if len(set(p)) > 1:
         assert all(math.isfinite(v) for v in fit_weibull_mixture(p))
+
+
+def test_self_improvement_with_a_perplexity_consistency_verifier(tmp_path, capsys, tiny_cache):
+    """The self-improvement recipe (dry run: one small round) reads log-probs for the verifier and keeps samples."""
+    from pathlib import Path
+
+    from recipes.cli import main
+    from recipes.self_improve import SelfImproveRecipeConfig, run
+
+    config = Path(__file__).resolve().parent.parent / "configs" / "self_improve" / "tiny_arithmetic.yaml"
+    import trainers.verify as verify
+
+    spy = []
+    original = verify.Verifier.score
+
+    def score(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        spy.append((self.signals, kwargs.get("token_signals"), out))
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(verify.Verifier, "score", score)
+        main("self_improve", SelfImproveRecipeConfig, run,
+             ["--config", str(config), "--dry-run", f"trainer.output_dir={tmp_path / 'out'}",
+              "rewards=[{name: perplexity_consistency, kwargs: {score: indicator}, transform: {scale: 2.0}}]"])
+    assert spy, "the verifier never scored"
+    signals, token_signals, scores = spy[0]
+    assert signals == ("logps",) and token_signals and "logps" in token_signals[0]
+    assert set(scores) <= {0.0, 2.0} and 2.0 in scores
