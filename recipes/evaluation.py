@@ -3,7 +3,8 @@
 Greedy accuracy; sampled accuracy, pass@k (unbiased) and self-consistency over ``num_samples``
 samples; for self-certainty, negative entropy and internal consistency the separation of right
 from wrong sampled answers (Mann-Whitney AUROC and rank-biserial effect size) with a
-reliability table (accuracy per signal quantile); IC-weighted self-consistency (SC+IC).
+reliability table (accuracy per signal quantile); IC-weighted self-consistency (SC+IC); RPC's
+perplexity consistency per sample and the accuracy of the answer it selects.
 """
 
 from __future__ import annotations
