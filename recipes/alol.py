@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from rewards import build_reward
+from rewards import build_reward, with_transform
 from trainers import ALOL_VARIANTS, ALoLConfig, ALoLTrainer
 from trainers.alol_precompute import greedy_responses, policy_prompt_ids
 from trainers.card import rewards_table
@@ -50,7 +50,7 @@ class ALoLRecipeConfig(RecipeConfig):
 
 
 def _rewards(specs: list[RewardSpec]) -> tuple[list, list[float]]:
-    return [build_reward(s.name, **s.kwargs) for s in specs], [s.weight for s in specs]
+    return [with_transform(build_reward(s.name, **s.kwargs), s.transform) for s in specs], [s.weight for s in specs]
 
 
 def eval_data(cfg: ALoLRecipeConfig) -> dict:

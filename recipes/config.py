@@ -25,6 +25,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from rewards import UnknownRewardError, get_reward_class
+from rewards.transform import check_transform
 
 COMMAND_LINE = "command line"
 
@@ -133,6 +134,12 @@ class RewardSpec:
     name: str = field(metadata={"help": "registered reward name or dotted path to a class"})
     weight: float = field(default=1.0, metadata={"help": "weight in the total reward (0: logged only)"})
     kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "keyword arguments of the reward class"})
+    transform: dict[str, Any] | Literal["rank"] | None = field(
+        default=None,
+        metadata={"help": "reshape the reward's values before the weighted sum and the group normalisation: "
+                          "{clip: [lo, hi], scale: s, shift: b} (IRRL's clipped linear form, min(max(s r + b, lo), hi)) "
+                          "or rank (rank within the group, scaled to [0, 1]); null: as is"},
+    )
 
 
 @dataclass
@@ -160,6 +167,11 @@ class EvalConfig:
         default=False,
         metadata={"help": "logit-lens internal consistency of sampled answers: its AUC and, with num_samples > 1, "
                           "IC-weighted self-consistency (SC+IC)"},
+    )
+    perplexity_consistency: bool = field(
+        default=False,
+        metadata={"help": "RPC's perplexity consistency of sampled answers (normalized, no pruning; needs "
+                          "num_samples > 1): its AUC and the PC-selected answer's accuracy (pc_vote_accuracy)"},
     )
     ic_mode: str = field(default="hard", metadata={"help": "internal consistency: hard, soft, candidates, calibrated or calibrated_choices"})
     ic_layers: list[int] | None = field(
@@ -459,6 +471,10 @@ def validate_rewards(rewards: list, origins: dict[tuple, str], section: str = "r
             get_reward_class(values["name"])
         except UnknownRewardError as err:
             raise ConfigError(_origin(origins, f"{section}.{i}.name"), f"{key}.name", str(err)) from None
+        try:
+            check_transform(values.get("transform"))
+        except ValueError as err:
+            raise ConfigError(_origin(origins, f"{section}.{i}.transform"), f"{key}.transform", str(err)) from None
         specs.append(RewardSpec(**values))
     return specs
 
@@ -625,6 +641,10 @@ def check_eval_values(ev: EvalConfig, origins: dict[tuple, str], key: str = "eva
     if ev.backend == "vllm" and not vllm_installed():
         raise ConfigError(_origin(origins, f"{key}.backend"), f"{key}.backend",
                           "vLLM is not installed: pip install -e '.[vllm]' (or set eval.backend=hf)")
+    if ev.perplexity_consistency and (ev.num_samples < 2 or not ev.sampled):
+        raise ConfigError(_origin(origins, f"{key}.perplexity_consistency"), f"{key}.perplexity_consistency",
+                          f"perplexity consistency scores a group of samples: set {key}.sampled=true and "
+                          f"{key}.num_samples > 1 (got {ev.num_samples})")
     modes = [m[3:] for m in LENS_SIGNALS]
     if ev.ic_mode not in modes:
         close = difflib.get_close_matches(ev.ic_mode, modes, n=1)

@@ -103,6 +103,8 @@ def dry_run_overrides(schema: type[RecipeConfig], path: str | os.PathLike, overr
         "trainer.report_to=[]", "trainer.save_strategy='no'", "trainer.logging_steps=1", "trainer.bf16=false",
         "trainer.gradient_checkpointing=false", "trainer.gradient_accumulation_steps=1",
     ]
+    if (raw.get("eval") or {}).get("perplexity_consistency"):  # scores a group: at least two samples
+        out.append("eval.num_samples=2")
     trainer = raw.get("trainer") or {}
     if "num_generations" in fields:
         out += [f"trainer.per_device_train_batch_size={trainer.get('num_generations') or 8}",

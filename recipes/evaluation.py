@@ -4,7 +4,7 @@ Greedy accuracy; sampled accuracy, pass@k (unbiased) and self-consistency over `
 samples; for self-certainty, negative entropy, internal consistency and CLUE (centroids
 cross-fit on the other half of the prompts) the separation of right from wrong sampled answers (Mann-Whitney AUROC and
 rank-biserial effect size) with a reliability table (accuracy per signal quantile); IC-weighted
-self-consistency (SC+IC).
+self-consistency (SC+IC); RPC's perplexity consistency per sample and the accuracy of the answer it selects.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from rewards import InternalConsistency, plurality
+from rewards import InternalConsistency, PerplexityConsistency, plurality
 from rewards.grading import answers_match_many, clusters, final_answers, grade
 from trainers.distributed import Ranks, merge_shards
 from trainers.lens import BATCH_MODES
@@ -137,7 +137,7 @@ def prompt_texts(tokenizer, prompts: list) -> list[str]:
 def internal_signals(model, tokenizer, prompts: list, completion_ids: list[list[int]], *, temperature: float,
                      batch_size: int = 64, certainty: bool = True, entropy: bool = False,
                      consistency: InternalConsistency | None = None, fallback_last_k: int | None = 4,
-                     clue: bool = False) -> dict[str, list]:
+                     clue: bool = False, logps: bool = False) -> dict[str, list]:
     """Per completion of a decoder-only ``model``, read as the RLIF trainer reads them
     (:func:`trainers.signals.token_signal_dicts`, one no-grad pass per batch):
 
@@ -148,12 +148,13 @@ def internal_signals(model, tokenizer, prompts: list, completion_ids: list[list[
       ``candidates`` and ``calibrated`` modes estimate their thresholds over the whole set (the
       paper's dataset-level calibration);
     * ``hidden_delta`` (with ``clue``): CLUE's ``(K, H)`` hidden-state delta over all layers (:mod:`trainers.clue`).
+    * ``logps`` (with ``logps``): the per-token log-probs (1-D tensors), what perplexity consistency reads.
 
     A completion without tokens (or answer positions) gets ``None``, and so does one holding an id
     outside the tokenizer (a padding row of the LM head; its signals are skipped, docs/METHODS.md §6).
     """
     prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts(tokenizer, prompts)]
-    names = ("self_certainty",) * certainty + ("entropy",) * entropy + ("hidden_delta",) * clue
+    names = ("self_certainty",) * certainty + ("entropy",) * entropy + ("hidden_delta",) * clue + ("logps",) * logps
     dicts = token_signal_dicts(model, tokenizer, prompt_ids, completion_ids, prompts, temperature=temperature,
                                signals=names, lens_modes=(consistency.mode,) if consistency else (),
                                lens_layers=consistency.layers if consistency else None, batch_size=batch_size,
@@ -168,7 +169,8 @@ def internal_signals(model, tokenizer, prompts: list, completion_ids: list[list[
     return {"self_certainty": [finite(mean(d["self_certainty"])) for d in dicts] if certainty else [],
             "negative_entropy": [finite(mean(d["entropy"], -1.0)) for d in dicts] if entropy else [],
             "internal_consistency": [finite(consistency.reduce(d)) for d in dicts] if consistency else [],
-            "hidden_delta": [d["hidden_delta"] for d in dicts] if clue else []}
+            "hidden_delta": [d["hidden_delta"] for d in dicts] if clue else [],
+            **({"logps": [d["logps"] for d in dicts]} if logps else {})}
 
 
 def mann_whitney_auc(positive: list[float], negative: list[float]) -> float:
@@ -342,9 +344,13 @@ def _add_signals(model, tokenizer, prompts: list, outputs: list[dict], cfg: Eval
     values = internal_signals(model, tokenizer, [p for p in prompts for _ in range(n)],
                               [i for o in outputs for i in o["ids"]], temperature=cfg.temperature,
                               batch_size=cfg.batch_size, certainty=cfg.self_certainty, entropy=cfg.negative_entropy,
-                              consistency=ic, clue=cfg.clue)
+                              consistency=ic, clue=cfg.clue, logps=cfg.perplexity_consistency)
+    logps = values.pop("logps", None)
     for q, o in enumerate(outputs):
         o["signals"] = {name: v[q * n : (q + 1) * n] for name, v in values.items()}
+        if logps is not None:  # RPC: each question's samples are one group
+            o["signals"]["perplexity_consistency"] = PerplexityConsistency()(
+                [None] * n, o["sampled"], token_signals=[{"logps": t} for t in logps[q * n : (q + 1) * n]])
 
 
 def evaluate_model(model, tokenizer, data: Dataset, cfg: EvalConfig, desc: str = "eval", ranks: Ranks | None = None,
@@ -370,7 +376,8 @@ def evaluate_model(model, tokenizer, data: Dataset, cfg: EvalConfig, desc: str =
     answers = list(data["answer"]) if grade is None else [None] * len(prompts)
     ranks = ranks or Ranks(alone=True)
     ic = InternalConsistency(cfg.ic_mode, cfg.ic_layers) if cfg.internal_consistency else None
-    wants_signals = cfg.sampled and bool(cfg.self_certainty or cfg.negative_entropy or ic or cfg.clue)
+    wants_signals = cfg.sampled and bool(cfg.self_certainty or cfg.negative_entropy or ic or cfg.clue
+                                         or cfg.perplexity_consistency)
     whole_set = ic is not None and ic.mode in BATCH_MODES
     mine = ranks.shard(list(range(len(prompts))))
     parts = ranks.gather_to_main((mine, _outputs(model, tokenizer, [prompts[i] for i in mine], cfg, desc, ic,
@@ -408,7 +415,8 @@ def evaluate_model(model, tokenizer, data: Dataset, cfg: EvalConfig, desc: str =
             report["calibration"] = {}
             for name, prefix, wanted in (("self_certainty", "sc", cfg.self_certainty),
                                          ("negative_entropy", "ne", cfg.negative_entropy),
-                                         ("internal_consistency", "ic", ic is not None)):
+                                         ("internal_consistency", "ic", ic is not None),
+                                         ("perplexity_consistency", "pc", cfg.perplexity_consistency)):
                 if wanted:
                     report.update(separation(signals[name], correct, prefix))
                     report["calibration"][name] = reliability(signals[name], correct)
@@ -419,6 +427,8 @@ def evaluate_model(model, tokenizer, data: Dataset, cfg: EvalConfig, desc: str =
                 report["calibration"]["clue"] = reliability(scores, correct)
             if ic is not None and n > 1 and grade is None:
                 report["ic_vote_accuracy"] = vote_accuracy(texts, answers, n, signals["internal_consistency"])
+            if cfg.perplexity_consistency and n > 1:
+                report["pc_vote_accuracy"] = selected_accuracy(signals["perplexity_consistency"], correct, n)
     return report
 
 

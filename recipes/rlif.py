@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rewards import MathAccuracy, build_reward
+from rewards import MathAccuracy, build_reward, with_transform
 from trainers import RLIFConfig, RLIFTrainer
 from trainers.rlif import group_layout_problem
 
@@ -45,11 +45,11 @@ def build_rewards(cfg: RLIFRecipeConfig, columns: list[str]) -> tuple[list, list
     funcs = []
     for i, spec in enumerate(cfg.rewards):
         try:
-            funcs.append(build_reward(spec.name, **spec.kwargs))
+            funcs.append(with_transform(build_reward(spec.name, **spec.kwargs), spec.transform))
         except (TypeError, ValueError) as err:  # bad keyword arguments: a config error, before any model loads
             raise ConfigError(cfg.source, f"rewards.{i}.kwargs", f"{spec.name}: {err}") from None
     weights = [spec.weight for spec in cfg.rewards]
-    if cfg.log_accuracy and "answer" in columns and not any(isinstance(f, MathAccuracy) for f in funcs):
+    if cfg.log_accuracy and "answer" in columns and not any(isinstance(getattr(f, "reward", f), MathAccuracy) for f in funcs):
         funcs.append(MathAccuracy())
         weights.append(0.0)
     return funcs, weights

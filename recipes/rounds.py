@@ -20,7 +20,7 @@ from pathlib import Path
 
 from datasets import Dataset, load_from_disk
 
-from rewards import build_reward
+from rewards import build_reward, with_transform
 from rewards.grading import answers_match_many, final_answers
 from trainers.distributed import Ranks, merge_shards
 from trainers.lens import BATCH_MODES
@@ -41,7 +41,7 @@ def build_verifier(specs: list[RewardSpec], source: str) -> Verifier:
     funcs = []
     for i, spec in enumerate(specs):
         try:
-            funcs.append(build_reward(spec.name, **spec.kwargs))
+            funcs.append(with_transform(build_reward(spec.name, **spec.kwargs), spec.transform))
         except (TypeError, ValueError) as err:
             raise ConfigError(source, f"rewards.{i}.kwargs", f"{spec.name}: {err}") from None
     if not any(spec.weight for spec in specs):

@@ -14,7 +14,9 @@ from .grading import answers_match, final_answer, grade
 from .group import MajorityVote, SemanticCluster, group_rows, plurality
 from .internal import SIGNALS, InternalReward, NegativeEntropy, SelfCertainty, SequenceLogProb
 from .model import RewardModel
+from .perplexity import PerplexityConsistency
 from .sandbox import LocalSandbox, Result, Sandbox, Test
+from .transform import TransformedReward, with_transform
 
 __all__ = [
     "LENS_SIGNALS",
@@ -28,6 +30,8 @@ __all__ = [
     "Result",
     "Sandbox",
     "Test",
+    "TransformedReward",
+    "with_transform",
     "extract_output_prediction",
     "extract_program",
     "output_prediction_correct",
@@ -39,6 +43,7 @@ __all__ = [
     "MajorityVote",
     "MathAccuracy",
     "NegativeEntropy",
+    "PerplexityConsistency",
     "SelfCertainty",
     "SemanticCluster",
     "SequenceLogProb",

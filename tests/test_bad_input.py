@@ -153,6 +153,22 @@ def k_bad_reward_kwargs(d, m):
     return _write(d / "c.yaml", _rlif(d, m)), ["rewards=[{name: self_certainty, kwargs: {nonsense: 1}}]"]
 
 
+def k_transform_clip_reversed(d, m):
+    return _write(d / "c.yaml", _rlif(d, m)), ["rewards=[{name: self_certainty, transform: {clip: [1, 0]}}]"]
+
+
+def k_transform_unknown_key(d, m):
+    return _write(d / "c.yaml", _rlif(d, m)), ["rewards=[{name: self_certainty, transform: {clamp: [0, 1]}}]"]
+
+
+def k_transform_unknown_name(d, m):
+    return _write(d / "c.yaml", _rlif(d, m)), ["rewards=[{name: self_certainty, transform: ranks}]"]
+
+
+def k_eval_pc_one_sample(d, m):
+    return _write(d / "c.yaml", _rlif(d, m)), ["eval.perplexity_consistency=true", "eval.num_samples=1"]
+
+
 def k_nonexistent_model_path(d, m):
     return _write(d / "c.yaml", _rlif(d, m)), [f"model.name_or_path={d / 'no-such-model'}"]
 
@@ -300,6 +316,10 @@ KINDS = {
     "eval IC layer beyond depth": ("rlif", k_eval_ic_layer_beyond_depth, "eval.ic_layers"),
     "unknown reward": ("rlif", k_unknown_reward, "rewards[0].name"),
     "bad reward kwargs": ("rlif", k_bad_reward_kwargs, "rewards.0.kwargs"),
+    "transform clip lo > hi": ("rlif", k_transform_clip_reversed, "rewards[0].transform"),
+    "transform unknown key": ("rlif", k_transform_unknown_key, "rewards[0].transform"),
+    "transform unknown name": ("rlif", k_transform_unknown_name, "rewards[0].transform"),
+    "eval perplexity consistency with one sample": ("rlif", k_eval_pc_one_sample, "eval.perplexity_consistency"),
     "nonexistent model path": ("rlif", k_nonexistent_model_path, "model.name_or_path"),
     "model dir without config.json": ("rlif", k_model_dir_without_config, "model.name_or_path"),
     "unknown Hub model": ("rlif", k_unknown_hub_model, "model.name_or_path: cannot load the tokenizer"),

@@ -565,6 +565,19 @@ def p_reward_kwargs(h):
     assert funcs[0].mode == "soft" and funcs[0].layers == [1]
 
 
+def p_reward_transform(h):
+    from rewards import TransformedReward
+
+    funcs = h.build("rlif", "rewards=[{name: self_certainty, transform: {clip: [0, 1], scale: 2}}]").kwargs["reward_funcs"]
+    assert isinstance(funcs[0], TransformedReward) and funcs[0].transform == {"clip": (0.0, 1.0), "scale": 2.0, "shift": 0.0}
+    assert funcs[0].__name__ == "self_certainty" and funcs[0].signals == ("self_certainty",)
+
+
+def p_eval_pc(h):
+    report, _, signals = _evaluate(h, "eval.sampled=true", "eval.num_samples=2", "eval.perplexity_consistency=true")
+    assert "pc_auc" in report and "pc_vote_accuracy" in report and signals[0]["logps"]
+
+
 def p_rlif_rewards(h):
     p_reward_name(h)
 
@@ -881,6 +894,7 @@ PROBES = {
     "EvalConfig.ic_layers": p_eval_ic_layers, "EvalConfig.clue": p_eval_clue, "EvalConfig.before_training": p_eval_before, "EvalConfig.seed": p_eval_seed,
     "EvalConfig.every_steps": p_eval_every_steps, "EvalConfig.every_rows": p_eval_every_rows,
     "RewardSpec.name": p_reward_name, "RewardSpec.weight": p_reward_weight, "RewardSpec.kwargs": p_reward_kwargs,
+    "RewardSpec.transform": p_reward_transform, "EvalConfig.perplexity_consistency": p_eval_pc,
     "RLIFRecipeConfig.rewards": p_rlif_rewards, "RLIFRecipeConfig.log_accuracy": p_rlif_log_accuracy,
     "RLIFRecipeConfig.eval_data": p_rlif_eval_data,
     "ALoLRecipeConfig.rewards": p_alol_rewards, "ALoLRecipeConfig.eval_rewards": p_alol_eval_rewards,
