@@ -22,13 +22,13 @@ from trainers import ALOL_VARIANTS, ALoLConfig, ALoLTrainer
 from trainers.alol_precompute import greedy_responses, policy_prompt_ids
 from trainers.distributed import Ranks
 
-from .cli import main
-from .config import ConfigError, DataConfig, RecipeConfig, RewardSpec, check_section, save_config
-from .data import load_split, to_sft_format
-from .evaluation import format_table, write_report
-from .modeling import load_model, load_tokenizer, lora_config
-from .reward_eval import reward_report
-from .training import evaluation_model, held_out, outside_zero3, release, resume_argument
+from .common.cli import main
+from .common.config import ConfigError, DataConfig, RecipeConfig, RewardSpec, check_section, save_config
+from .common.data import load_split, to_sft_format
+from .common.evaluation import format_table, write_report
+from .common.modeling import load_model, load_tokenizer, lora_config
+from .common.reward_eval import reward_report
+from .common.training import evaluation_model, held_out, outside_zero3, release, resume_argument
 
 
 @dataclass

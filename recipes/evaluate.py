@@ -13,11 +13,11 @@ from pathlib import Path
 
 from trainers.distributed import Ranks
 
-from .cli import main
-from .config import ConfigError, RecipeConfig, save_config
-from .data import load_split
-from .evaluation import code_grading, evaluate_model, format_table, read_reports, write_report
-from .modeling import load_model, load_tokenizer, to_device
+from .common.cli import main
+from .common.config import ConfigError, RecipeConfig, save_config
+from .common.data import load_split
+from .common.evaluation import code_grading, evaluate_model, format_table, read_reports, write_report
+from .common.modeling import load_model, load_tokenizer, to_device
 
 
 @dataclass

@@ -22,7 +22,7 @@ from rewards import LENS_SIGNALS, SIGNALS, InternalReward, default_layers, group
 from rewards.grading import answers_match_many, clusters
 from rewards.group import answer_clusters
 
-from .lens import lens_modules
+from trainers.lens import lens_modules
 
 MODES = ("top_k", "threshold", "plurality", "reweight")
 
