@@ -52,9 +52,9 @@ from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
 import trainers.lens as lens_module  # noqa: E402
 import trainers.rlif as rlif_module  # noqa: E402
-from recipes.common.config import DataConfig  # noqa: E402
 from recipes.common.data import load_split  # noqa: E402
 from recipes.common.modeling import resolve_model_path  # noqa: E402
+from recipes.common.schema import DataConfig  # noqa: E402
 from rewards import InternalConsistency, Reward, SelfCertainty  # noqa: E402
 from trainers import RLIFConfig, RLIFTrainer  # noqa: E402
 

@@ -23,11 +23,13 @@ from trainers.alol_precompute import greedy_responses, policy_prompt_ids
 from trainers.distributed import Ranks
 
 from .common.cli import main
-from .common.config import ConfigError, DataConfig, RecipeConfig, RewardSpec, check_section, save_config
+from .common.config import check_section, save_config
 from .common.data import load_split, to_sft_format
+from .common.errors import ConfigError
 from .common.evaluation import format_table, write_report
 from .common.modeling import load_model, load_tokenizer, lora_config
 from .common.reward_eval import reward_report
+from .common.schema import DataConfig, RecipeConfig, RewardSpec
 from .common.training import evaluation_model, held_out, outside_zero3, release, resume_argument
 
 

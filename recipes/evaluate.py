@@ -14,10 +14,12 @@ from pathlib import Path
 from trainers.distributed import Ranks
 
 from .common.cli import main
-from .common.config import ConfigError, RecipeConfig, save_config
+from .common.config import save_config
 from .common.data import load_split
+from .common.errors import ConfigError
 from .common.evaluation import code_grading, evaluate_model, format_table, read_reports, write_report
 from .common.modeling import load_model, load_tokenizer, to_device
+from .common.schema import RecipeConfig
 
 
 @dataclass

@@ -13,8 +13,9 @@ from trainers import RLIFConfig, RLIFTrainer
 from trainers.rlif import group_layout_problem
 
 from .common.cli import main
-from .common.config import ConfigError, DataConfig, RecipeConfig, RewardSpec
 from .common.data import load_split
+from .common.errors import ConfigError
+from .common.schema import DataConfig, RecipeConfig, RewardSpec
 from .common.modeling import (load_model, load_tokenizer, lora_config, model_init_kwargs, quantization_config,
                        resolve_model_path)
 from .common.training import held_out, train_and_evaluate

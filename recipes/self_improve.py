@@ -28,10 +28,12 @@ from trainers.weighted_sft import WeightedSFTTrainer
 
 from .common import rounds
 from .common.cli import main
-from .common.config import ConfigError, DataConfig, RecipeConfig, RewardSpec, save_config
+from .common.config import save_config
 from .common.data import load_split
+from .common.errors import ConfigError
 from .common.evaluation import evaluate_model, format_table
 from .common.modeling import load_model, load_tokenizer, lora_config, model_init_kwargs, to_device
+from .common.schema import DataConfig, RecipeConfig, RewardSpec
 from .common.training import held_out, outside_zero3, release
 
 

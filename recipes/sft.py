@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from trl import SFTConfig, SFTTrainer
 
 from .common.cli import main
-from .common.config import RecipeConfig
 from .common.data import load_split, to_sft_format
 from .common.modeling import load_model, load_tokenizer, lora_config
+from .common.schema import RecipeConfig
 from .common.training import held_out, train_and_evaluate
 
 

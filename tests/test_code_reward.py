@@ -9,7 +9,7 @@ import pickle
 import pytest
 
 import recipes.common.evaluation as evaluation
-from recipes.common.config import EvalConfig
+from recipes.common.schema import EvalConfig
 from recipes.common.tiny import resolve_tiny_dataset
 from recipes.common.tiny.code import OUTPUT_PREDICTION, PROBLEMS
 from rewards import CodeAccuracy, build_reward, extract_output_prediction, extract_program, output_prediction_correct

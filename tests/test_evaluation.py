@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from recipes.common.config import DataConfig, EvalConfig, ModelConfig
 from recipes.common.data import load_split
 from recipes.common.evaluation import evaluate_model, internal_signals, separation, vote_accuracy
 from recipes.common.modeling import load_model, load_tokenizer
+from recipes.common.schema import DataConfig, EvalConfig, ModelConfig
 from rewards import InternalConsistency
 from trainers.lens import LogitLens, locate_answers
 from trainers.signals import pack_prompt_completion
@@ -143,7 +143,7 @@ def test_compare_and_plots_from_recorded_runs(tmp_path, capsys):
 
 
 def test_hub_dataset_falls_back_to_a_local_copy(tmp_path, caplog):
-    from recipes.common.config import DataConfig
+    from recipes.common.schema import DataConfig
 
     local = tmp_path / "gsm8k_test.jsonl"
     local.write_text('{"question": "1+1?", "answer": "so 2.\\n#### 2"}\n')

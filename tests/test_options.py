@@ -22,7 +22,9 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from recipes.common.config import ConfigError, RecipeConfig, load_config
+from recipes.common.config import load_config
+from recipes.common.errors import ConfigError
+from recipes.common.schema import RecipeConfig
 
 MODEL = "tiny://qwen2?layers=2&hidden=64&intermediate=256"
 RECIPES = ("rlif", "sft", "alol", "decred", "self_improve", "evaluate")
@@ -173,7 +175,7 @@ def _pretend_gpu(h: Harness) -> None:
 
 
 def _quantized(h: Harness, **fields):
-    from recipes.common.config import QuantizationSection
+    from recipes.common.schema import QuantizationSection
 
     cfg = h.config("rlif", "peft={r: 2}", "trainer.bf16=false", "trainer.use_cpu=true")
     cfg.model.quantization = QuantizationSection(**fields)  # validated above without it: CPU refuses 4-bit

@@ -14,8 +14,8 @@ from datasets import Dataset
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from recipes.common.config import EvalConfig
 from recipes.common.evaluation import evaluate_model, internal_signals
+from recipes.common.schema import EvalConfig
 from rewards import InternalConsistency, NegativeEntropy, SelfCertainty
 from trainers import RLIFConfig, RLIFTrainer
 from trainers.lens import answer_token_indices

@@ -81,7 +81,7 @@ def load_as_written(path: str):
     """A paper config through the project's loader, as on the machine it was written for: its
     ``model.quantization`` (QLoRA) is refused here without a GPU (tests/test_bad_input.py checks
     that), which is right for a run and wrong for reading the file."""
-    import recipes.common.config as config
+    import recipes.common.checks as config
 
     recipe = CONFIG_LINE.match(f"Config: `{path}`").group(2)
     with pytest.MonkeyPatch.context() as mp:

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from recipes.common.config import ModelConfig
 from recipes.common.modeling import load_model, load_tokenizer
+from recipes.common.schema import ModelConfig
 from recipes.common.tiny import TinyURIError, parse_model_uri, resolve_tiny_dataset, resolve_tiny_model
 from recipes.common.tiny.models import TinyModelSpec, build_tiny_model
 from recipes.common.tiny.tasks import ArithmeticSpec, arithmetic_dataset

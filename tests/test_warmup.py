@@ -3,10 +3,10 @@
 import json
 from pathlib import Path
 
-from recipes.common.config import DataConfig, EvalConfig, ModelConfig
 from recipes.common.data import load_split
 from recipes.common.evaluation import evaluate_model
 from recipes.common.modeling import load_model, load_tokenizer
+from recipes.common.schema import DataConfig, EvalConfig, ModelConfig
 from recipes.common.tiny import resolve_tiny_model
 from recipes.common.tiny.uri import _key, parse_model_uri
 from tests.conftest import TEST_WARMUP

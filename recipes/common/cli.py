@@ -13,8 +13,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import ConfigError, RecipeConfig, load_config
+from .config import load_config
 from .dry_run import dry_run_overrides
+from .errors import ConfigError
+from .schema import RecipeConfig
 
 
 def parse_args(prog: str, argv: list[str] | None = None) -> argparse.Namespace:

@@ -22,7 +22,7 @@ from trainers.distributed import Ranks, merge_shards
 from trainers.lens import BATCH_MODES
 from trainers.signals import token_signal_dicts
 
-from .config import EvalConfig
+from .schema import EvalConfig
 
 
 @torch.no_grad()

@@ -27,9 +27,10 @@ from trainers.lens import BATCH_MODES
 from trainers.signals import token_signal_dicts
 from .verify import Verifier, ds_filter, ds_weights, gap_metrics, nile_filter, select
 
-from .config import ConfigError, RewardSpec
 from .data import to_sft_format
+from .errors import ConfigError
 from .evaluation import generate, prompt_texts
+from .schema import RewardSpec
 
 logger = logging.getLogger("intrinsic")
 

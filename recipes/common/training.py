@@ -10,10 +10,11 @@ from datasets import Dataset
 
 from trainers.distributed import Ranks
 
-from .config import RecipeConfig, save_config
+from .config import save_config
 from .data import load_split
 from .evaluation import evaluate_model, format_table, write_report
 from .modeling import load_model, model_init_kwargs, to_device
+from .schema import RecipeConfig
 
 
 def resume_argument(args) -> bool | str | None:
