@@ -29,7 +29,7 @@ from rewards import UnknownRewardError, get_reward_class
 
 from .checks import check_paths, check_values
 from .errors import COMMAND_LINE, ConfigError, key_parts, origin_of, section_named
-from .schema import RecipeConfig, RewardSpec, describe, type_hints
+from .schema import RecipeConfig, RewardSpec, dataclass_in, describe, type_hints
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,7 +176,7 @@ def check_section(section: dict, cls: type, key: str, origins: dict[tuple, str],
                 origin_of(origins, path), path, f"unknown key for {cls.__name__}", f"{key + '.' if key else ''}{close[0]}" if close else None
             )
         tp = hints.get(name, Any)
-        inner = _dataclass_in(tp)
+        inner = dataclass_in(tp)
         if inner is not None and isinstance(value, dict):
             out[name] = check_section(value, inner, path, origins)
             continue
@@ -193,21 +193,11 @@ def check_section(section: dict, cls: type, key: str, origins: dict[tuple, str],
     return out
 
 
-def _dataclass_in(tp: Any) -> type | None:
-    """The dataclass inside ``tp`` (``X`` or ``X | None``), if any."""
-    if dataclasses.is_dataclass(tp):
-        return tp
-    for arg in typing.get_args(tp):
-        if dataclasses.is_dataclass(arg):
-            return arg
-    return None
-
-
 def _build(cls: type, values: dict) -> Any:
     hints = type_hints(cls)
     kwargs = {}
     for name, value in values.items():
-        inner = _dataclass_in(hints.get(name, Any))
+        inner = dataclass_in(hints.get(name, Any))
         kwargs[name] = _build(inner, value) if inner is not None and isinstance(value, dict) else value
     return cls(**kwargs)
 
@@ -273,24 +263,33 @@ def load_config(schema: type[RecipeConfig], path: str | os.PathLike, overrides: 
     return cfg
 
 
-def save_config(cfg: RecipeConfig, directory: str | os.PathLike) -> Path:
-    """Write the resolved config as ``config.yaml`` so the run can be repeated exactly."""
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+def config_yaml(cfg: RecipeConfig, trainer: dict | None = None) -> str:
+    """The resolved config as YAML, every section with its defaults (not ``source``); ``trainer:``
+    as given in ``trainer`` (``--print-config``: the merged, resolved section, which loads back to
+    the same TRL config) or else every plain value of the built TRL config (``config.yaml``)."""
     data = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if f.name == "source":
             continue
-        if f.name == "trainer" and hasattr(value, "to_dict"):
+        if f.name == "trainer" and trainer is not None:
+            value = trainer
+        elif f.name == "trainer" and hasattr(value, "to_dict"):
             value = {k: v for k, v in value.to_dict().items() if _plain(v)}
         elif dataclasses.is_dataclass(value):
             value = dataclasses.asdict(value)
         elif isinstance(value, list):
             value = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
         data[f.name] = value
+    return OmegaConf.to_yaml(OmegaConf.create(data))
+
+
+def save_config(cfg: RecipeConfig, directory: str | os.PathLike) -> Path:
+    """Write the resolved config as ``config.yaml`` so the run can be repeated exactly."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
     path = out / "config.yaml"
-    OmegaConf.save(OmegaConf.create(data), path)
+    path.write_text(config_yaml(cfg))
     return path
 
 

@@ -162,6 +162,7 @@ class RecipeConfig:
 
 
 def type_hints(cls: type) -> dict[str, Any]:
+    """Field name -> type annotation of dataclass ``cls`` (``from __future__`` strings resolved)."""
     try:
         return typing.get_type_hints(cls)
     except Exception:  # unresolvable forward references: fall back to raw annotations
@@ -186,3 +187,88 @@ def describe(tp: Any) -> str:
     if dataclasses.is_dataclass(tp):
         return f"a {tp.__name__} section"
     return getattr(tp, "__name__", str(tp))
+
+
+def dataclass_in(tp: Any) -> type | None:
+    """The dataclass inside ``tp`` (``X``, ``X | None`` or ``list[X]``), if any."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in typing.get_args(tp):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _shown(value: Any) -> str:
+    """A default as YAML writes it: ``null``, ``true``, ``'nf4'``, ``[]``."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return repr(value.value if isinstance(value, enum.Enum) else value)
+
+
+def _default(f: dataclasses.Field) -> str | None:
+    """``default: x``, ``required``, or ``None`` for a section whose keys are listed one by one."""
+    if f.default is not dataclasses.MISSING:
+        return f"default: {_shown(f.default)}"
+    if f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+        return None if dataclasses.is_dataclass(value) else f"default: {_shown(value)}"
+    return "required"
+
+
+def _entry(key: str, text: str, indent: int, width: int = 100) -> list[str]:
+    """``key`` in a column, ``text`` wrapped beside it (or below it, if the key is long)."""
+    column, head = indent + 26, " " * indent + key
+    if len(head) >= column - 1:
+        return [head] + textwrap.wrap(text, width, initial_indent=" " * column, subsequent_indent=" " * column)
+    return textwrap.wrap(text, width, initial_indent=head.ljust(column), subsequent_indent=" " * column) or [head]
+
+
+def section_help(cls: type, indent: int = 2) -> list[str]:
+    """One entry per field of dataclass ``cls``: its help, type and default; nested sections below their key."""
+    hints, lines = type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp, help_text = hints.get(f.name, Any), f.metadata.get("help", "")
+        notes = "; ".join(n for n in (describe(tp), _default(f)) if n)
+        lines += _entry(f.name, f"{help_text} [{notes}]" if help_text else f"[{notes}]", indent)
+        inner = dataclass_in(tp)
+        if inner is not None:
+            lines += section_help(inner, indent + 2)
+    return lines
+
+
+def trainer_help(trainer_class: type, indent: int = 2) -> list[str]:
+    """The fields of a TRL config class: default and the first sentence of TRL's help for each."""
+    lines = []
+    for f in dataclasses.fields(trainer_class):
+        if not f.init or f.name.startswith("_"):
+            continue
+        first = " ".join((f.metadata.get("help") or "").split()).split(". ")[0].rstrip(".")
+        lines += _entry(f.name, f"{first} [{_default(f) or 'default: a new ' + f.name}]", indent)
+    return lines
+
+
+def schema_help(schema: type[RecipeConfig]) -> str:
+    """The config sections of a recipe for ``--help``: every key with its help, type and default
+    (as TRL's ``HfArgumentParser`` lists fields), then the ``trainer:`` section's TRL fields."""
+    hints, lines = type_hints(schema), ["config sections (YAML keys; on the command line: section.key=value):", ""]
+    trainer = schema.trainer_class
+    for f in dataclasses.fields(schema):
+        if f.name == "trainer" or not f.init:
+            continue
+        notes = "; ".join(n for n in (describe(hints.get(f.name, Any)), _default(f)) if n)
+        lines += _entry(f"{f.name}:", f"{f.metadata.get('help', '')} [{notes}]", 0)
+        inner = dataclass_in(hints.get(f.name, Any))
+        if inner is not None:
+            lines += section_help(inner)
+    if trainer is None:
+        lines += ["", "trainer: none (this recipe trains nothing)"]
+    else:
+        trl = next((c for c in trainer.__mro__ if c.__module__.startswith("trl.")), trainer)
+        what = f"{trainer.__module__}.{trainer.__name__}" + (f", a {trl.__name__}" if trl is not trainer else "")
+        lines += ["", *textwrap.wrap(f"trainer: any field of TRL's config class for this recipe ({what}); each "
+                                     "with its default and the first sentence of its help:", 100)]
+        lines += trainer_help(trainer)
+    return "\n".join(lines)
