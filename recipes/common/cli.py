@@ -35,6 +35,11 @@ class Command:
     help: str
     run: Callable[[list[str]], object]
 
+    @property
+    def dest(self) -> str:
+        """The flag's attribute in the parsed arguments (``--compare`` -> ``compare``)."""
+        return self.flag.lstrip("-").replace("-", "_")
+
 
 def description(prog: str) -> str:
     """The first paragraph of the recipe module's docstring."""
@@ -59,7 +64,7 @@ def parse_args(prog: str, schema: type[RecipeConfig], argv: list[str] | None = N
         parser.add_argument(command.flag, metavar=command.metavar, nargs="+", help=command.help)
     parser.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, e.g. trainer.learning_rate=1e-6")
     args = parser.parse_args(argv)
-    given = [c for c in commands if getattr(args, c.flag.lstrip("-").replace("-", "_")) is not None]
+    given = [c for c in commands if getattr(args, c.dest) is not None]
     args.command = given[0] if given else None
     if args.command is None and args.config is None:
         parser.error("the following arguments are required: --config")
@@ -82,7 +87,7 @@ def main(prog: str, schema: type[RecipeConfig], run: Callable[[RecipeConfig], ob
     config errors exit with code 2."""
     args = parse_args(prog, schema, argv, commands)
     if args.command is not None:
-        return args.command.run(getattr(args, args.command.flag.lstrip("-").replace("-", "_")))
+        return args.command.run(getattr(args, args.command.dest))
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
