@@ -224,15 +224,17 @@ def _entry(key: str, text: str, indent: int, width: int = 100) -> list[str]:
     return textwrap.wrap(text, width, initial_indent=head.ljust(column), subsequent_indent=" " * column) or [head]
 
 
-def section_help(cls: type, indent: int = 2) -> list[str]:
-    """One entry per field of dataclass ``cls``: its help, type and default; nested sections below their key."""
+def section_help(cls: type, indent: int = 2, skip: tuple[str, ...] = ()) -> list[str]:
+    """One entry per field of dataclass ``cls`` (but ``skip``): its help, type and default; a nested
+    section's keys below it. At ``indent`` 0 the fields are the top-level sections (``model:``)."""
     hints, lines = type_hints(cls), []
     for f in dataclasses.fields(cls):
-        if not f.init:
+        if not f.init or f.name in skip:
             continue
         tp, help_text = hints.get(f.name, Any), f.metadata.get("help", "")
         notes = "; ".join(n for n in (describe(tp), _default(f)) if n)
-        lines += _entry(f.name, f"{help_text} [{notes}]" if help_text else f"[{notes}]", indent)
+        key = f"{f.name}:" if indent == 0 else f.name
+        lines += _entry(key, f"{help_text} [{notes}]" if help_text else f"[{notes}]", indent)
         inner = dataclass_in(tp)
         if inner is not None:
             lines += section_help(inner, indent + 2)
@@ -246,23 +248,17 @@ def trainer_help(trainer_class: type, indent: int = 2) -> list[str]:
         if not f.init or f.name.startswith("_"):
             continue
         first = " ".join((f.metadata.get("help") or "").split()).split(". ")[0].rstrip(".")
-        lines += _entry(f.name, f"{first} [{_default(f) or 'default: a new ' + f.name}]", indent)
+        default = _default(f) or f"default: a {type(f.default_factory()).__name__}"
+        lines += _entry(f.name, f"{first} [{default}]", indent)
     return lines
 
 
 def schema_help(schema: type[RecipeConfig]) -> str:
     """The config sections of a recipe for ``--help``: every key with its help, type and default
     (as TRL's ``HfArgumentParser`` lists fields), then the ``trainer:`` section's TRL fields."""
-    hints, lines = type_hints(schema), ["config sections (YAML keys; on the command line: section.key=value):", ""]
+    lines = ["config sections (YAML keys; on the command line: section.key=value):", ""]
+    lines += section_help(schema, indent=0, skip=("trainer",))
     trainer = schema.trainer_class
-    for f in dataclasses.fields(schema):
-        if f.name == "trainer" or not f.init:
-            continue
-        notes = "; ".join(n for n in (describe(hints.get(f.name, Any)), _default(f)) if n)
-        lines += _entry(f"{f.name}:", f"{f.metadata.get('help', '')} [{notes}]", 0)
-        inner = dataclass_in(hints.get(f.name, Any))
-        if inner is not None:
-            lines += section_help(inner)
     if trainer is None:
         lines += ["", "trainer: none (this recipe trains nothing)"]
     else:
