@@ -41,17 +41,20 @@ class Command:
         return self.flag.lstrip("-").replace("-", "_")
 
 
-def description(prog: str) -> str:
-    """The first paragraph of the recipe module's docstring."""
+def description(prog: str, schema: type[RecipeConfig]) -> str:
+    """The first paragraph of the recipe module's docstring (a recipe outside ``recipes/``: its schema's)."""
     module = sys.modules.get("__main__")
     if getattr(getattr(module, "__spec__", None), "name", None) != f"recipes.{prog}":
-        module = importlib.import_module(f"recipes.{prog}")
+        try:
+            module = importlib.import_module(f"recipes.{prog}")
+        except ModuleNotFoundError:
+            module = schema
     return (module.__doc__ or "").strip().split("\n\n")[0]
 
 
 def parse_args(prog: str, schema: type[RecipeConfig], argv: list[str] | None = None,
                commands: tuple[Command, ...] = ()) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=f"python -m recipes.{prog}", description=description(prog),
+    parser = argparse.ArgumentParser(prog=f"python -m recipes.{prog}", description=description(prog, schema),
                                      epilog=schema_help(schema), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="FILE", required=not commands, help="recipe YAML file")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for config errors")
