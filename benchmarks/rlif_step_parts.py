@@ -52,9 +52,9 @@ from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
 import trainers.lens as lens_module  # noqa: E402
 import trainers.rlif as rlif_module  # noqa: E402
-from recipes.config import DataConfig  # noqa: E402
-from recipes.data import load_split  # noqa: E402
-from recipes.modeling import resolve_model_path  # noqa: E402
+from recipes.common.data import load_split  # noqa: E402
+from recipes.common.modeling import resolve_model_path  # noqa: E402
+from recipes.common.schema import DataConfig  # noqa: E402
 from rewards import InternalConsistency, Reward, SelfCertainty  # noqa: E402
 from trainers import RLIFConfig, RLIFTrainer  # noqa: E402
 
@@ -71,7 +71,7 @@ def qwen05b_dir(directory: Path) -> str:
     """A random-init Qwen2.5-0.5B-shaped model (24 x 896, V = 151,936), every head row a token."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from recipes.tiny.tokenizer import build_char_tokenizer
+    from recipes.common.tiny.tokenizer import build_char_tokenizer
 
     vocab = 151_936
     tok = build_char_tokenizer(model_max_length=2048, vocab_size=vocab)

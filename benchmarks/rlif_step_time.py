@@ -29,9 +29,9 @@ from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from recipes.config import DataConfig  # noqa: E402
-from recipes.data import load_split  # noqa: E402
-from recipes.modeling import resolve_model_path  # noqa: E402
+from recipes.common.data import load_split  # noqa: E402
+from recipes.common.modeling import resolve_model_path  # noqa: E402
+from recipes.common.schema import DataConfig  # noqa: E402
 from rewards import InternalConsistency, Reward, SelfCertainty  # noqa: E402
 from trainers import RLIFConfig, RLIFTrainer  # noqa: E402
 

@@ -23,13 +23,15 @@ from trainers.alol_precompute import greedy_responses, policy_prompt_ids
 from trainers.card import rewards_table
 from trainers.distributed import Ranks
 
-from .cli import main
-from .config import ConfigError, DataConfig, RecipeConfig, RewardSpec, check_section, save_config
-from .data import load_split, to_sft_format
-from .evaluation import format_table, write_report
-from .modeling import load_model, load_tokenizer, lora_config
-from .reward_eval import reward_report
-from .training import card_sections, evaluation_model, held_out, outside_zero3, release, resume_argument
+from .common.cli import main
+from .common.config import check_section, save_config
+from .common.data import load_split, to_sft_format
+from .common.errors import ConfigError
+from .common.evaluation import format_table, write_report
+from .common.modeling import load_model, load_tokenizer, lora_config
+from .common.reward_eval import reward_report
+from .common.schema import DataConfig, RecipeConfig, RewardSpec
+from .common.training import card_sections, evaluation_model, held_out, outside_zero3, release, resume_argument
 
 
 @dataclass
@@ -89,7 +91,7 @@ def reports_of(model, trainer, tokenizer, tests: dict, rewards, weights, cfg: AL
 def evaluate_during_training(trainer, tokenizer, tests: dict, rewards, weights, cfg: ALoLRecipeConfig) -> None:
     """``eval.every_steps``: the reward report of the first ``eval.every_rows`` rows of every test set, logged
     as ``eval_<metric>`` (``eval_<label>/<metric>`` with several test sets)."""
-    from .periodic_eval import EvaluateEverySteps, held_out_slice
+    from .common.periodic_eval import EvaluateEverySteps, held_out_slice
 
     rows = {label: held_out_slice(data, cfg.eval.every_rows) for label, data in tests.items()}
 

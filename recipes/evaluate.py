@@ -7,18 +7,19 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from trainers.distributed import Ranks
 
-from .cli import main
-from .config import ConfigError, RecipeConfig, save_config
-from .data import load_split
-from .evaluation import (check_backend, code_grading, engine_for, evaluate_model, format_table, read_reports,
-                         release_engine, write_report)
-from .modeling import load_model, load_tokenizer, to_device
+from .common.cli import Command, main
+from .common.config import save_config
+from .common.data import load_split
+from .common.errors import ConfigError
+from .common.evaluation import (check_backend, code_grading, engine_for, evaluate_model, format_table, read_reports,
+                                release_engine, write_report)
+from .common.modeling import load_model, load_tokenizer, to_device
+from .common.schema import RecipeConfig
 
 
 @dataclass
@@ -76,8 +77,12 @@ def compare(paths: list[str]) -> str:
     return format_table(rows)
 
 
+def print_comparison(paths: list[str]) -> None:
+    print(compare(paths))
+
+
+COMPARE = Command("--compare", "RUN", "print the eval.json files (or run directories) given side by side as one "
+                                     "table, rows <run>/<label>; needs no --config", print_comparison)
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--compare"]:
-        print(compare(sys.argv[2:]))
-    else:
-        main("evaluate", EvaluateRecipeConfig, run)
+    main("evaluate", EvaluateRecipeConfig, run, commands=(COMPARE,))

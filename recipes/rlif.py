@@ -12,12 +12,13 @@ from rewards import MathAccuracy, build_reward, with_transform
 from trainers import RLIFConfig, RLIFTrainer
 from trainers.rlif import group_layout_problem
 
-from .cli import main
-from .config import ConfigError, DataConfig, RecipeConfig, RewardSpec
-from .data import load_split
-from .modeling import (load_model, load_tokenizer, lora_config, model_init_kwargs, quantization_config,
+from .common.cli import main
+from .common.data import load_split
+from .common.errors import ConfigError
+from .common.schema import DataConfig, RecipeConfig, RewardSpec
+from .common.modeling import (load_model, load_tokenizer, lora_config, model_init_kwargs, quantization_config,
                        resolve_model_path)
-from .training import held_out, train_and_evaluate
+from .common.training import held_out, train_and_evaluate
 
 
 @dataclass

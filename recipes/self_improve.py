@@ -26,13 +26,15 @@ from trl import SFTConfig
 from trainers.distributed import Ranks
 from trainers.weighted_sft import WeightedSFTTrainer
 
-from . import rounds
-from .cli import main
-from .config import ConfigError, DataConfig, RecipeConfig, RewardSpec, save_config
-from .data import load_split
-from .evaluation import check_backend, engine_for, evaluate_model, format_table, release_engine
-from .modeling import load_model, load_tokenizer, lora_config, model_init_kwargs, to_device
-from .training import held_out, outside_zero3, release
+from .common import rounds
+from .common.cli import main
+from .common.config import save_config
+from .common.data import load_split
+from .common.errors import ConfigError
+from .common.evaluation import check_backend, engine_for, evaluate_model, format_table, release_engine
+from .common.modeling import load_model, load_tokenizer, lora_config, model_init_kwargs, to_device
+from .common.schema import DataConfig, RecipeConfig, RewardSpec
+from .common.training import held_out, outside_zero3, release
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from recipes.cli import main
+from recipes.common.cli import main
 
 HEADER = """\
 model: {{name_or_path: "{model}", dtype: float32}}
@@ -32,7 +32,7 @@ trainer: {{learning_rate: 1.0e-5, max_steps: 1, per_device_train_batch_size: 4, 
 @pytest.fixture(scope="module")
 def junk_model(tmp_path_factory, tiny_cache) -> Path:
     """A tiny Qwen2 directory (config, tokenizer) whose weights cannot be loaded."""
-    from recipes.tiny import resolve_tiny_model
+    from recipes.common.tiny import resolve_tiny_model
 
     source = Path(resolve_tiny_model("tiny://qwen2?layers=2&hidden=64&intermediate=256"))
     target = tmp_path_factory.mktemp("junk") / "model"

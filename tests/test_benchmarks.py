@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from recipes.__main__ import CONFIGS
-from recipes.cli import main
-from recipes.config import ChoicesSection, DataConfig, EvalConfig, load_raw
+from recipes.common.cli import main
+from recipes.common.config import load_raw
+from recipes.common.schema import ChoicesSection, DataConfig, EvalConfig
 from recipes.evaluate import EvaluateRecipeConfig, run
 from rewards.choice import extract_choice
 from tests.fake_vllm import fake_vllm_module
@@ -73,7 +74,7 @@ def test_extract_choice_respects_the_letters():
 def test_choice_order_is_pinned():
     """The documented rule, ``random.Random(f"{seed}:{i}").shuffle(range(n))``, with its values pinned:
     a change of the rule (or of Python's string seeding) changes every GPQA number and must be seen."""
-    from recipes.data import choice_order
+    from recipes.common.data import choice_order
 
     assert [choice_order(0, i, 4) for i in range(4)] == [[2, 3, 1, 0], [3, 2, 0, 1], [2, 0, 1, 3], [0, 1, 3, 2]]
     reference = list(range(4))
@@ -84,14 +85,14 @@ def test_choice_order_is_pinned():
 def test_gold_letters_spread_over_a_to_d():
     """GPQA lists the correct option first; after the shuffle each letter is gold for about a quarter
     of the 198 GPQA-Diamond rows (binomial: 49.5 +- 6.1; 30..70 is > 3 sd)."""
-    from recipes.data import choice_order
+    from recipes.common.data import choice_order
 
     counts = Counter("ABCD"[choice_order(0, i, 4).index(0)] for i in range(198))
     assert set(counts) == set("ABCD") and all(30 <= c <= 70 for c in counts.values()), counts
 
 
 def test_shuffled_rows_keep_every_option_and_point_at_the_correct_one():
-    from recipes.data import load_split, read_split
+    from recipes.common.data import load_split, read_split
 
     cfg = DataConfig(path="tiny://gpqa", split="train", columns={"question": "Question"}, choices=GPQA_CHOICES,
                      prompt=LISTING)
@@ -110,7 +111,7 @@ def test_shuffled_rows_keep_every_option_and_point_at_the_correct_one():
 
 
 def test_max_rows_keeps_the_order_of_the_rows_it_keeps():
-    from recipes.data import load_split
+    from recipes.common.data import load_split
 
     cfg = DataConfig(path="tiny://gpqa", columns={"question": "Question"}, choices=GPQA_CHOICES, prompt=LISTING)
     assert load_split(cfg, "train", max_rows=3).to_list() == load_split(cfg, "train").to_list()[:3]
@@ -122,14 +123,14 @@ def test_max_rows_keeps_the_order_of_the_rows_it_keeps():
 
 
 def _gpqa_cfg(tmp_path, *overrides):
-    from recipes.config import load_config
+    from recipes.common.config import load_config
 
     return load_config(EvaluateRecipeConfig, CONFIGS / "evaluate" / "tiny_gpqa.yaml",
                        [f"output_dir={tmp_path / 'out'}", *overrides])
 
 
 def _answering(choose):
-    """A stand-in for ``recipes.evaluation.generate`` whose completions state ``choose(prompt)``."""
+    """A stand-in for ``recipes.common.evaluation.generate`` whose completions state ``choose(prompt)``."""
     def generate(model, tokenizer, prompts, *, num_return_sequences=1, **kwargs):
         texts = [f"Reasoning.\nThe answer is ({choose(p)})" for p in prompts for _ in range(num_return_sequences)]
         return texts, [[1, 2] for _ in texts]
@@ -138,7 +139,7 @@ def _answering(choose):
 
 def _gold_letter(prompt: str) -> str:
     """The letter listing the correct option of a tiny://gpqa prompt (looked up in the fixture)."""
-    from recipes.tiny.choice import QUESTIONS
+    from recipes.common.tiny.choice import QUESTIONS
 
     question = prompt.split("\n")[0]
     right = next(r for q, r, _ in QUESTIONS if q == question)
@@ -148,8 +149,8 @@ def _gold_letter(prompt: str) -> str:
 def test_choice_grader_scores_right_and_wrong_letters(tmp_path, monkeypatch):
     """Through the evaluate recipe (data.choices, the prompt, the grader, pass@k, the letter vote): a
     generator that names the gold letter scores 1, one that always says A scores the share of gold A."""
-    import recipes.evaluation as evaluation
-    from recipes.data import load_split
+    import recipes.common.evaluation as evaluation
+    from recipes.common.data import load_split
 
     cfg = _gpqa_cfg(tmp_path, "eval.self_certainty=false", "eval.negative_entropy=false")
     gold = list(load_split(cfg.data, "test")["answer"])
@@ -237,8 +238,8 @@ def test_vllm_backend_refused_without_vllm(tmp_path, monkeypatch, capsys):
 
 
 def _tokenizer():
-    from recipes.config import ModelConfig
-    from recipes.modeling import load_tokenizer
+    from recipes.common.schema import ModelConfig
+    from recipes.common.modeling import load_tokenizer
 
     return load_tokenizer(ModelConfig("tiny://qwen2?layers=2&hidden=64&intermediate=256"))
 
@@ -246,7 +247,7 @@ def _tokenizer():
 def test_vllm_sampling_parameters_and_outputs(monkeypatch):
     """generate_vllm: the prompt tokens as transformers would see them, greedy as temperature 0, the
     sampled call with n, temperature, top_p, max_tokens and a seed per prompt; ids cut after EOS."""
-    from recipes.evaluation import generate_vllm, prompt_texts
+    from recipes.common.evaluation import generate_vllm, prompt_texts
 
     tok = _tokenizer()
     eos = tok.eos_token_id
@@ -271,9 +272,9 @@ def test_vllm_sampling_parameters_and_outputs(monkeypatch):
 def test_vllm_backend_in_the_evaluate_recipe(tmp_path, monkeypatch):
     """The recipe builds one vllm.LLM from the model's directory (a tiny URI resolved), generates
     with it (transformers' generate is not called) and reads the signals with the transformers model."""
-    import recipes.evaluation as evaluation
-    from recipes.config import load_config
-    from recipes.tiny import resolve_tiny_model
+    import recipes.common.evaluation as evaluation
+    from recipes.common.config import load_config
+    from recipes.common.tiny import resolve_tiny_model
 
     tok = _tokenizer()
     fake = fake_vllm_module(tok("Answer: B", add_special_tokens=False)["input_ids"] + [tok.eos_token_id], "Answer: B")
@@ -289,7 +290,7 @@ def test_vllm_backend_in_the_evaluate_recipe(tmp_path, monkeypatch):
     assert [p.kwargs["temperature"] for p in greedy[1]] == [0.0] * 4
     assert [(p.kwargs["n"], p.kwargs["temperature"], p.kwargs["seed"]) for p in sampled[1]] == \
         [(4, 0.7, 5 + i) for i in range(4)]
-    from recipes.data import load_split
+    from recipes.common.data import load_split
 
     share_b = list(load_split(cfg.data, "test")["answer"]).count("B") / 4
     assert report["greedy_accuracy"] == report["sampled_accuracy"] == share_b
@@ -297,8 +298,8 @@ def test_vllm_backend_in_the_evaluate_recipe(tmp_path, monkeypatch):
 
 
 def test_vllm_engine_after_training_reads_the_saved_directory(monkeypatch, tmp_path):
-    from recipes.config import ModelConfig
-    from recipes.evaluation import engine_for
+    from recipes.common.schema import ModelConfig
+    from recipes.common.evaluation import engine_for
 
     fake = fake_vllm_module([1], "x")
     monkeypatch.setitem(sys.modules, "vllm", fake)
@@ -311,8 +312,8 @@ def test_vllm_engine_after_training_reads_the_saved_directory(monkeypatch, tmp_p
 
 
 def test_vllm_backend_refused_in_a_launch_of_several_processes():
-    from recipes.config import ConfigError
-    from recipes.evaluation import check_backend
+    from recipes.common.errors import ConfigError
+    from recipes.common.evaluation import check_backend
 
     class TwoRanks:
         world = 2
@@ -323,7 +324,7 @@ def test_vllm_backend_refused_in_a_launch_of_several_processes():
 
 
 def test_fixture_questions_have_distinct_options():
-    from recipes.tiny.choice import QUESTIONS
+    from recipes.common.tiny.choice import QUESTIONS
 
     assert len(QUESTIONS) == 16
     for question, right, wrong in QUESTIONS:
@@ -331,7 +332,7 @@ def test_fixture_questions_have_distinct_options():
 
 
 def test_dry_run_directory_is_not_the_config_output(tmp_path):
-    from recipes.dry_run import dry_run_overrides
+    from recipes.common.dry_run import dry_run_overrides
 
     out = dry_run_overrides(EvaluateRecipeConfig, CONFIGS / "evaluate" / "qwen2.5-3b_math500.yaml", [], tmp_path)
     assert f"output_dir={Path(tmp_path) / 'out'}" in out and "eval.backend=hf" in out
@@ -342,7 +343,8 @@ def test_vllm_backend_refused_where_it_could_not_be_honoured(monkeypatch):
     transformers only: both refused with the key, before anything loads (vLLM stands in as installed)."""
     from recipes.alol import ALoLRecipeConfig
     from recipes.alol import run as alol_run
-    from recipes.config import ConfigError, load_config
+    from recipes.common.config import load_config
+    from recipes.common.errors import ConfigError
     from recipes.rlif import RLIFRecipeConfig
 
     monkeypatch.setitem(sys.modules, "vllm", fake_vllm_module([1], "x"))

@@ -216,7 +216,7 @@ def test_self_improvement_round_with_the_clue_verifier(tiny_config, tmp_path):
 
 def test_evaluation_column_is_cross_fit_on_the_other_half_of_the_prompts():
     """Each sample is scored with centroids of the other half's samples (gold labels), never its own half's."""
-    from recipes.evaluation import clue_column
+    from recipes.common.evaluation import clue_column
 
     rng = np.random.default_rng(3)
     n, prompts = 3, 5                                  # halves: prompts 0-2 (rows 0-8), prompts 3-4 (rows 9-14)
@@ -255,7 +255,8 @@ def test_rlif_checkpoint_saves_and_restores_the_centroids(tiny_model_dir, tmp_pa
 
 
 def test_config_refuses_bad_clue_settings_before_any_model_loads():
-    from recipes.config import ConfigError, load_config
+    from recipes.common.config import load_config
+    from recipes.common.errors import ConfigError
     from recipes.rlif import RLIFRecipeConfig, build_rewards
 
     from tests.conftest import ROOT

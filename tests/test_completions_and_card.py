@@ -8,7 +8,7 @@ from itertools import groupby
 
 import pytest
 
-from recipes.cli import main
+from recipes.common.cli import main
 
 CONFIG = """
 description: tiny Intuitor run with a logged vote

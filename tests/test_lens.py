@@ -264,7 +264,7 @@ def test_layers_outside_the_model_are_refused():
 
 
 def test_answer_positions_with_the_tiny_tokenizer():
-    from recipes.tiny.tokenizer import build_char_tokenizer
+    from recipes.common.tiny.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
     ids = tok("7+8=15. The answer is \\boxed{15}.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]

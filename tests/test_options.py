@@ -22,7 +22,9 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from recipes.config import ConfigError, RecipeConfig, load_config
+from recipes.common.config import load_config
+from recipes.common.errors import ConfigError
+from recipes.common.schema import RecipeConfig
 
 MODEL = "tiny://qwen2?layers=2&hidden=64&intermediate=256"
 RECIPES = ("rlif", "sft", "alol", "decred", "self_improve", "evaluate")
@@ -129,7 +131,7 @@ class Harness:
         stop = stop or {"rlif": "RLIFTrainer", "sft": "SFTTrainer", "alol": "ALoLTrainer", "decred": "DeCREDSFTTrainer",
                         "self_improve": "score_round"}[recipe]
         if recipe == "self_improve" and stop == "score_round":
-            module = module or "recipes.rounds"
+            module = module or "recipes.common.rounds"
         self.stop_at(recipe, stop, module)
         cfg = cfg if cfg is not None else self.config(recipe, *overrides)
         with pytest.raises(Built) as built:
@@ -156,7 +158,7 @@ def _adapter_dir(h: Harness) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from recipes.tiny import resolve_tiny_model
+    from recipes.common.tiny import resolve_tiny_model
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(resolve_tiny_model(MODEL)),
                            LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
@@ -173,7 +175,7 @@ def _pretend_gpu(h: Harness) -> None:
 
 
 def _quantized(h: Harness, **fields):
-    from recipes.config import QuantizationSection
+    from recipes.common.schema import QuantizationSection
 
     cfg = h.config("rlif", "peft={r: 2}", "trainer.bf16=false", "trainer.use_cpu=true")
     cfg.model.quantization = QuantizationSection(**fields)  # validated above without it: CPU refuses 4-bit
@@ -187,7 +189,7 @@ def _quantized(h: Harness, **fields):
 
 
 def p_model_name(h):
-    from recipes.tiny import resolve_tiny_model
+    from recipes.common.tiny import resolve_tiny_model
 
     other = "tiny://llama?layers=2&hidden=64&intermediate=256"
     assert h.build("rlif", f"model.name_or_path={other}").kwargs["model"] == resolve_tiny_model(other)
@@ -289,7 +291,7 @@ def _hub(h) -> list:
     """Hub loading recorded (offline here): ``load_dataset``'s arguments; it returns the local rows."""
     from datasets import Dataset
 
-    from recipes import data
+    from recipes.common import data
 
     calls, real = [], data.load_dataset
 
@@ -300,7 +302,7 @@ def _hub(h) -> list:
         if path == "someone/missing":
             raise ConnectionError("offline")
         return Dataset.from_list(ROWS)
-    h.mp.setattr("recipes.data.load_dataset", fake)
+    h.mp.setattr("recipes.common.data.load_dataset", fake)
     return calls
 
 
@@ -353,7 +355,7 @@ def p_data_choices(h):
 
 
 def p_choices_correct(h):
-    from recipes.tiny.choice import QUESTIONS
+    from recipes.common.tiny.choice import QUESTIONS
 
     rows = _choices(h, "{correct: Incorrect Answer 1, incorrect: [Correct Answer, Incorrect Answer 2, Incorrect Answer 3]}")
     assert rows[0][rows[0]["answer"]] == QUESTIONS[0][2][0]
@@ -397,20 +399,20 @@ def p_data_split_on(h):
 def _evaluate(h, *overrides) -> tuple[dict, list, list]:
     """``evaluate_model`` as every recipe calls it (the ``eval:`` section passed whole), with its
     generation and signal reading recorded."""
-    from recipes.data import load_split
-    from recipes.evaluation import evaluate_model
-    from recipes.modeling import load_model, load_tokenizer
+    from recipes.common.data import load_split
+    from recipes.common.evaluation import evaluate_model
+    from recipes.common.modeling import load_model, load_tokenizer
 
     cfg = h.config("rlif", *overrides)
-    gen = h.spy("recipes.evaluation", "generate")
-    signals = h.spy("recipes.evaluation", "internal_signals")
+    gen = h.spy("recipes.common.evaluation", "generate")
+    signals = h.spy("recipes.common.evaluation", "internal_signals")
     test = load_split(cfg.data, "test", cfg.eval.max_rows)
     report = evaluate_model(load_model(cfg.model), load_tokenizer(cfg.model), test, cfg.eval)
     return report, [c[1] for c in gen], [c[1] for c in signals]
 
 
 def p_eval_max_rows(h):
-    from recipes.training import held_out
+    from recipes.common.training import held_out
 
     assert len(held_out(h.config("rlif", "eval.max_rows=3"))) == 3
 
@@ -499,7 +501,7 @@ def p_eval_code_timeout(h):
     from datasets import Dataset
 
     import rewards.sandbox as sandbox
-    from recipes.evaluation import code_grading
+    from recipes.common.evaluation import code_grading
 
     made = []
     h.mp.setattr(sandbox, "LocalSandbox", lambda **kwargs: made.append(kwargs))
@@ -510,12 +512,12 @@ def p_eval_code_timeout(h):
 
 def p_eval_backend(h):
     """``vllm``: generation goes to a vllm.LLM (a stand-in module here) built from the model's directory."""
-    from recipes.tiny import resolve_tiny_model
+    from recipes.common.tiny import resolve_tiny_model
     from tests.fake_vllm import fake_vllm_module
 
     fake = fake_vllm_module([5, 6], "11")
     h.mp.setitem(sys.modules, "vllm", fake)
-    h.mp.setattr("recipes.evaluation.generate", lambda *a, **k: pytest.fail("transformers generate was called"))
+    h.mp.setattr("recipes.common.evaluation.generate", lambda *a, **k: pytest.fail("transformers generate was called"))
     _evaluate_recipe(h, "eval.backend=vllm")
     assert [e.init_kwargs["model"] for e in fake.engines] == [resolve_tiny_model(MODEL)]
     assert fake.engines[0].calls
@@ -523,7 +525,7 @@ def p_eval_backend(h):
 
 def p_eval_before(h):
     """``before_training``: the recipes' shared train-and-evaluate evaluates the starting model."""
-    from recipes import training
+    from recipes.common import training
 
     descs = []
     h.mp.setattr(training, "evaluate_model", lambda *a, **k: descs.append(k.get("desc")) or {"rows": 1})
@@ -616,7 +618,7 @@ def p_recipe_trainer(h):
 
 def p_recipe_description(h):
     """``description`` is what ``python -m recipes list`` shows, and is saved with the run."""
-    from recipes.config import save_config
+    from recipes.common.config import save_config
 
     path = save_config(h.config("sft", "description='my run'"), h.tmp / "saved")
     assert OmegaConf.load(path).description == "my run"
@@ -624,7 +626,7 @@ def p_recipe_description(h):
 
 def p_recipe_launch(h):
     """``launch`` documents the accelerate config the run is meant for; saved with the run."""
-    from recipes.config import save_config
+    from recipes.common.config import save_config
 
     path = save_config(h.config("sft", "launch=launch/accelerate/ddp.yaml"), h.tmp / "saved")
     assert OmegaConf.load(path).launch == "launch/accelerate/ddp.yaml"
@@ -721,8 +723,8 @@ def p_decred_compare(h):
 
 def p_decred_head_rows(h):
     from recipes import decred
-    from recipes.modeling import load_model, load_tokenizer
-    from recipes.training import held_out
+    from recipes.common.modeling import load_model, load_tokenizer
+    from recipes.common.training import held_out
 
     cfg = h.config("decred", "head_eval_rows=3", "eval.max_rows=null")
     seen = []
@@ -786,7 +788,7 @@ def p_improve_section(h):
 
 
 def p_si_rewards(h):
-    calls = h.spy("recipes.rounds", "build_verifier")
+    calls = h.spy("recipes.common.rounds", "build_verifier")
     h.build("self_improve", "rewards=[{name: self_certainty, weight: 0.5}]")
     assert calls[0][2].weights == [0.5]
 
@@ -852,7 +854,7 @@ def _periodic(h, *overrides) -> tuple[list, list]:
 
 
 def p_eval_every_steps(h):
-    from recipes.periodic_eval import EvaluateEverySteps
+    from recipes.common.periodic_eval import EvaluateEverySteps
 
     added, _ = _periodic(h, "eval.every_steps=3")
     assert [type(c) for c in added] == [EvaluateEverySteps] and added[0].every_steps == 3

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from recipes.cli import main
+from recipes.common.cli import main
 
 
 def _history(out) -> list[dict]:
@@ -107,7 +107,7 @@ def test_sft_evaluates_every_steps(tmp_path, tiny_model_dir):
 
 
 def test_preserved_rng_restores_every_generator():
-    from recipes.periodic_eval import preserved_rng
+    from recipes.common.periodic_eval import preserved_rng
 
     torch.manual_seed(5), random.seed(5), np.random.seed(5)
     expected = (torch.rand(3), random.random(), np.random.rand())
@@ -121,7 +121,8 @@ def test_preserved_rng_restores_every_generator():
 
 @pytest.mark.parametrize("value", ["0", "-2"])
 def test_every_steps_and_rows_must_be_positive(tmp_path, value):
-    from recipes.config import ConfigError, load_config
+    from recipes.common.config import load_config
+    from recipes.common.errors import ConfigError
     from recipes.rlif import RLIFRecipeConfig
 
     for key in ("eval.every_steps", "eval.every_rows"):
@@ -130,7 +131,8 @@ def test_every_steps_and_rows_must_be_positive(tmp_path, value):
 
 
 def test_every_steps_needs_held_out_data_and_a_recipe_that_honours_it():
-    from recipes.config import ConfigError, load_config
+    from recipes.common.config import load_config
+    from recipes.common.errors import ConfigError
     from recipes.decred import DeCREDRecipeConfig
     from recipes.rlif import RLIFRecipeConfig
 

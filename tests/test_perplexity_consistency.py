@@ -11,7 +11,7 @@ import torch
 from rewards import PerplexityConsistency, build_reward
 from rewards.perplexity import _weibull_log_pdf, fit_weibull_mixture, prune
 from trainers.rlif import whole_group_rewards
-from trainers.verify import Verifier
+from recipes.common.verify import Verifier
 
 # one group: "1/2", "0.5" and "\frac{1}{2}" are one answer; "3" is sampled twice (one path); "no idea" has no answer
 GROUP = ["so \\boxed{1/2}", "0.5", "\\boxed{\\frac{1}{2}}", "3", "3", "no idea"]
@@ -160,11 +160,11 @@ def test_self_improvement_with_a_perplexity_consistency_verifier(tmp_path, capsy
     """The self-improvement recipe (dry run: one small round) reads log-probs for the verifier and keeps samples."""
     from pathlib import Path
 
-    from recipes.cli import main
+    from recipes.common.cli import main
     from recipes.self_improve import SelfImproveRecipeConfig, run
 
     config = Path(__file__).resolve().parent.parent / "configs" / "self_improve" / "tiny_arithmetic.yaml"
-    import trainers.verify as verify
+    import recipes.common.verify as verify
 
     spy = []
     original = verify.Verifier.score

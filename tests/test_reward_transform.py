@@ -12,7 +12,7 @@ import torch
 from rewards import InternalReward, MajorityVote, SelfCertainty, TransformedReward, with_transform
 from rewards.transform import check_transform, group_ranks
 from trainers.rlif import whole_group_rewards
-from trainers.verify import Verifier
+from recipes.common.verify import Verifier
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -87,8 +87,8 @@ def test_verifier_reads_a_transformed_internal_reward():
 
 
 def test_self_improve_verifier_gets_the_transform():
-    from recipes.config import RewardSpec
-    from recipes.rounds import build_verifier
+    from recipes.common.schema import RewardSpec
+    from recipes.common.rounds import build_verifier
 
     verifier = build_verifier([RewardSpec("majority_vote", 1.0, {}, {"scale": 3.0, "shift": -1.0})], "x.yaml")
     assert verifier.score(["q"] * 3, ["7", "7", "8"]) == [2.0, 2.0, -1.0]
@@ -102,7 +102,7 @@ def test_bad_transforms_raise(bad):
 
 
 def test_a_config_with_a_transform_dry_runs(tmp_path, capsys, tiny_cache):
-    from recipes.cli import main
+    from recipes.common.cli import main
     from recipes.rlif import RLIFRecipeConfig, run
 
     config = tmp_path / "c.yaml"

@@ -82,7 +82,7 @@ BATCH_MODES = ("candidates", "calibrated", "calibrated_choices")
 def label_token_ids(tokenizer, labels) -> list[int] | None:
     """One token id per label (the label's own single token), or ``None`` if some label is not one token.
 
-    >>> from recipes.tiny.tokenizer import build_char_tokenizer
+    >>> from recipes.common.tiny.tokenizer import build_char_tokenizer
     >>> tok = build_char_tokenizer()
     >>> tok.convert_ids_to_tokens(label_token_ids(tok, LABEL_SETS["calibrated_choices"]))
     ['A', 'B', 'C', 'D', 'E']

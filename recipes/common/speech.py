@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError
 from .data import load_rows
+from .errors import ConfigError
 
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 

@@ -23,7 +23,8 @@ from trainers.distributed import Ranks, merge_shards
 from trainers.lens import BATCH_MODES
 from trainers.signals import token_signal_dicts
 
-from .config import ConfigError, EvalConfig
+from .errors import ConfigError
+from .schema import EvalConfig
 
 
 @torch.no_grad()

@@ -11,11 +11,12 @@ from datasets import Dataset
 from trainers.card import ModelCardMixin
 from trainers.distributed import Ranks
 
-from .config import RecipeConfig, save_config
+from .config import save_config
 from .data import load_split
 from .evaluation import (check_backend, engine_for, evaluate_model, format_markdown, format_table, release_engine,
                          write_report)
 from .modeling import load_model, model_init_kwargs, to_device
+from .schema import RecipeConfig
 
 
 def resume_argument(args) -> bool | str | None:

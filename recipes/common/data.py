@@ -17,7 +17,8 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-from .config import ChoicesSection, ConfigError, DataConfig
+from .errors import ConfigError
+from .schema import ChoicesSection, DataConfig
 from .tiny import is_tiny, resolve_tiny_dataset
 
 # Named prompt templates; an inline template is any string containing "{question}".

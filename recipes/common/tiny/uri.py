@@ -26,8 +26,8 @@ from .tokenizer import build_char_tokenizer
 SCHEME = "tiny://"
 TASKS = {"arith": ArithmeticSpec, "arithmetic": ArithmeticSpec}
 DATASETS = {**TASKS, "samples": SamplesSpec}  # dataset URIs; `samples`: a tiny model's own answers (A-LoL data)
-DATASETS.update(code=CodeSpec, cruxeval=OutputPredictionSpec)  # hand-written code tasks (recipes/tiny/code.py)
-DATASETS.update(gpqa=ChoiceSpec)  # hand-written multiple choice in GPQA's layout (recipes/tiny/choice.py)
+DATASETS.update(code=CodeSpec, cruxeval=OutputPredictionSpec)  # hand-written code tasks (recipes/common/tiny/code.py)
+DATASETS.update(gpqa=ChoiceSpec)  # hand-written multiple choice in GPQA's layout (recipes/common/tiny/choice.py)
 CACHE_VERSION = 1  # bump when what a spec builds changes
 
 
@@ -171,7 +171,7 @@ def _warm_up(base: Path, task: ArithmeticSpec, warmup: WarmupSpec, directory: Pa
     }
     (directory / "warmup.yaml").write_text(json.dumps(config, indent=2))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "LOCAL_", "MASTER_", "WORLD_", "RANK"))}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[3]), env.get("PYTHONPATH", "")])
     print(f"[tiny] warming up {base.name} on {task} for {warmup.steps} steps (cached after this run)", flush=True)
     subprocess.run([sys.executable, "-m", "recipes.sft", "--config", str(directory / "warmup.yaml")], check=True, env=env)
 

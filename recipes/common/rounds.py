@@ -25,11 +25,12 @@ from rewards.grading import answers_match_many, final_answers
 from trainers.distributed import Ranks, merge_shards
 from trainers.lens import BATCH_MODES
 from trainers.signals import token_signal_dicts
-from trainers.verify import Verifier, ds_filter, ds_weights, gap_metrics, nile_filter, select
 
-from .config import ConfigError, RewardSpec
 from .data import to_sft_format
+from .errors import ConfigError
 from .evaluation import generate, prompt_texts
+from .schema import RewardSpec
+from .verify import Verifier, ds_filter, ds_weights, gap_metrics, nile_filter, select
 
 logger = logging.getLogger("intrinsic")
 

@@ -10,8 +10,8 @@ from datasets import Dataset
 
 from trainers.distributed import Ranks, merge_shards
 
-from .config import EvalConfig
 from .evaluation import generate
+from .schema import EvalConfig
 
 
 def distinct_n(texts: list[str], n: int, tokenize=str.split) -> float:

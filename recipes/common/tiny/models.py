@@ -1,7 +1,7 @@
 """Tiny model factories built from transformers configs (random init, deterministic by seed).
 
 Families: ``qwen2`` and ``llama`` (decoder-only), ``t5`` (encoder-decoder). Every model uses
-the character tokenizer of :mod:`recipes.tiny.tokenizer`, and is handed out as a saved
+the character tokenizer of :mod:`recipes.common.tiny.tokenizer`, and is handed out as a saved
 directory so that everything downstream (TRL's reference model, PEFT, accelerate) loads it
 through the ordinary ``from_pretrained`` path.
 """

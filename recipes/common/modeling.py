@@ -8,7 +8,8 @@ from contextlib import contextmanager
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
-from .config import ConfigError, LoraConfigSection, ModelConfig
+from .errors import ConfigError
+from .schema import LoraConfigSection, ModelConfig
 from .tiny import is_tiny, resolve_tiny_model
 
 logger = logging.getLogger("intrinsic")

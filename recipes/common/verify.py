@@ -21,8 +21,7 @@ from collections.abc import Sequence
 from rewards import LENS_SIGNALS, SIGNALS, InternalReward, default_layers, group_rows, plurality
 from rewards.grading import answers_match_many, clusters
 from rewards.group import answer_clusters
-
-from .lens import lens_modules
+from trainers.lens import lens_modules
 
 MODES = ("top_k", "threshold", "plurality", "reweight")
 

@@ -13,7 +13,9 @@ import json
 import os
 from pathlib import Path
 
-from .config import ConfigError, RecipeConfig, load_raw
+from .config import load_raw
+from .errors import ConfigError
+from .schema import RecipeConfig
 from .tiny.tasks import ArithmeticSpec, arithmetic_rows
 
 FAMILIES = {"qwen": "qwen2", "llama": "llama", "mistral": "llama", "deepseek": "llama", "t5": "t5", "bart": "t5"}
