@@ -824,7 +824,7 @@ def _periodic(h, *overrides) -> tuple[list, list]:
     rows each of their evaluations reads."""
     from datasets import Dataset
 
-    from recipes import training
+    from recipes.common import training
 
     rows_read, added = [], []
     h.mp.setattr(training, "evaluate_model", lambda model, tok, data, *a, **k: rows_read.append(len(data)) or {"rows": 1})

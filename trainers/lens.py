@@ -63,6 +63,7 @@ from torch import nn
 
 from rewards import default_layers, find_answer, group_rows
 
+from .generation_capture import StepStates
 from .logit_transform import IDENTITY, LogitTransform, logit_transform
 from .projection import compute_dtype, default_chunks, project
 
@@ -217,6 +218,7 @@ class LogitLens:
         self.vocab_size = vocab_size
         self.transform = logit_transform(model)
         self._indices: list[list[int]] | None = None
+        self._steps: dict[int, StepStates] | None = None
         self._handles = [self.modules[layer - 1].register_forward_hook(self._hook(layer)) for layer in self.layers]
 
     def arm(self, indices: Sequence[Sequence[int]], completion_length: int) -> None:
@@ -240,7 +242,23 @@ class LogitLens:
         return states, counts
 
     def disarm(self) -> None:
-        self._indices, self._parts = None, {}
+        self._indices, self._parts, self._steps = None, {}, None
+
+    def arm_generation(self, rows: int, max_steps: int, prompt_width: int) -> None:
+        """Keep each chosen layer's last-position state of every following no-grad forward, one per
+        decoding step of one HF generation (:class:`trainers.generation_capture.StepStates`)."""
+        self._steps = {layer: StepStates(rows, max_steps, prompt_width) for layer in self.layers}
+
+    def stop_generation(self) -> dict[int, StepStates]:
+        """Stop capturing; the per-layer step states :meth:`arm_generation` started (``{}`` if none)."""
+        steps, self._steps = self._steps, None
+        return steps or {}
+
+    def generation_states(self, steps: dict[int, StepStates], indices: Sequence[Sequence[int]]
+                          ) -> tuple[torch.Tensor, list[int]]:
+        """``(states (K, N, H), counts)`` as :meth:`collect` returns them, from :meth:`stop_generation`'s
+        states: row ``r``'s states predicting its generated tokens ``indices[r]``, rows in order."""
+        return torch.stack([steps[layer].gather(indices) for layer in self.layers]), [len(i) for i in indices]
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -248,6 +266,10 @@ class LogitLens:
 
     def _hook(self, layer: int):
         def hook(module, args, output):
+            if self._steps is not None:  # inside a generation (arm_generation)
+                if not torch.is_grad_enabled():
+                    self._steps[layer].add(output[0] if isinstance(output, tuple) else output)
+                return
             if self._indices is None or torch.is_grad_enabled():
                 return
             hidden = output[0] if isinstance(output, tuple) else output

@@ -11,11 +11,17 @@ temperature-scaled with the sampling temperature:
   on the backbone takes the final hidden states TRL's fused head sees and projects only the
   completion positions through :func:`trainers.signals.token_signals` (chunked; no
   ``(batch, length, vocab)`` tensor);
-* otherwise :meth:`_calculate_rewards` runs that same pass once itself, through TRL's own
+* otherwise, with HF generation, the same hook keeps the last-position state of each of
+  generation's own forwards (one per sampled token; :mod:`trainers.generation_capture`) and the
+  same projection reads them after generation: no second forward;
+* otherwise (vLLM, a rollout function, tools, FSDP, absolute position embeddings, a capture over
+  its memory bound) :meth:`_calculate_rewards` runs that same pass once itself, through TRL's own
   ``_get_per_token_logps_and_entropies`` (same padding, micro-batching, fused head).
 
+Which of the three a run uses is logged once when the trainer is built.
+
 The signals reach rewards as TRL reward kwargs (``token_signals``: one dict of 1-D tensors per
-completion, EOS included). Four overrides, each calling ``super()``; no TRL body is copied.
+completion, EOS included). Five overrides, each calling ``super()``; no TRL body is copied.
 
 Internal consistency (``ic_hard`` / ``ic_soft`` / ``ic_candidates``, :mod:`rewards.consistency`)
 rides on the same pass: the answer tokens of every completion are located right after generation,
@@ -42,6 +48,7 @@ from rewards import LENS_SIGNALS, SIGNALS, InternalReward, default_layers
 from .card import ModelCardMixin
 from .completions import CompletionsJsonlMixin
 from .clue import HiddenDelta, reasoning_positions
+from .generation_capture import StepStates, capture_budget, capture_bytes, rotary_positions, step_mask
 from .lens import LogitLens, lens_modules, locate_answers
 from .logit_transform import IDENTITY, logit_transform
 from .signals import in_vocab_targets, pack_prompt_completion, skip_outside_vocab, token_signals
@@ -168,6 +175,10 @@ class RLIFTrainer(ModelCardMixin, CompletionsJsonlMixin, VoteSamplesMixin, GRPOT
     _deltas = None
     _pass_done = False
     _logit_transform = IDENTITY
+    _signal_route = "extra_pass"
+    _gen_capture: StepStates | None = None  # filled by ``_capture`` during one HF generation
+    _gen_taken: tuple | None = None  # (final states, lens states) of the last generation, until ``_generate`` reads them
+    _warned: frozenset = frozenset()
 
     def _option(self, name: str):
         """An RLIF option from ``args``, or its :class:`RLIFConfig` default (``args`` a plain ``GRPOConfig``)."""
@@ -218,6 +229,10 @@ class RLIFTrainer(ModelCardMixin, CompletionsJsonlMixin, VoteSamplesMixin, GRPOT
             chosen = [getattr(f, "layers", None) for f in readers]
             self._delta = HiddenDelta(self._policy, None if None in chosen else sorted({x for c in chosen for x in c}))
         self._pass_done = False
+        self._signal_route, why = self.signal_route()
+        self._warned = set()
+        if self.signal_names or self._lens is not None or self._delta is not None:
+            logger.info("RLIF internal signals: %s (%s)", self._signal_route, why)
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -235,8 +250,108 @@ class RLIFTrainer(ModelCardMixin, CompletionsJsonlMixin, VoteSamplesMixin, GRPOT
             return False
         return self._tuner_layer is None or not self._tuner_layer.disable_adapters
 
+    def signal_route(self) -> tuple[str, str]:
+        """How a batch's signals are computed, and why: ``"riding"`` on TRL's own no-grad policy pass
+        (it runs one before the rewards: old log-probs when generation and optimisation are misaligned,
+        or vLLM importance sampling; the condition of TRL 1.16's ``_generate_and_score_completions``),
+        ``"generation"`` (read from HF generation's forwards) or ``"extra_pass"`` (our own no-grad pass)."""
+        args = self.args
+        if args.gradient_accumulation_steps % (args.steps_per_generation * self.num_iterations) != 0 or (
+                self.use_vllm and getattr(self, "vllm_importance_sampling_correction", False)):
+            return "riding", "TRL runs a no-grad policy pass before the rewards"
+        blockers = [why for why, on in (
+            ("vLLM generation", self.use_vllm),
+            ("transformers continuous batching", getattr(self, "use_transformers_continuous_batching", False)),
+            ("a rollout_func", getattr(self, "rollout_func", None) is not None),
+            ("tools", bool(getattr(self, "tools", None))),
+            ("a vision-language model", getattr(self, "_is_vlm", False)),
+            ("FSDP (the head is sharded after generation)", self.is_fsdp_enabled),
+            ("vote_samples", getattr(args, "vote_samples", None) is not None),
+            ("CLUE's hidden-state delta (read over prompt and completion)", getattr(self, "_delta", None) is not None),
+            ("positions not rotary", not rotary_positions(self._policy)),
+            ("INTRINSIC_GENERATION_CAPTURE_MIB=0", capture_budget() <= 0),
+        ) if on]
+        if blockers:
+            return "extra_pass", "no capture during generation: " + ", ".join(blockers)
+        return "generation", "captured during HF generation, extra pass only as a fallback"
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            logger.warning(message)
+
+    def _arm_generation(self, prompt_ids, images, multimodal_fields) -> bool:
+        """Start capturing generation's states (``signal_route() == "generation"``, within the memory bound)."""
+        if self._signal_route != "generation" or not (self.signal_names or self._lens is not None) \
+                or images is not None or multimodal_fields or not self._policy_adapters_active():
+            return False
+        rows = len(prompt_ids)
+        steps = getattr(getattr(self, "generation_config", None), "max_new_tokens", None) or self.max_completion_length
+        width = max(map(len, prompt_ids), default=0)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        head = self._policy.get_output_embeddings().weight
+        layers = bool(self.signal_names) + (len(self._lens.layers) if self._lens is not None else 0)
+        size = capture_bytes(rows, steps, int(getattr(head, "ds_shape", head.shape)[-1]), layers,
+                             next(self._policy.parameters()).element_size())
+        if size > capture_budget():
+            self._warn_once(f"RLIF internal signals: extra pass, the generation capture would hold {size / 2**20:.0f} "
+                            f"MiB > INTRINSIC_GENERATION_CAPTURE_MIB={capture_budget() / 2**20:.0f}")
+            return False
+        if self.signal_names:
+            self._gen_capture = StepStates(rows, steps, width)
+        if self._lens is not None:
+            self._lens.arm_generation(rows, steps, width)
+        return True
+
+    def _signals_from_generation(self, completion_ids_list: list) -> None:
+        """``_signals`` / ``_lens_states`` from the last generation's states (left ``None`` when it failed:
+        the extra pass then runs). Per token exactly what the extra pass computes, up to rounding."""
+        final, lens_steps = self._gen_taken
+        self._gen_taken = None
+        captures = ([final] if final is not None else []) + list(lens_steps.values())
+        lengths = [len(ids) for ids in completion_ids_list]
+        problem = next((c.failed for c in captures if c.failed), None)
+        if problem is None and captures and max(lengths, default=0) > min(c.steps for c in captures):
+            problem = f"{max(lengths)} generated tokens but {min(c.steps for c in captures)} forwards seen"
+        if problem is None and any(c.rows != len(lengths) for c in captures):
+            problem = f"{len(lengths)} completions for {captures[0].rows} captured rows"
+        if self.accelerator.num_processes > 1:  # every process takes the same path (ZeRO-3 gathers are collective)
+            ok = torch.tensor([problem is None], dtype=torch.float32, device=self.accelerator.device)
+            if problem is None and self.accelerator.gather(ok).min() < 1:
+                problem = "another process could not capture"
+            elif problem is not None:
+                self.accelerator.gather(ok)
+        if problem is not None:
+            self._warn_once(f"RLIF internal signals: extra pass for a batch, the generation capture failed ({problem})")
+            return
+        signals = {}
+        if final is not None:
+            states = final.states()
+            mask = step_mask(lengths, states.shape[1], device=states.device)
+            targets = torch.tensor([t for ids in completion_ids_list for t in ids], dtype=torch.long,
+                                   device=states.device)
+            head = self._policy.get_output_embeddings()
+            with maybe_gather_lm_head_ctx(head.weight, head.bias), self.accelerator.autocast():
+                weight = head.weight
+                vocab = len(self._tokenizer) if len(self._tokenizer) < weight.shape[0] else None
+                values = token_signals(states[mask], weight, in_vocab_targets(targets, vocab), bias=head.bias,
+                                       temperature=self.temperature, signals=self.signal_names,
+                                       chunk_size=self._option("signal_chunk_size"), vocab_size=vocab,
+                                       **self._logit_transform.kwargs())
+            signals = {name: torch.full(mask.shape, float("nan"), device=v.device).masked_scatter(mask.to(v.device), v)
+                       for name, v in values.items()}
+        if self._lens is not None:
+            self._lens_states = self._lens.generation_states(lens_steps, self._lens_indices)
+        self._signals = signals
+
     def _capture(self, module, args, kwargs, output):
-        """Backbone hook: signals of one micro-batch's completion positions (armed passes only)."""
+        """Backbone hook: signals of one micro-batch's completion positions (armed passes only), or
+        inside a captured generation the last position's state of each decoding step."""
+        if self._gen_capture is not None:
+            if not torch.is_grad_enabled():
+                self._gen_capture.add(output.last_hidden_state)
+            return
         if self._signal_parts is None or torch.is_grad_enabled():
             return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -255,7 +370,19 @@ class RLIFTrainer(ModelCardMixin, CompletionsJsonlMixin, VoteSamplesMixin, GRPOT
 
     # -- overrides (each calls super) -----------------------------------------------------------
 
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        self._gen_taken = None
+        armed = self._arm_generation(prompt_ids, images, multimodal_fields)
+        try:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)
+        finally:  # the hooks stay registered but stop capturing, whatever happened in generation
+            if armed:
+                final, self._gen_capture = self._gen_capture, None
+                self._gen_taken = (final, self._lens.stop_generation() if self._lens is not None else {})
+
     def _generate(self, prompts: list):
+        self._gen_taken = None
         out = super()._generate(prompts)
         self._prompt_ids_list, self._signals, self._lens_states = out[0], None, None  # a new batch: no signals yet
         if self._lens is not None:  # where each completion's answer is: known before any pass runs
@@ -263,6 +390,8 @@ class RLIFTrainer(ModelCardMixin, CompletionsJsonlMixin, VoteSamplesMixin, GRPOT
                 self._tokenizer, out[1], self._option("ic_fallback_last_k"))
         if self._delta is not None:
             self._delta_spans, self._deltas = reasoning_positions(self._tokenizer, out[1]), None
+        if self._gen_taken is not None:
+            self._signals_from_generation(out[1])
         return out
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
