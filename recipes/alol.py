@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rewards import build_reward
 from trainers import ALOL_VARIANTS, ALoLConfig, ALoLTrainer
-from trainers.alol_precompute import greedy_responses, policy_prompt_ids
+from trainers.alol_dialogue import greedy_responses, policy_prompt_ids
 from trainers.distributed import Ranks
 
 from .cli import main

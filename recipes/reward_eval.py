@@ -11,7 +11,7 @@ from datasets import Dataset
 from trainers.distributed import Ranks, merge_shards
 
 from .config import EvalConfig
-from .evaluation import generate
+from .generation import generate
 
 
 def distinct_n(texts: list[str], n: int, tokenize=str.split) -> float:

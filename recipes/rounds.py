@@ -29,7 +29,7 @@ from trainers.verify import Verifier, ds_filter, ds_weights, gap_metrics, nile_f
 
 from .config import ConfigError, RewardSpec
 from .data import to_sft_format
-from .evaluation import generate, prompt_texts
+from .generation import generate, prompt_texts
 
 logger = logging.getLogger("intrinsic")
 
