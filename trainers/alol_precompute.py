@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 from .alol_dialogue import decode_response, greedy_responses
 from .distributed import Ranks, merge_shards, whole_parameters
 from .logit_transform import logit_transform
+from .model_parts import lm_backbone, unwrap
 from .signals import token_signals
 from .value_head import ValueHead, fit_from_args
 
@@ -116,7 +117,7 @@ def limit_lengths(dataset: Dataset, max_prompt: int | None, max_completion: int 
 
 def model_fingerprint(model) -> str:
     """Name, config and a checksum of a few parameters (first, last, every trainable one)."""
-    unwrapped = model.get_base_model() if hasattr(model, "get_base_model") else model
+    unwrapped = unwrap(model)
     params = list(model.named_parameters())
     chosen = params[:2] + params[-2:] + [p for p in params if p[1].requires_grad and "lora" in p[0]][:8]
     with whole_parameters([p for _, p in chosen]):  # under ZeRO-3 a rank's own slice says nothing
@@ -141,7 +142,7 @@ def _key(trainer, rewards_id: str, has_value: bool, value_fp: str, extra: str) -
 
 def _unwrap(trainer):
     model = trainer.accelerator.unwrap_model(trainer.model)
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal = unwrap(model)
     return model, causal
 
 
@@ -179,7 +180,7 @@ def _pad_right(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.T
 
 
 def _hidden(causal, ids, mask):
-    return causal.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    return lm_backbone(causal)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
 
 
 class _Clock:

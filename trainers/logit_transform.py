@@ -49,6 +49,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
+from .model_parts import unwrap
 
 __all__ = ["IDENTITY", "LogitTransform", "logit_transform"]
 
@@ -82,9 +85,7 @@ IDENTITY = LogitTransform()
 
 
 def _text_config(obj):
-    config = getattr(obj, "config", obj)  # a model (PEFT-wrapped or not) or a config
-    if hasattr(obj, "get_base_model"):
-        config = obj.get_base_model().config
+    config = getattr(unwrap(obj) if isinstance(obj, nn.Module) else obj, "config", obj)  # a model or a config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 

@@ -40,6 +40,7 @@ from rewards import LENS_SIGNALS, SIGNALS, InternalReward, default_layers
 
 from .lens import LogitLens, lens_modules, locate_answers
 from .logit_transform import IDENTITY, logit_transform
+from .model_parts import is_peft, lm_backbone, unwrap
 from .signals import in_vocab_targets, pack_prompt_completion, skip_outside_vocab, token_signals
 from .vote import VoteSamplesMixin
 
@@ -188,8 +189,8 @@ class RLIFTrainer(VoteSamplesMixin, GRPOTrainer):
         self._prompt_ids_list: list | None = None
         # looked up once: wrappers (DDP, DeepSpeed) keep these module objects inside them
         unwrapped = self.accelerator.unwrap_model(self.model)
-        self._policy = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-        self._peft = unwrapped if hasattr(unwrapped, "peft_config") else None
+        self._policy = unwrap(unwrapped)
+        self._peft = unwrapped if is_peft(unwrapped) else None
         self._tuner_layer = None
         self._logit_transform = logit_transform(self._policy)  # Gemma-2 soft-capping, Cohere/Granite scaling
         if self._peft is not None:
@@ -197,7 +198,7 @@ class RLIFTrainer(VoteSamplesMixin, GRPOTrainer):
 
             self._tuner_layer = next((m for m in self._peft.modules() if isinstance(m, BaseTunerLayer)), None)
         if self.signal_names:
-            self._policy.base_model.register_forward_hook(self._capture, with_kwargs=True)
+            lm_backbone(self._policy).register_forward_hook(self._capture, with_kwargs=True)
         self._lens: LogitLens | None = None
         if self.lens_modes:  # hooks on the union of the layers the rewards read (``None``: their default)
             n_layers = len(lens_modules(self._policy)[0])

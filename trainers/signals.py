@@ -83,6 +83,7 @@ from rewards import LENS_SIGNALS
 
 from .lens import LogitLens, agreement, group_candidates, locate_answers, per_completion
 from .logit_transform import LogitTransform, logit_transform
+from .model_parts import lm_backbone, unwrap
 from .projection import compute_dtype, default_chunks, project
 
 __all__ = [
@@ -413,7 +414,7 @@ def token_signal_dicts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], co
     if unknown:
         raise ValueError(f"unknown signals {sorted(unknown)}; available: {list(SIGNALS + LENS_SIGNALS)}")
     out: list[dict] = [{} for _ in completion_ids]
-    head = model.get_output_embeddings()
+    head, backbone = unwrap(model).get_output_embeddings(), lm_backbone(model)
     transform = logit_transform(model)
     vocab = len(tokenizer) if len(tokenizer) < head.weight.shape[0] else None
     lens = LogitLens(model, lens_layers, vocab_size=len(tokenizer), tokenizer=tokenizer) if lens_modes else None
@@ -431,7 +432,7 @@ def token_signal_dicts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], co
             ids, mask = ids.to(head.weight.device), mask.to(head.weight.device)
             if lens is not None:
                 lens.arm(indices[i : i + batch_size], ids.shape[1] - p)
-            hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
             if signals:
                 values = completion_signals(hidden, head.weight, in_vocab_targets(ids, vocab), p, bias=head.bias,
                                             temperature=temperature, signals=tuple(signals), vocab_size=vocab,
