@@ -76,7 +76,7 @@ def naive_signals(model, ids, mask, c, temperature):
 def check_against_naive(trainer, model):
     prompt_ids, completion_ids, ids, mask, c = batch(trainer, [p for p in PROMPTS for _ in range(2)])
     trainer._policy_pass(completion_ids)
-    ours = trainer._signals
+    ours = trainer._batch.signals
     ref = naive_signals(model, ids, mask, c, trainer.temperature)
     cmask = mask[:, -c:].bool()
     for name in ("logps", "entropy", "self_certainty"):
@@ -106,16 +106,16 @@ def test_signals_come_from_the_adapted_policy(tiny_model_dir, tmp_path):
     trainer = make_trainer(tiny_model_dir, tmp_path, [SelfCertainty()], peft=lora, beta=0.1)
     check_against_naive(trainer, trainer.model)  # the PEFT model, adapters on
     prompt_ids, completion_ids, ids, mask, c = batch(trainer, PROMPTS)
-    assert trainer._signals is None  # a new generation batch
+    assert trainer._batch.signals is None  # a new generation batch
     # TRL's reference pass on a PEFT model (adapters disabled) must not be mistaken for the policy
     with torch.no_grad(), trainer.model.disable_adapter():
         trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, c, batch_size=4)
-    assert trainer._signals is None
+    assert trainer._batch.signals is None
     trainer._policy_pass(completion_ids)
     with trainer.model.disable_adapter():
         base = naive_signals(trainer.model, ids, mask, c, trainer.temperature)
     cmask = mask[:, -c:].bool()
-    assert not torch.allclose(trainer._signals["self_certainty"][cmask].double(), base["self_certainty"][cmask], atol=1e-3)
+    assert not torch.allclose(trainer._batch.signals["self_certainty"][cmask].double(), base["self_certainty"][cmask], atol=1e-3)
 
 
 def count_scoring_passes(trainer):

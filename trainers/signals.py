@@ -76,32 +76,31 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from rewards import LENS_SIGNALS
+from rewards import LENS_SIGNALS, SIGNALS, InternalReward, default_layers
 
-from .lens import LogitLens, agreement, group_candidates, locate_answers, per_completion
+from .lens import LogitLens, agreement, group_candidates, lens_modules, locate_answers, per_completion
 from .logit_transform import LogitTransform, logit_transform
 from .model_parts import lm_backbone, unwrap
 from .projection import compute_dtype, default_chunks, project
 
 __all__ = [
     "SIGNALS",
+    "Needs",
     "completion_hidden_states",
     "completion_signals",
     "in_vocab_targets",
     "masked_mean",
     "outside_vocab",
     "pack_prompt_completion",
+    "signal_needs",
     "skip_outside_vocab",
     "token_signal_dicts",
     "token_signals",
 ]
-
-SIGNALS = ("logps", "entropy", "self_certainty")
-"""Names :func:`token_signals` can compute."""
-
 
 def _trl_fold():
     """TRL's tile fold (Triton kernel on CUDA/XPU, torch ops elsewhere): the reduction behind its fused LM head."""
@@ -347,6 +346,41 @@ def skip_outside_vocab(signal_dicts: Sequence[dict], completion_ids: Sequence[Se
                 if isinstance(value, torch.Tensor) and value.is_floating_point():
                     signals[name] = torch.full_like(value, float("nan"))
     return sum(flags)
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a list of rewards reads of the policy (:func:`signal_needs`)."""
+
+    signals: tuple[str, ...]  # per-token signals, of :data:`SIGNALS` (in that order)
+    lens_modes: tuple[str, ...]  # logit-lens modes: the ``ic_<mode>`` of ``LENS_SIGNALS`` declared (in that order)
+    lens_layers: list[int] | None  # union of the layers the lens rewards read; None without lens modes or model
+
+
+def signal_needs(rewards, model=None) -> Needs:
+    """Which signals, logit-lens modes and lens layers ``rewards`` (any rewards; only
+    :class:`rewards.InternalReward` ones read signals) need from a pass of ``model``.
+
+    The layers are the union of each lens reward's ``layers`` (``None``: :func:`rewards.default_layers`
+    of ``model``'s depth); they need ``model``. A declared signal no pass computes is a ``ValueError``.
+
+    >>> from rewards import InternalConsistency, MathAccuracy, SelfCertainty
+    >>> needs = signal_needs([SelfCertainty(), MathAccuracy(), InternalConsistency(mode="soft", layers=[1, 3])])
+    >>> needs.signals, needs.lens_modes
+    (('self_certainty',), ('soft',))
+    """
+    internal = [r for r in rewards if isinstance(r, InternalReward)]
+    needed = {s for r in internal for s in r.signals} - {"ic_layers", "ic_answer_found"}
+    unknown = needed - set(SIGNALS) - set(LENS_SIGNALS)
+    if unknown:
+        raise ValueError(f"unknown internal signals {sorted(unknown)}; available: {list(SIGNALS + LENS_SIGNALS)}")
+    lens_modes = tuple(m[3:] for m in LENS_SIGNALS if m in needed)
+    layers = None
+    if lens_modes and model is not None:
+        depth = len(lens_modules(model)[0])
+        layers = sorted({layer for r in internal if set(r.signals) & set(LENS_SIGNALS)
+                         for layer in (getattr(r, "layers", None) or default_layers(depth))})
+    return Needs(tuple(s for s in SIGNALS if s in needed), lens_modes, layers)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, empty: float = float("nan")) -> torch.Tensor:

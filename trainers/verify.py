@@ -18,11 +18,11 @@ import math
 from collections.abc import Sequence
 
 
-from rewards import LENS_SIGNALS, SIGNALS, InternalReward, default_layers, group_rows, plurality
+from rewards import InternalReward, group_rows, plurality
 from rewards.grading import answers_match_many, clusters
 from rewards.group import answer_clusters
 
-from .lens import lens_modules
+from .signals import signal_needs
 
 MODES = ("top_k", "threshold", "plurality", "reweight")
 
@@ -43,18 +43,12 @@ class Verifier:
         if not rewards or len(rewards) != len(weights):
             raise ValueError("verifier: give one weight per reward, at least one reward")
         self.rewards, self.weights = list(rewards), [float(w) for w in weights]
-        internal = [r for r in self.rewards if isinstance(r, InternalReward)]
-        needed = {s for r in internal for s in r.signals}
-        self.signals = tuple(s for s in SIGNALS if s in needed)
-        self.lens_modes = tuple(m[3:] for m in LENS_SIGNALS if m in needed)
-        self._layer_choice = [getattr(r, "layers", None) for r in internal if set(r.signals) & set(LENS_SIGNALS)]
+        needs = signal_needs(self.rewards)
+        self.signals, self.lens_modes = needs.signals, needs.lens_modes
 
     def lens_layers(self, model) -> list[int] | None:
         """Union of the layers the consistency rewards read (their default: the upper half)."""
-        if not self.lens_modes:
-            return None
-        n = len(lens_modules(model)[0])
-        return sorted({layer for choice in self._layer_choice for layer in (choice or default_layers(n))})
+        return signal_needs(self.rewards, model).lens_layers
 
     @property
     def internal(self) -> bool:
