@@ -99,7 +99,7 @@ def whole_group_rewards(reward_funcs) -> list[str]:
 def groups_split(rows_per_process: int, num_generations: int, world_size: int) -> bool:
     """Whether TRL's layout can put the completions of one prompt on two processes.
 
-    TRL 1.16 (``RepeatSampler`` + accelerate's batch sharding) hands each of the ``world_size``
+    TRL (``RepeatSampler`` + accelerate's batch sharding) hands each of the ``world_size``
     processes ``rows_per_process`` consecutive rows of the generation batch (training:
     ``per_device_train_batch_size * steps_per_generation``; evaluation: ``per_device_eval_batch_size``),
     in which the ``G = num_generations`` completions of a prompt are consecutive; so every group

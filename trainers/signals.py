@@ -14,7 +14,7 @@ signal             per-token value
 
 How it is computed (why we build on TRL)
 ----------------------------------------
-TRL 1.16's fused LM head (``trl.trainer.utils.add_fused_lm_head``, behind
+TRL's fused LM head (``trl.trainer.utils.add_fused_lm_head``, behind
 ``GRPOTrainer._get_per_token_logps_and_entropies``) projects ``hidden @ W.T`` in ``[tokens,
 vocab_chunk]`` tiles and folds every tile into running online-logsumexp statistics
 (``trl.kernels.chunked_logprob``: a Triton kernel on CUDA/XPU, the same fold as torch ops
@@ -26,13 +26,11 @@ and ``sum_j z_j`` in one pass over V, so every signal costs one GEMM per tile.
 
 On top of the vocabulary tiling we chunk the *flattened tokens* (``B * L``), so the caller bounds
 the tile: peak extra memory is about ``k * chunk_size * min(vocab_chunk_size, V) * 4`` bytes
-(``k`` = 1 with Triton, ~5 on the CPU fallback, which materialises a few tile-sized temporaries),
+(``k`` = 1 with Triton, a few on the CPU fallback, which materialises tile-sized temporaries),
 plus ``vocab_chunk_size * H * 4`` bytes for an fp32 copy of one head slice off CUDA when the head
 is not fp32. Defaults are per device (:data:`trainers.projection.CHUNKS`: 512 tokens x 4096 rows on
 CPU, 4096 x 8192 on CUDA). With ``vocab_chunk_size=None`` the tile spans the whole vocabulary.
-Self-certainty for one 3,072-token completion of Qwen2.5-1.5B (V = 151,936, H = 1,536, bf16
-head, CPU defaults) peaks at ~65 MiB above the inputs against ~3.5 GiB for full fp32 logits +
-log_softmax (``benchmarks/signal_memory.py``).
+``benchmarks/signal_memory.py`` measures the peak against full fp32 logits (its figures: README).
 
 Precision: the GEMM runs at the model's precision with an fp32 tile (bf16/fp16 head or
 low-precision autocast: operands in that dtype, fp32 accumulation and output, a tensor-core GEMM
@@ -110,7 +108,7 @@ def _trl_fold():
         return kernels._forward_kernel, kernels._forward_tile, kernels._use_triton, kernels._BLOCK_SIZE
     except (ImportError, AttributeError) as err:  # pragma: no cover - depends on the installed TRL
         raise ImportError(
-            "trainers.signals needs trl.kernels.chunked_logprob's tile fold (TRL 1.16); install the pinned TRL."
+            "trainers.signals needs trl.kernels.chunked_logprob's tile fold; install the TRL pyproject.toml pins."
         ) from err
 
 
