@@ -9,9 +9,9 @@ grad: no dropout, LoRA adapters exactly as loaded). Steps:
    counted, before TRL's ``max_length`` truncation);
 2. ``R``: a precomputed column, or the weighted sum of reward callables on (prompt, decoded
    response) in batches;
-3. value head (:class:`trainers.value_head.ValueHead`): the reference answers the value prompts greedily
-   (``stop_strings``, then ``response_cut``: :func:`trainers.alol_dialogue.greedy_responses`), the answers are scored with
-   the same rewards, the head is fit by MSE on the reference's prompt hidden states
+3. value head (:mod:`trainers.value_head`): the reference answers the value prompts greedily
+   (``stop_strings``, then ``response_cut``: :func:`trainers.alol_dialogue.greedy_responses`), the
+   answers are scored with the same rewards, the head is fit by MSE on the reference's prompt hidden states
    (``value_val_fraction`` held out, or ``value_cv_folds``-fold cross-validation; the MSE is
    reported with the MSE of predicting the mean as a baseline);
 4. one reference pass over the training rows: per-token log-probs of the response
