@@ -47,8 +47,8 @@ class MeasuredRLIFTrainer(RLIFTrainer):
     lens_bytes: list[int] = []
 
     def _calculate_rewards(self, *args, **kwargs):
-        if self._lens is not None and self._lens_states is not None:
-            states = self._lens_states[0]
+        if self._lens is not None and self._batch.lens_states is not None:
+            states = self._batch.lens_states[0]
             self.lens_bytes.append(states.numel() * states.element_size())
         return super()._calculate_rewards(*args, **kwargs)
 

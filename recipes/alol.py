@@ -19,9 +19,9 @@ from pathlib import Path
 
 from rewards import build_reward, with_transform
 from trainers import ALOL_VARIANTS, ALoLConfig, ALoLTrainer
-from trainers.alol_precompute import greedy_responses, policy_prompt_ids
+from trainers.alol_dialogue import greedy_responses, policy_prompt_ids
 from trainers.card import rewards_table
-from trainers.distributed import Ranks
+from trainers.distributed import Ranks, outside_zero3
 
 from .common.cli import main
 from .common.config import check_section, save_config
@@ -31,7 +31,7 @@ from .common.evaluation import format_table, write_report
 from .common.modeling import load_model, load_tokenizer, lora_config
 from .common.reward_eval import reward_report
 from .common.schema import DataConfig, RecipeConfig, RewardSpec
-from .common.training import card_sections, evaluation_model, held_out, outside_zero3, release, resume_argument
+from .common.training import card_sections, evaluation_model, held_out, release, resume_argument
 
 
 @dataclass

@@ -25,6 +25,7 @@ from trl import SFTConfig
 
 from trainers.decred import (DeCREDOptions, DeCREDSeq2SeqTrainer, DeCREDSFTTrainer, evaluate_heads,
                              from_pretrained_with_heads, seq2seq_args)
+from trainers.distributed import outside_zero3, parameters_sharded
 
 from .common.cli import main
 from .common.data import load_split, to_sft_format
@@ -32,7 +33,7 @@ from .common.errors import ConfigError
 from .common.modeling import load_model, load_tokenizer, lora_config
 from .common.schema import ModelConfig, RecipeConfig
 from .common.speech import SpeechConfig, load_speech_model, speech_batches, speech_data, speech_model, speech_report
-from .common.training import held_out, outside_zero3, parameters_sharded, resume_argument, train_and_evaluate
+from .common.training import held_out, resume_argument, train_and_evaluate
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from trl import SFTConfig
 
-from trainers.distributed import Ranks
+from trainers.distributed import Ranks, outside_zero3
 from trainers.weighted_sft import WeightedSFTTrainer
 
 from .common import rounds
@@ -34,7 +34,7 @@ from .common.errors import ConfigError
 from .common.evaluation import check_backend, engine_for, evaluate_model, format_table, release_engine
 from .common.modeling import load_model, load_tokenizer, lora_config, model_init_kwargs, to_device
 from .common.schema import DataConfig, RecipeConfig, RewardSpec
-from .common.training import held_out, outside_zero3, release
+from .common.training import held_out, release
 
 
 @dataclass

@@ -433,7 +433,7 @@ def _hh_args():
 def test_hh_layout_is_the_references():
     """The HH config turns an HH dialogue into the layout the reference builds from the same turns
     (PRO's ``<|prompter|>`` / ``<|assistant|>`` list: joined, markers replaced, stripped, preamble first)."""
-    from trainers.alol import format_prompt
+    from trainers.alol_dialogue import format_prompt
 
     args = _hh_args()
     turns = ["<|prompter|>What are some good vegetables to plant in the fall?",
@@ -453,7 +453,7 @@ def test_hh_layout_is_the_references():
 
 
 def test_hh_generation_is_cut_at_the_next_human_turn():
-    from trainers.alol import finish_response
+    from trainers.alol_dialogue import finish_response
 
     args = _hh_args()
     assert args.stop_strings == ["###"]
@@ -473,7 +473,7 @@ def test_stop_strings_end_greedy_generation(tiny_model_dir):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainers.alol_precompute import _greedy, greedy_responses
+    from trainers.alol_dialogue import _greedy, greedy_responses
 
     model, tok = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
     prompts = [tok(f"{a}+{b}=")["input_ids"] for a in range(6) for b in range(3)]
@@ -586,7 +586,7 @@ def _synthetic_value_data(n=120, width=16, learnable=True, seed=0):
 
 
 def test_value_head_best_epoch_and_cross_validation():
-    from trainers.alol_precompute import cross_validate_value_head, fit_value_head
+    from trainers.value_head import cross_validate_value_head, fit_value_head
 
     hidden, targets = _synthetic_value_data()
     # best epoch on a held-out split: the kept head is the epoch with the lowest held-out MSE

@@ -64,13 +64,13 @@ def both_routes(trainer, probe, prompts):
     """Signals as rewards see them: from generation, then from the extra pass over the same completions."""
     torch.manual_seed(0)
     prompt_ids, completion_ids = trainer._generate(prompts)[:2]
-    assert trainer._signals is not None  # captured: no pass needed
+    assert trainer._batch.signals is not None  # captured: no pass needed
     passes = []
     original = trainer._policy_pass
     trainer._policy_pass = lambda ids: (passes.append(1), original(ids))
     score(trainer, prompts, completion_ids)
     assert not passes
-    trainer._signals, trainer._lens_states = None, None  # forget them: the fallback recomputes
+    trainer._batch.signals, trainer._batch.lens_states = None, None  # forget them: the fallback recomputes
     score(trainer, prompts, completion_ids)
     assert passes == [1]
     return completion_ids, probe.seen[-2], probe.seen[-1]
@@ -133,7 +133,7 @@ def test_route_is_chosen_and_logged(tiny_model_dir, tmp_path, caplog, options, r
     assert trainer.signal_route()[0] == route
     assert sum("RLIF internal signals: " + route in r.getMessage() for r in caplog.records) == 1
     prompt_ids, completion_ids = trainer._generate(PROMPTS * 2)[:2]
-    assert trainer._signals is None  # nothing captured: TRL's pass or our extra pass computes them
+    assert trainer._batch.signals is None  # nothing captured: TRL's pass or our extra pass computes them
 
 
 def test_capture_off_and_over_budget_fall_back_to_the_extra_pass(tiny_model_dir, tmp_path, monkeypatch, caplog):
@@ -142,7 +142,7 @@ def test_capture_off_and_over_budget_fall_back_to_the_extra_pass(tiny_model_dir,
     trainer = make_trainer(tiny_model_dir, tmp_path, [probe])
     assert trainer.signal_route() == ("extra_pass", "no capture during generation: INTRINSIC_GENERATION_CAPTURE_MIB=0")
     trainer._generate(PROMPTS)
-    assert trainer._signals is None
+    assert trainer._batch.signals is None
     # a bound below what the batch needs: the same fallback, warned once
     monkeypatch.setenv("INTRINSIC_GENERATION_CAPTURE_MIB", "0.01")
     trainer = make_trainer(tiny_model_dir, tmp_path, [probe])
@@ -153,7 +153,7 @@ def test_capture_off_and_over_budget_fall_back_to_the_extra_pass(tiny_model_dir,
     with caplog.at_level(logging.WARNING, logger="intrinsic"):
         for _ in range(2):
             trainer._generate(PROMPTS * 2)
-            assert trainer._signals is None
+            assert trainer._batch.signals is None
     assert sum("would hold" in r.getMessage() for r in caplog.records) == 1
 
 
@@ -178,7 +178,7 @@ def test_capture_stops_when_generation_fails(tiny_model_dir, tmp_path):
         trainer.model(input_ids=torch.tensor([[5, 6, 7]]))
     assert trainer._gen_capture is None and trainer._lens._steps is None
     trainer._generate(PROMPTS)
-    assert trainer._signals is not None and trainer._lens_states is not None
+    assert trainer._batch.signals is not None and trainer._batch.lens_states is not None
 
 
 def test_failed_capture_falls_back(tiny_model_dir, tmp_path, caplog):
@@ -196,7 +196,7 @@ def test_failed_capture_falls_back(tiny_model_dir, tmp_path, caplog):
     trainer._arm_generation = arm_then_odd_forward
     with caplog.at_level(logging.WARNING, logger="intrinsic"):
         prompt_ids, completion_ids = trainer._generate(PROMPTS)[:2]
-    assert trainer._signals is None
+    assert trainer._batch.signals is None
     assert any("generation capture failed" in r.getMessage() for r in caplog.records)
     score(trainer, PROMPTS, completion_ids)  # the extra pass computes them
     assert len(probe.seen[-1]) == 4 and all(len(s["entropy"]) == len(c) for s, c in zip(probe.seen[-1], completion_ids))

@@ -13,7 +13,8 @@ def test_sft_before_after_evaluation_dealt_over_two_processes(tmp_path, tiny_mod
     accuracy is known for both evaluations and comes out only if every merged answer meets its row."""
     from recipes.common.config import load_config
     from recipes.common.data import load_split
-    from recipes.common.evaluation import evaluate_model, generate
+    from recipes.common.evaluation import evaluate_model
+    from recipes.common.generation import generate
     from recipes.common.modeling import load_model, load_tokenizer
     from recipes.sft import SFTRecipeConfig
     from rewards import extract_answer

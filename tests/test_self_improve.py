@@ -144,7 +144,8 @@ def test_token_signal_dicts_match_the_evaluator(warm_model_dir):
     """The verifier's per-token signals reduce to the evaluator's per-completion numbers (same math)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from recipes.common.evaluation import generate, internal_signals
+    from recipes.common.evaluation import internal_signals
+    from recipes.common.generation import generate
 
     model, tok = AutoModelForCausalLM.from_pretrained(warm_model_dir), AutoTokenizer.from_pretrained(warm_model_dir)
     prompts = ["12+34=", "12+34=", "5+7=", "5+7="]

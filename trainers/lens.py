@@ -65,6 +65,7 @@ from rewards import default_layers, find_answer, group_rows
 
 from .generation_capture import StepStates
 from .logit_transform import IDENTITY, LogitTransform, logit_transform
+from .model_parts import NORM_NAMES, UnsupportedModelError, decoder_parts
 from .projection import compute_dtype, default_chunks, project
 
 __all__ = ["BATCH_MODES", "LABEL_SETS", "MODES", "LogitLens", "agreement", "answer_token_indices",
@@ -99,29 +100,25 @@ def label_token_ids(tokenizer, labels) -> list[int] | None:
         ids.append(int(encoded[0]))
     return ids if len(set(ids)) == len(ids) else None
 
-_LAYER_LISTS = ("layers", "h", "blocks", "block")
-_NORMS = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f")
-
 
 def lens_modules(model: nn.Module) -> tuple[nn.ModuleList, nn.Module, nn.Module]:
     """``(decoder layers, final norm, output embeddings)`` of a causal LM (PEFT-wrapped or not).
 
-    Qwen2, Llama and any model whose backbone (``model.<base_model_prefix>``) holds a layer list
-    (``layers``/``h``/``blocks``) and a final norm (``norm``/``ln_f``/``final_layernorm``) work.
-    Anything else raises a ``TypeError`` naming what is missing.
+    The modules :func:`trainers.model_parts.decoder_parts` finds; the lens needs a decoder-only
+    model with a final norm. Anything else raises a ``TypeError`` naming what is missing.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone = getattr(base, getattr(base, "base_model_prefix", "model"), None) or base
-    layers = next((getattr(backbone, n) for n in _LAYER_LISTS if isinstance(getattr(backbone, n, None), nn.ModuleList)),
-                  None)
-    norm = next((getattr(backbone, n) for n in _NORMS if isinstance(getattr(backbone, n, None), nn.Module)), None)
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    missing = [what for what, found in (("a decoder layer list (backbone." + "/".join(_LAYER_LISTS) + ")", layers),
-                                        ("a final norm (backbone." + "/".join(_NORMS) + ")", norm),
-                                        ("output embeddings (get_output_embeddings())", head)) if found is None]
-    if missing:
-        raise TypeError(f"the logit lens does not support {type(base).__name__}: missing {'; '.join(missing)}")
-    return layers, norm, head
+    try:
+        parts = decoder_parts(model)
+    except UnsupportedModelError as err:
+        raise TypeError(f"the logit lens does not support {err}") from None
+    name = type(parts.model).__name__
+    if parts.encoder_decoder:
+        raise TypeError(f"the logit lens does not support {name}: it reads the decoder layer list and final norm "
+                        "of a decoder-only model, and this is an encoder-decoder")
+    if parts.norm is None:
+        raise TypeError(f"the logit lens does not support {name}: missing a final norm "
+                        f"({'/'.join(NORM_NAMES)} beside its decoder layer list)")
+    return parts.layers, parts.norm, parts.lm_head
 
 
 def answer_token_indices(tokenizer, completion_ids: Sequence[int], fallback_last_k: int | None = 4

@@ -43,15 +43,16 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from rewards import LENS_SIGNALS, SIGNALS, InternalReward, default_layers
+from rewards import SIGNALS, InternalReward
 
 from .card import ModelCardMixin
-from .completions import CompletionsJsonlMixin
 from .clue import HiddenDelta, reasoning_positions
+from .completions import CompletionsJsonlMixin
 from .generation_capture import StepStates, capture_budget, capture_bytes, rotary_positions, step_mask
-from .lens import LogitLens, lens_modules, locate_answers
+from .lens import LogitLens, locate_answers
 from .logit_transform import IDENTITY, logit_transform
-from .signals import in_vocab_targets, pack_prompt_completion, skip_outside_vocab, token_signals
+from .model_parts import is_peft, lm_backbone, unwrap
+from .signals import in_vocab_targets, pack_prompt_completion, signal_needs, skip_outside_vocab, token_signals
 from .vote import VoteSamplesMixin
 
 logger = logging.getLogger("intrinsic")
@@ -109,7 +110,7 @@ def whole_group_rewards(reward_funcs) -> list[str]:
 def groups_split(rows_per_process: int, num_generations: int, world_size: int) -> bool:
     """Whether TRL's layout can put the completions of one prompt on two processes.
 
-    TRL 1.16 (``RepeatSampler`` + accelerate's batch sharding) hands each of the ``world_size``
+    TRL (``RepeatSampler`` + accelerate's batch sharding) hands each of the ``world_size``
     processes ``rows_per_process`` consecutive rows of the generation batch (training:
     ``per_device_train_batch_size * steps_per_generation``; evaluation: ``per_device_eval_batch_size``),
     in which the ``G = num_generations`` completions of a prompt are consecutive; so every group
@@ -146,6 +147,23 @@ def group_layout_problem(args: GRPOConfig, reward_funcs, world_size: int | None 
     return None
 
 
+@dataclass
+class RLIFBatch:
+    """What :class:`RLIFTrainer` knows of the generation batch being scored: a fresh one per batch
+    (``_generate``), filled by the policy pass and read by ``_calculate_rewards``."""
+
+    prompt_ids: list | None = None  # prompt token ids of the generated completions
+    signals: dict[str, torch.Tensor] | None = None  # ``(B, C)`` per signal, once a policy pass ran
+    signal_parts: list[dict[str, torch.Tensor]] | None = None  # micro-batches' signals, during an armed pass
+    completion_length: int | None = None  # ``C`` of the armed pass (TRL's ``logits_to_keep``)
+    lens_indices: list | None = None  # per completion: the answer tokens' positions
+    lens_found: list | None = None  # per completion: whether its answer parsed
+    lens_answer_ids: list | None = None  # per completion: the tokens at those positions
+    lens_states: tuple | None = None  # ``(states (K, N, H), counts)`` the lens hooks kept
+    delta_spans: list | None = None  # per completion: CLUE's (start, end) positions of its reasoning
+    deltas: list | None = None  # per completion: CLUE's ``(K, H)`` hidden-state delta, once a pass ran
+
+
 RLIF_DEFAULTS = {f.name: f.default for f in fields(RLIFConfig) if f.name not in {g.name for g in fields(GRPOConfig)}}
 """The options :class:`RLIFConfig` adds to ``GRPOConfig``, with their defaults."""
 
@@ -158,22 +176,11 @@ class RLIFTrainer(ModelCardMixin, CompletionsJsonlMixin, VoteSamplesMixin, GRPOT
     ``GRPOConfig``): the RLIF options missing from it take their :class:`RLIFConfig` defaults.
     """
 
-    # per-batch state: class-level defaults, so every override works before (or without) ``__init__``'s body
+    # configuration, with class-level defaults: every override works before (or without) ``__init__``'s body
     signal_names: tuple[str, ...] = ()
     lens_modes: tuple[str, ...] = ()
-    _signals: dict[str, torch.Tensor] | None = None
-    _signal_parts: list[dict[str, torch.Tensor]] | None = None
-    _prompt_ids_list: list | None = None
-    _completion_length: int | None = None
     _lens: LogitLens | None = None
-    _lens_states = None
-    _lens_indices: list | None = None
-    _lens_found: list | None = None
-    _lens_answer_ids: list | None = None
     _delta: HiddenDelta | None = None  # CLUE's hidden-state delta (trainers/clue.py), read in the same pass
-    _delta_spans: list | None = None
-    _deltas = None
-    _pass_done = False
     _logit_transform = IDENTITY
     _signal_route = "extra_pass"
     _gen_capture: StepStates | None = None  # filled by ``_capture`` during one HF generation
@@ -189,26 +196,19 @@ class RLIFTrainer(ModelCardMixin, CompletionsJsonlMixin, VoteSamplesMixin, GRPOT
             given = inspect.signature(GRPOTrainer.__init__).bind(self, *args, **kwargs).arguments
         except TypeError:  # a call TRL will refuse with its own message
             given = {}
+        self._batch = RLIFBatch()  # per-batch state, replaced by every generation batch
         if given.get("args") is not None and given.get("reward_funcs") is not None:
             self._refuse_split_groups(given["args"], given["reward_funcs"])  # before the model loads
         super().__init__(*args, **kwargs)
         self._refuse_split_groups(self.args, self.reward_funcs)
-        internal = [f for f in self.reward_funcs if isinstance(f, InternalReward)]
-        needed = {s for f in internal for s in f.signals} - {"ic_layers", "ic_answer_found", "hidden_delta",
-                                                                "hidden_delta_layers"}
-        unknown = needed - set(SIGNALS) - set(LENS_SIGNALS)
-        if unknown:
-            raise ValueError(f"unknown internal signals {sorted(unknown)}; available: {list(SIGNALS + LENS_SIGNALS)}")
+        needs = signal_needs(self.reward_funcs, self.accelerator.unwrap_model(self.model))
         # all three come out of the same chunked projection, and every step logs them
-        self.signal_names = SIGNALS if needed & set(SIGNALS) or self._option("log_signals") else ()
-        self.lens_modes = tuple(m[3:] for m in LENS_SIGNALS if m in needed)
-        self._signals: dict[str, torch.Tensor] | None = None
-        self._signal_parts: list[dict[str, torch.Tensor]] | None = None
-        self._prompt_ids_list: list | None = None
+        self.signal_names = SIGNALS if needs.signals or self._option("log_signals") else ()
+        self.lens_modes = needs.lens_modes
         # looked up once: wrappers (DDP, DeepSpeed) keep these module objects inside them
         unwrapped = self.accelerator.unwrap_model(self.model)
-        self._policy = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-        self._peft = unwrapped if hasattr(unwrapped, "peft_config") else None
+        self._policy = unwrap(unwrapped)
+        self._peft = unwrapped if is_peft(unwrapped) else None
         self._tuner_layer = None
         self._logit_transform = logit_transform(self._policy)  # Gemma-2 soft-capping, Cohere/Granite scaling
         if self._peft is not None:
@@ -216,19 +216,12 @@ class RLIFTrainer(ModelCardMixin, CompletionsJsonlMixin, VoteSamplesMixin, GRPOT
 
             self._tuner_layer = next((m for m in self._peft.modules() if isinstance(m, BaseTunerLayer)), None)
         if self.signal_names:
-            self._policy.base_model.register_forward_hook(self._capture, with_kwargs=True)
+            lm_backbone(self._policy).register_forward_hook(self._capture, with_kwargs=True)
         self._lens: LogitLens | None = None
         if self.lens_modes:  # hooks on the union of the layers the rewards read (``None``: their default)
-            n_layers = len(lens_modules(self._policy)[0])
-            layers = {layer for f in internal if set(f.signals) & set(LENS_SIGNALS)
-                      for layer in (getattr(f, "layers", None) or default_layers(n_layers))}
-            self._lens = LogitLens(self._policy, sorted(layers), vocab_size=len(self._tokenizer), tokenizer=self._tokenizer)
-        self._delta = None
-        readers = [f for f in internal if "hidden_delta" in f.signals]
-        if readers:  # CLUE: the union of the layers its rewards read (``None``: every layer)
-            chosen = [getattr(f, "layers", None) for f in readers]
-            self._delta = HiddenDelta(self._policy, None if None in chosen else sorted({x for c in chosen for x in c}))
-        self._pass_done = False
+            self._lens = LogitLens(self._policy, needs.lens_layers, vocab_size=len(self._tokenizer),
+                                   tokenizer=self._tokenizer)
+        self._delta = HiddenDelta(self._policy, needs.delta_layers) if needs.delta else None
         self._signal_route, why = self.signal_route()
         self._warned = set()
         if self.signal_names or self._lens is not None or self._delta is not None:
@@ -305,7 +298,7 @@ class RLIFTrainer(ModelCardMixin, CompletionsJsonlMixin, VoteSamplesMixin, GRPOT
         return True
 
     def _signals_from_generation(self, completion_ids_list: list) -> None:
-        """``_signals`` / ``_lens_states`` from the last generation's states (left ``None`` when it failed:
+        """The batch's ``signals`` / ``lens_states`` from the last generation's states (left ``None`` when it failed:
         the extra pass then runs). Per token exactly what the extra pass computes, up to rounding."""
         final, lens_steps = self._gen_taken
         self._gen_taken = None
@@ -342,8 +335,8 @@ class RLIFTrainer(ModelCardMixin, CompletionsJsonlMixin, VoteSamplesMixin, GRPOT
             signals = {name: torch.full(mask.shape, float("nan"), device=v.device).masked_scatter(mask.to(v.device), v)
                        for name, v in values.items()}
         if self._lens is not None:
-            self._lens_states = self._lens.generation_states(lens_steps, self._lens_indices)
-        self._signals = signals
+            self._batch.lens_states = self._lens.generation_states(lens_steps, self._batch.lens_indices)
+        self._batch.signals = signals
 
     def _capture(self, module, args, kwargs, output):
         """Backbone hook: signals of one micro-batch's completion positions (armed passes only), or
@@ -352,10 +345,11 @@ class RLIFTrainer(ModelCardMixin, CompletionsJsonlMixin, VoteSamplesMixin, GRPOT
             if not torch.is_grad_enabled():
                 self._gen_capture.add(output.last_hidden_state)
             return
-        if self._signal_parts is None or torch.is_grad_enabled():
+        batch = self._batch
+        if batch.signal_parts is None or torch.is_grad_enabled():
             return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        c = self._completion_length
+        c = batch.completion_length
         hidden = output.last_hidden_state[:, -c - 1 : -1]  # position t-1 predicts completion token t
         head = self._policy.get_output_embeddings()
         vocab = len(self._tokenizer)
@@ -366,7 +360,7 @@ class RLIFTrainer(ModelCardMixin, CompletionsJsonlMixin, VoteSamplesMixin, GRPOT
             part = token_signals(hidden, weight, targets, bias=head.bias, temperature=self.temperature,
                                  signals=self.signal_names, chunk_size=self._option("signal_chunk_size"),
                                  vocab_size=vocab, **self._logit_transform.kwargs())
-        self._signal_parts.append(part)
+        batch.signal_parts.append(part)
 
     # -- overrides (each calls super) -----------------------------------------------------------
 
@@ -384,27 +378,27 @@ class RLIFTrainer(ModelCardMixin, CompletionsJsonlMixin, VoteSamplesMixin, GRPOT
     def _generate(self, prompts: list):
         self._gen_taken = None
         out = super()._generate(prompts)
-        self._prompt_ids_list, self._signals, self._lens_states = out[0], None, None  # a new batch: no signals yet
+        self._batch = batch = RLIFBatch(prompt_ids=out[0])  # a new batch: no signals yet
         if self._lens is not None:  # where each completion's answer is: known before any pass runs
-            self._lens_indices, self._lens_found, self._lens_answer_ids = locate_answers(
+            batch.lens_indices, batch.lens_found, batch.lens_answer_ids = locate_answers(
                 self._tokenizer, out[1], self._option("ic_fallback_last_k"))
         if self._delta is not None:
-            self._delta_spans, self._deltas = reasoning_positions(self._tokenizer, out[1]), None
+            batch.delta_spans = reasoning_positions(self._tokenizer, out[1])
         if self._gen_taken is not None:
             self._signals_from_generation(out[1])
         return out
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         readers = bool(self.signal_names) or self._lens is not None or self._delta is not None
-        armed = (readers and self._signals is None
-                 and self._prompt_ids_list is not None and not torch.is_grad_enabled() and model is self.model
-                 and self._policy_adapters_active())
+        batch = self._batch if readers else None
+        armed = (batch is not None and batch.signals is None and batch.prompt_ids is not None
+                 and not torch.is_grad_enabled() and model is self.model and self._policy_adapters_active())
         if armed:
-            self._signal_parts, self._completion_length = [] if self.signal_names else None, logits_to_keep
+            batch.signal_parts, batch.completion_length = [] if self.signal_names else None, logits_to_keep
             if self._lens is not None:
-                self._lens.arm(self._lens_indices, logits_to_keep)
+                self._lens.arm(batch.lens_indices, logits_to_keep)
             if self._delta is not None:
-                self._delta.arm(self._delta_spans, logits_to_keep)
+                self._delta.arm(batch.delta_spans, logits_to_keep)
         try:
             result = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                                  *args, **kwargs)
@@ -415,18 +409,19 @@ class RLIFTrainer(ModelCardMixin, CompletionsJsonlMixin, VoteSamplesMixin, GRPOT
                 self._delta.disarm()
             raise
         finally:
-            parts, self._signal_parts = self._signal_parts, None
+            if armed:
+                parts, batch.signal_parts = batch.signal_parts, None
         if armed:
-            self._signals = {name: torch.cat([p[name] for p in parts]) for name in self.signal_names}
+            batch.signals = {name: torch.cat([p[name] for p in parts]) for name in self.signal_names}
             if self._lens is not None:
-                self._lens_states = self._lens.collect()
+                batch.lens_states = self._lens.collect()
             if self._delta is not None:
-                self._deltas = self._delta.collect()
+                batch.deltas = self._delta.collect()
         return result
 
     def _policy_pass(self, completion_ids_list: list) -> None:
         """Run TRL's own no-grad policy pass over the batch when TRL did not (our hook collects)."""
-        ids, mask, prompt_length = pack_prompt_completion(self._prompt_ids_list, completion_ids_list,
+        ids, mask, prompt_length = pack_prompt_completion(self._batch.prompt_ids, completion_ids_list,
                                                           self._tokenizer.pad_token_id, self.pad_to_multiple_of)
         ids, mask = ids.to(self.accelerator.device), mask.to(self.accelerator.device)
         mode = "train" if self.model.training else "eval"
@@ -438,23 +433,24 @@ class RLIFTrainer(ModelCardMixin, CompletionsJsonlMixin, VoteSamplesMixin, GRPOT
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         if not self.signal_names and self._lens is None and self._delta is None:
             return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        if self._signals is None:
+        batch = self._batch
+        if batch.signals is None:
             self._policy_pass(completion_ids_list)
-        per_completion = [{name: values[i, : len(ids)].cpu() for name, values in self._signals.items()}
+        per_completion = [{name: values[i, : len(ids)].cpu() for name, values in batch.signals.items()}
                           for i, ids in enumerate(completion_ids_list)]
         if self.signal_names:
             self._log_signals(per_completion)
         if self._lens is not None:
-            lens = self._lens.signals(*self._lens_states, self._lens_answer_ids, self._lens_found, self.lens_modes,
+            lens = self._lens.signals(*batch.lens_states, batch.lens_answer_ids, batch.lens_found, self.lens_modes,
                                       prompts=prompts, quantile=self._option("ic_quantile"))
-            self._lens_states = None  # (K, N, H) rows: freed once read
+            batch.lens_states = None  # (K, N, H) rows: freed once read
             for signals, extra in zip(per_completion, lens):
                 signals.update(extra)
-            self._log_gathered("signals/ic_answer_found", sum(self._lens_found) / max(len(self._lens_found), 1))
+            self._log_gathered("signals/ic_answer_found", sum(batch.lens_found) / max(len(batch.lens_found), 1))
         if self._delta is not None:
-            for signals, d in zip(per_completion, self._deltas):
+            for signals, d in zip(per_completion, batch.deltas):
                 signals.update(hidden_delta=d, hidden_delta_layers=list(self._delta.layers))
-            self._deltas = None
+            batch.deltas = None
         # padding rows of the head: signals are defined over the tokenizer's tokens only (docs/METHODS.md §6)
         self._log_gathered("signals/outside_vocab",
                            float(skip_outside_vocab(per_completion, completion_ids_list, len(self._tokenizer))))

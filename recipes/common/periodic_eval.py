@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
 
-from trainers.distributed import Ranks
+from trainers.distributed import Ranks, outside_zero3, parameters_sharded
 
 logger = logging.getLogger("intrinsic")
 
@@ -89,7 +89,6 @@ class EvaluateEverySteps(TrainerCallback):
         """The metrics (on every rank), or ``None`` where the evaluation cannot run."""
         from trl.models.utils import unwrap_model_for_generation
 
-        from .training import outside_zero3, parameters_sharded
 
         trainer = self.trainer
         plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)

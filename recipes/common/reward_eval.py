@@ -10,7 +10,7 @@ from datasets import Dataset
 
 from trainers.distributed import Ranks, merge_shards
 
-from .evaluation import generate
+from .generation import generate
 from .schema import EvalConfig
 
 

@@ -28,7 +28,7 @@ from trainers.signals import token_signal_dicts
 
 from .data import to_sft_format
 from .errors import ConfigError
-from .evaluation import generate, prompt_texts
+from .generation import generate, prompt_texts
 from .schema import RewardSpec
 from .verify import Verifier, ds_filter, ds_weights, gap_metrics, nile_filter, select
 

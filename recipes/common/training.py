@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
 from pathlib import Path
 
 from datasets import Dataset
 
 from trainers.card import ModelCardMixin
-from trainers.distributed import Ranks
+from trainers.distributed import Ranks, outside_zero3, parameters_sharded
 
 from .config import save_config
 from .data import load_split
@@ -32,34 +31,6 @@ def held_out(cfg: RecipeConfig) -> Dataset | None:
     if not cfg.data.eval_split:
         return None
     return load_split(cfg.data, cfg.data.eval_split, cfg.eval.max_rows, cfg.source)
-
-
-def parameters_sharded(trainer) -> bool:
-    """True when no single rank holds the whole model (DeepSpeed ZeRO-3, FSDP on several processes).
-
-    Read from the accelerator's plugin: transformers' global ZeRO-3 flag is gone once training ends,
-    while the model's parameters stay partitioned (a forward on one rank then waits forever)."""
-    if trainer.args.world_size <= 1:
-        return False
-    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-    return (plugin is not None and plugin.zero_stage == 3) or bool(getattr(trainer, "is_fsdp_enabled", False))
-
-
-@contextmanager
-def outside_zero3():
-    """Within: ``from_pretrained`` builds an ordinary model (no ``zero.Init``) and ``generate`` does not
-    sync with the other ranks, so one process can load and run a whole model on its own."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    if not hf_deepspeed.is_deepspeed_zero3_enabled():
-        yield
-        return
-    config = hf_deepspeed._hf_deepspeed_config_weak_ref()  # the live config (its plugin keeps it alive)
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed.set_hf_deepspeed_config(config)
 
 
 def release(trainer) -> None:

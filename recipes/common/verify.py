@@ -17,11 +17,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-
-from rewards import LENS_SIGNALS, SIGNALS, InternalReward, default_layers, group_rows, plurality
+from rewards import InternalReward, group_rows, plurality
 from rewards.grading import answers_match_many, clusters
 from rewards.group import answer_clusters
-from trainers.lens import lens_modules
+from trainers.signals import signal_needs
 
 MODES = ("top_k", "threshold", "plurality", "reweight")
 
@@ -43,22 +42,17 @@ class Verifier:
             raise ValueError("verifier: give one weight per reward, at least one reward")
         self.rewards, self.weights = list(rewards), [float(w) for w in weights]
         internal = [r for r in self.rewards if isinstance(r, InternalReward)]
-        needed = {s for r in internal for s in r.signals}
-        self.signals = tuple(s for s in SIGNALS if s in needed) + ("hidden_delta",) * ("hidden_delta" in needed)
-        readers = [getattr(r, "layers", None) for r in internal if "hidden_delta" in r.signals]
-        self.delta_layers = None if not readers or None in readers else sorted({x for c in readers for x in c})
+        needs = signal_needs(self.rewards)
+        self.signals = needs.signals + ("hidden_delta",) * needs.delta
+        self.lens_modes = needs.lens_modes
+        self.delta_layers = needs.delta_layers
         """Layers CLUE's hidden-state delta is read at (``None``: all), for ``token_signal_dicts(delta_layers=...)``."""
         self.reads_gold = any(getattr(r, "labels", None) == "gold" for r in internal if "hidden_delta" in r.signals)
         """A CLUE reward labels its centroids with the gold answers: :meth:`score` needs the ``answer`` column."""
-        self.lens_modes = tuple(m[3:] for m in LENS_SIGNALS if m in needed)
-        self._layer_choice = [getattr(r, "layers", None) for r in internal if set(r.signals) & set(LENS_SIGNALS)]
 
     def lens_layers(self, model) -> list[int] | None:
         """Union of the layers the consistency rewards read (their default: the upper half)."""
-        if not self.lens_modes:
-            return None
-        n = len(lens_modules(model)[0])
-        return sorted({layer for choice in self._layer_choice for layer in (choice or default_layers(n))})
+        return signal_needs(self.rewards, model).lens_layers
 
     @property
     def internal(self) -> bool:

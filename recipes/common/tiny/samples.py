@@ -69,7 +69,7 @@ def build_samples(spec: SamplesSpec, model_dir: str, directory: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..evaluation import generate
+    from ..generation import generate
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
