@@ -7,7 +7,7 @@ last prompt token) is read with the CLUE hooks (:class:`trainers.clue.HiddenDelt
 * ``last``: the completion's last token (the default without ``</think>``; docs/METHODS.md "CLUE"),
 * ``answer_end``: the last token of the answer's first emission (``trainers.lens.answer_token_indices``),
 
-and scored with centroids cross-fit on the other half of the prompts (:func:`recipes.common.evaluation.clue_column`,
+and scored with centroids cross-fit on the other half of the prompts (:func:`recipes.common.metrics.clue_column`,
 what ``eval.clue`` reports). Prints JSON: per seed the sampled and vote accuracy, and per position
 the Mann-Whitney AUROC (right > wrong) and the accuracy of the top-scored sample per prompt.
 
@@ -29,8 +29,9 @@ sys.path.insert(0, str(ROOT))
 from recipes.common.config import load_config  # noqa: E402
 from recipes.common.data import load_split  # noqa: E402
 from recipes.evaluate import EvaluateRecipeConfig  # noqa: E402
-from recipes.common.evaluation import (clue_column, correctness, generate, mann_whitney_auc, prompt_texts,  # noqa: E402
-                                selected_accuracy, vote_accuracy)
+from recipes.common.generation import generate, prompt_texts  # noqa: E402
+from recipes.common.metrics import (clue_column, correctness, mann_whitney_auc, selected_accuracy,  # noqa: E402
+                                    vote_accuracy)
 from recipes.common.modeling import load_model, load_tokenizer  # noqa: E402
 from trainers.clue import HiddenDelta, reasoning_positions  # noqa: E402
 from trainers.lens import answer_token_indices  # noqa: E402

@@ -16,10 +16,10 @@ from .common.cli import Command, main
 from .common.config import save_config
 from .common.data import load_split
 from .common.errors import ConfigError
-from .common.evaluation import (check_backend, code_grading, engine_for, evaluate_model, format_table, read_reports,
-                                release_engine, write_report)
+from .common.evaluation import code_grading, evaluate_model, format_table, read_reports, write_report
 from .common.modeling import load_model, load_tokenizer, to_device
 from .common.schema import RecipeConfig
+from .common.vllm_backend import check_backend, engine_for, release_engine
 
 
 @dataclass

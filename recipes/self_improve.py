@@ -31,10 +31,11 @@ from .common.cli import main
 from .common.config import save_config
 from .common.data import load_split
 from .common.errors import ConfigError
-from .common.evaluation import check_backend, engine_for, evaluate_model, format_table, release_engine
+from .common.evaluation import evaluate_model, format_table
 from .common.modeling import load_model, load_tokenizer, lora_config, model_init_kwargs, to_device
 from .common.schema import DataConfig, RecipeConfig, RewardSpec
 from .common.training import held_out, release
+from .common.vllm_backend import check_backend, engine_for, release_engine
 
 
 @dataclass

@@ -247,7 +247,8 @@ def _tokenizer():
 def test_vllm_sampling_parameters_and_outputs(monkeypatch):
     """generate_vllm: the prompt tokens as transformers would see them, greedy as temperature 0, the
     sampled call with n, temperature, top_p, max_tokens and a seed per prompt; ids cut after EOS."""
-    from recipes.common.evaluation import generate_vllm, prompt_texts
+    from recipes.common.generation import prompt_texts
+    from recipes.common.vllm_backend import generate_vllm
 
     tok = _tokenizer()
     eos = tok.eos_token_id
@@ -299,7 +300,7 @@ def test_vllm_backend_in_the_evaluate_recipe(tmp_path, monkeypatch):
 
 def test_vllm_engine_after_training_reads_the_saved_directory(monkeypatch, tmp_path):
     from recipes.common.schema import ModelConfig
-    from recipes.common.evaluation import engine_for
+    from recipes.common.vllm_backend import engine_for
 
     fake = fake_vllm_module([1], "x")
     monkeypatch.setitem(sys.modules, "vllm", fake)
@@ -313,7 +314,7 @@ def test_vllm_engine_after_training_reads_the_saved_directory(monkeypatch, tmp_p
 
 def test_vllm_backend_refused_in_a_launch_of_several_processes():
     from recipes.common.errors import ConfigError
-    from recipes.common.evaluation import check_backend
+    from recipes.common.vllm_backend import check_backend
 
     class TwoRanks:
         world = 2

@@ -216,7 +216,7 @@ def test_self_improvement_round_with_the_clue_verifier(tiny_config, tmp_path):
 
 def test_evaluation_column_is_cross_fit_on_the_other_half_of_the_prompts():
     """Each sample is scored with centroids of the other half's samples (gold labels), never its own half's."""
-    from recipes.common.evaluation import clue_column
+    from recipes.common.metrics import clue_column
 
     rng = np.random.default_rng(3)
     n, prompts = 3, 5                                  # halves: prompts 0-2 (rows 0-8), prompts 3-4 (rows 9-14)

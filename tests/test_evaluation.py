@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from recipes.common.data import load_split
-from recipes.common.evaluation import evaluate_model, internal_signals, separation, vote_accuracy
+from recipes.common.evaluation import evaluate_model, internal_signals
+from recipes.common.metrics import separation, vote_accuracy
 from recipes.common.modeling import load_model, load_tokenizer
 from recipes.common.schema import DataConfig, EvalConfig, ModelConfig
 from rewards import InternalConsistency
@@ -81,7 +82,7 @@ def test_tiny_world_evaluation_is_deterministic_and_reports_sc_ic(warm_model_dir
 def test_pass_at_k_equals_the_subset_probability():
     from itertools import combinations
 
-    from recipes.common.evaluation import pass_at_k
+    from recipes.common.metrics import pass_at_k
 
     for n in range(1, 7):
         for c in range(n + 1):
@@ -93,7 +94,7 @@ def test_pass_at_k_equals_the_subset_probability():
 
 
 def test_auroc_and_effect_size_by_hand():
-    from recipes.common.evaluation import mann_whitney_auc
+    from recipes.common.metrics import mann_whitney_auc
 
     right, wrong = [0.9, 0.5, 0.5], [0.5, 0.1]
     # pairs: (0.9>0.5, 0.9>0.1, 0.5=0.5, 0.5>0.1, 0.5=0.5, 0.5>0.1) = 4 wins + 2 ties of 6
@@ -103,7 +104,7 @@ def test_auroc_and_effect_size_by_hand():
 
 
 def test_reliability_table_and_histogram():
-    from recipes.common.evaluation import reliability
+    from recipes.common.metrics import reliability
 
     values = [0.1 * i for i in range(10)] + [None]
     correct = [i >= 5 for i in range(10)] + [True]

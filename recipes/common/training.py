@@ -12,10 +12,10 @@ from trainers.distributed import Ranks, outside_zero3, parameters_sharded
 
 from .config import save_config
 from .data import load_split
-from .evaluation import (check_backend, engine_for, evaluate_model, format_markdown, format_table, release_engine,
-                         write_report)
+from .evaluation import evaluate_model, format_markdown, format_table, write_report
 from .modeling import load_model, model_init_kwargs, to_device
 from .schema import RecipeConfig
+from .vllm_backend import check_backend, engine_for, release_engine
 
 
 def resume_argument(args) -> bool | str | None:
