@@ -35,6 +35,9 @@ answer of a group once and a gold label is parsed once per run.
 (True, True, False)
 >>> clusters(["\\\\frac12", "0.5", None, "3", "1/2"])
 [0, 0, None, 1, 0]
+
+Size: one owner of "is this answer right" -- extraction, parsing, comparison, the timeout worker
+and the parse cache -- so that no caller grades differently.
 """
 
 from __future__ import annotations

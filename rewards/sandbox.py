@@ -33,6 +33,9 @@ sandbox (E2B, Piston, a container service) through :class:`Sandbox`.
 >>> [r.status for r in box.run("print(sum(map(int, input().split())))",
 ...                            [Test(input="1 2\\n", output="3\\n"), Test(input="2 2\\n", output="5\\n")])]
 ['pass', 'fail']
+
+Size: the interface, the limits, the subprocess runner and the classification of what happened
+are one security boundary, read and reviewed together.
 """
 
 from __future__ import annotations

@@ -13,6 +13,10 @@ layout and the reference's stop rule are in :mod:`trainers.alol_dialogue`.
 the policy's per-token log-probs without a ``(batch, length, vocab)`` tensor. Overridden:
 ``_set_signature_columns_if_needed`` (keep our columns), ``_get_train_sampler`` (the advantage
 sampler) and ``compute_loss`` (the A-LoL loss); each calls ``super()`` or the TRL forward.
+
+Size: the losses, the advantage sampler and the trainer share the variant table and the batch
+columns, so they stay together; the precompute, the value head and the dialogue layout are modules
+of their own.
 """
 
 from __future__ import annotations

@@ -51,6 +51,9 @@ gathered for the readout (``maybe_gather_lm_head_ctx``).
 >>> out = lens.readout(states, emitted=torch.tensor([ids[0, 5], ids[0, 6], ids[1, 4]]), modes=("hard", "soft"))
 >>> out["hard"].shape, bool((out["hard"][:, -1] == 1).all())
 (torch.Size([3, 3]), True)
+
+Size: the hooks, the answer location and the agreement modes share the per-layer state layout
+(``(K, N, H)`` rows and their counts); one module keeps that contract in one place.
 """
 
 from __future__ import annotations

@@ -28,6 +28,10 @@ rides on the same pass: the answer tokens of every completion are located right 
 forward hooks on the decoder layers the rewards read (:class:`trainers.lens.LogitLens`) keep only
 the states at the positions predicting them, and the logit lens reads them out once the group
 structure is known (in :meth:`_calculate_rewards`).
+
+Size: the overrides share one per-batch state (:class:`RLIFBatch`) and choose among three routes;
+what each route reads lives in :mod:`trainers.generation_capture`, :mod:`trainers.lens`,
+:mod:`trainers.clue` and :mod:`trainers.vote`.
 """
 
 from __future__ import annotations

@@ -68,6 +68,10 @@ Example::
     (['entropy', 'self_certainty'], torch.Size([2, 5]))
     >>> bool((out["self_certainty"] >= -1e-5).all())
     True
+
+Size: one owner of the internal-signal contract -- the formulas, the vocabulary restriction, the
+one-pass reader for evaluation and verification, and what a list of rewards needs; the projection
+kernels are in :mod:`trainers.projection` and :mod:`trainers.logit_transform`.
 """
 
 from __future__ import annotations
