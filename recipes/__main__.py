@@ -14,7 +14,7 @@ import recipes
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 NOT_RECIPES = {"cli", "code_data", "config", "data", "dry_run", "evaluation", "modeling", "plot", "reward_eval", "rounds",
-               "speech", "training", "tiny"}
+               "speech", "training", "tiny", "zoo_table"}
 
 
 def recipe_names() -> list[str]:
