@@ -1,6 +1,6 @@
 """The label-free zoo: GRPO with gold next to every label-free method, same base, budget and seeds.
 
-    python -m recipes.zoo --config configs/zoo/tiny.yaml [--methods gold,ttrl] [--seeds 0,1] [--compact]
+    python -m recipes.zoo --config configs/zoo/tiny.yaml [--methods gold,ttrl] [--seeds 0,1] [--compact] [--cached]
 
 A method is a recipe, its config and overrides (``zoo.methods``); the zoo's ``zoo.budget`` overrides
 (steps, group size, learning rate) go to every method that takes them, its ``model`` and
@@ -179,14 +179,19 @@ def compute(cfg: ZooRecipeConfig, cell: Cell, test) -> dict:
             "eval_seconds": time.perf_counter() - trained}
 
 
-def run(cfg: ZooRecipeConfig, cells: list[Cell], compact: bool = False) -> dict:
-    """Compute the missing cells, then write the table (Markdown + JSON) and the plots."""
+def run(cfg: ZooRecipeConfig, cells: list[Cell], compact: bool = False, cached: bool = False) -> dict:
+    """Compute the missing cells (``cached``: leave them out, logged), then write the table (Markdown
+    + JSON) and the plots."""
     from .data import load_split
 
     test = None
     results = []
     for n, cell in enumerate(cells, 1):
         result = read_cell(cell.path)
+        if result is None and cached:
+            logger.info("zoo: [%d/%d] %s seed %d: not computed yet, left out (--cached)", n, len(cells), cell.method,
+                        cell.seed)
+            continue
         if result is None:
             logger.info("zoo: [%d/%d] %s seed %d: computing", n, len(cells), cell.method, cell.seed)
             if test is None:
@@ -198,6 +203,8 @@ def run(cfg: ZooRecipeConfig, cells: list[Cell], compact: bool = False) -> dict:
         else:
             logger.info("zoo: [%d/%d] %s seed %d: cached (%s)", n, len(cells), cell.method, cell.seed, cell.path.name)
         results.append(result)
+    if not results:
+        raise SystemExit("zoo: no computed cell to tabulate (run without --cached)")
     return write_outputs(cfg, results, cells, compact)
 
 
@@ -212,7 +219,10 @@ def write_outputs(cfg: ZooRecipeConfig, results: list[dict], cells: list[Cell], 
     save_config(cfg, out)
     (out / "zoo.md").write_text(markdown + "\n\n" + note + "\n")
     (out / "zoo.json").write_text(json.dumps({"table": table, "spread": SPREAD, "seeds": sorted({c.seed for c in cells}),
-                                              "cells": [str(c.path) for c in cells]}, indent=2, default=str))
+                                              "cells": [str(c.path) for c in cells],
+                                              "seconds": [{"method": r["method"], "seed": r["seed"],
+                                                           "train": r.get("train_seconds"), "eval": r.get("eval_seconds")}
+                                                          for r in results]}, indent=2, default=str))
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     bars = {row["label"]: {short: (row["metrics"][m]["mean"], row["metrics"][m]["std"])
@@ -234,13 +244,14 @@ def _int_list(text: str, key: str) -> list[int]:
         raise ConfigError(COMMAND_LINE, key, f"expected comma-separated integers, got {text!r}") from None
 
 
-def configure(argv: list[str] | None = None) -> tuple[ZooRecipeConfig, list[Cell], bool]:
+def configure(argv: list[str] | None = None) -> tuple[ZooRecipeConfig, list[Cell], argparse.Namespace]:
     """The config (``--compact``: with its ``compact`` overrides, then the command line's) and its cells."""
     parser = argparse.ArgumentParser(prog="python -m recipes.zoo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="zoo YAML file (configs/zoo/...)")
     parser.add_argument("--methods", default=None, help="comma-separated method names (default: zoo.only or all)")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: zoo.seeds)")
     parser.add_argument("--compact", action="store_true", help="apply the config's `compact` overrides; short table")
+    parser.add_argument("--cached", action="store_true", help="compute nothing: tabulate the cells already cached")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for config errors")
     parser.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides of the zoo config")
     args = parser.parse_args(argv)
@@ -250,7 +261,7 @@ def configure(argv: list[str] | None = None) -> tuple[ZooRecipeConfig, list[Cell
             cfg = load_config(ZooRecipeConfig, args.config, [*cfg.compact, *args.overrides])
         methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
         seeds = None if args.seeds is None else _int_list(args.seeds, "--seeds")
-        return cfg, plan(cfg, methods, seeds), args.compact
+        return cfg, plan(cfg, methods, seeds), args
     except ConfigError as err:
         if args.debug:
             raise
@@ -261,8 +272,8 @@ def configure(argv: list[str] | None = None) -> tuple[ZooRecipeConfig, list[Cell
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cfg, cells, compact = configure(argv)
-    return run(cfg, cells, compact)
+    cfg, cells, args = configure(argv)
+    return run(cfg, cells, args.compact, args.cached)
 
 
 if __name__ == "__main__":
