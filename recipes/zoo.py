@@ -117,13 +117,14 @@ def plan(cfg: ZooRecipeConfig, methods: list[str] | None = None, seeds: list[int
     for key, wanted in (("zoo.only", zoo.only), ("--methods", methods or [])):
         unknown = [n for n in wanted if n not in names]
         if unknown:
-            raise ConfigError(src if key == "zoo.only" else COMMAND_LINE, key, f"unknown method(s) {unknown} (methods: {names})")
+            raise ConfigError(src if key == "zoo.only" else COMMAND_LINE, key,
+                              f"unknown method(s) {unknown} (methods: {names})")
     seeds = list(zoo.seeds if seeds is None else seeds)
     if not seeds or len(set(seeds)) < len(seeds):
         raise ConfigError(src, "zoo.seeds", f"expected distinct seeds, got {seeds}")
     chosen = [m for m in zoo.methods if m.name in (methods or zoo.only or names)]
     root = Path(zoo.cache) if zoo.cache else Path(cfg.output_dir) / "cells"
-    shared = {"model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data), "eval": dataclasses.asdict(cfg.eval)}
+    shared = {name: dataclasses.asdict(getattr(cfg, name)) for name in ("model", "data", "eval")}
     cells = [Cell("base", zoo.base_label, s, cell_path(root, "base", s, digest(shared))) for s in seeds] \
         if zoo.base_label else []
     for m in chosen:
@@ -218,11 +219,11 @@ def write_outputs(cfg: ZooRecipeConfig, results: list[dict], cells: list[Cell], 
            f"T={cfg.eval.temperature})"
     save_config(cfg, out)
     (out / "zoo.md").write_text(markdown + "\n\n" + note + "\n")
+    seconds = [{"method": r["method"], "seed": r["seed"], "train": r.get("train_seconds"), "eval": r.get("eval_seconds")}
+               for r in results]
     (out / "zoo.json").write_text(json.dumps({"table": table, "spread": SPREAD, "seeds": sorted({c.seed for c in cells}),
-                                              "cells": [str(c.path) for c in cells],
-                                              "seconds": [{"method": r["method"], "seed": r["seed"],
-                                                           "train": r.get("train_seconds"), "eval": r.get("eval_seconds")}
-                                                          for r in results]}, indent=2, default=str))
+                                              "cells": [str(c.path) for c in cells], "seconds": seconds},
+                                             indent=2, default=str))
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     bars = {row["label"]: {short: (row["metrics"][m]["mean"], row["metrics"][m]["std"])

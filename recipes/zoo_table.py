@@ -60,7 +60,7 @@ def mean_spread(values: list[float]) -> tuple[float, float, int]:
     ``n``, non-finite values left out.
 
     >>> [round(v, 6) for v in mean_spread([0.8, 0.9, 1.0])], mean_spread([0.5]), mean_spread([float("nan")])[2]
-    ([0.9, 0.1, 3.0], (0.5, 0.0, 1), 0)
+    ([0.9, 0.1, 3], (0.5, 0.0, 1), 0)
     """
     xs = [float(v) for v in values if v is not None and math.isfinite(v)]
     if not xs:
@@ -80,7 +80,8 @@ def aggregate(cells: list[dict]) -> dict[str, dict]:
     cells' reports as ``{mean, std, n, values}`` (:func:`mean_spread`)."""
     table: dict[str, dict] = {}
     for cell in cells:
-        row = table.setdefault(cell["method"], {"label": cell.get("label") or cell["method"], "seeds": [], "values": {}})
+        label = cell.get("label") or cell["method"]
+        row = table.setdefault(cell["method"], {"label": label, "seeds": [], "values": {}})
         row["seeds"].append(cell["seed"])
         for name, value in scalars(cell["report"]).items():
             row["values"].setdefault(name, []).append(value)

@@ -99,7 +99,8 @@ class Harness:
             "evaluate": {"output_dir": out},
         }.get(recipe, {})
         if recipe == "zoo":  # the zoo's one method is an RLIF config file
-            extra = {"output_dir": out, "zoo": {"seeds": [0], "methods": [{"name": "m", "config": self.method_config()}]}}
+            extra = {"output_dir": out,
+                     "zoo": {"seeds": [0], "methods": [{"name": "m", "config": self.method_config()}]}}
         return OmegaConf.to_container(OmegaConf.merge(cfg, extra))
 
     def method_config(self) -> str:

@@ -15,6 +15,7 @@ from recipes import zoo
 from recipes.zoo_table import aggregate, format_markdown, mean_spread
 
 MODEL = "tiny://qwen2?layers=2&hidden=64&intermediate=256"
+DATA = "tiny://arithmetic?ops=add&digits=2&n_train=200&n_test=16"
 
 
 def _cell(method, seed, **report):
@@ -31,8 +32,10 @@ def test_mean_and_sample_std_over_seeds():
     assert greedy["n"] == 3 and greedy["mean"] == pytest.approx(0.9)
     assert greedy["std"] == pytest.approx(0.1)                          # sqrt((0.01 + 0 + 0.01) / 2)
     sc = table["a"]["metrics"]["sc_auc"]
-    assert sc["mean"] == pytest.approx(2.0 / 3) and sc["std"] == pytest.approx(math.sqrt(((0.5 - 2 / 3) ** 2 + (0.6 - 2 / 3) ** 2 + (0.9 - 2 / 3) ** 2) / 2))
-    assert table["base"]["metrics"]["greedy_accuracy"]["std"] == pytest.approx(0.0, abs=1e-12) and "rows" not in table["a"]["metrics"]
+    deviations = [(x - 2 / 3) ** 2 for x in (0.5, 0.6, 0.9)]
+    assert sc["mean"] == pytest.approx(2 / 3) and sc["std"] == pytest.approx(math.sqrt(sum(deviations) / 2))
+    assert table["base"]["metrics"]["greedy_accuracy"]["std"] == pytest.approx(0.0, abs=1e-12)
+    assert "rows" not in table["a"]["metrics"]
     text = format_markdown(table)
     assert "| A | 3 | 0.900 ± 0.100 |" in text and "+0.200 |" in text       # Δ greedy vs base: 0.9 - 0.7
     assert "| B | 1 | 0.250 |" in text and "-0.450 |" in text              # one seed: no spread shown
@@ -46,13 +49,13 @@ def _write(tmp_path, name: str, data: dict) -> str:
 
 
 def _zoo_config(tmp_path, methods: list[dict], **zoo_extra) -> str:
-    method = {"model": {"name_or_path": MODEL, "dtype": "float32"}, "data": {"path": "tiny://arithmetic?ops=add&digits=2&n_train=200&n_test=16"},
+    method = {"model": {"name_or_path": MODEL, "dtype": "float32"}, "data": {"path": DATA},
               "rewards": [{"name": "math_accuracy"}], "description": "m",
               "trainer": {"per_device_train_batch_size": 8, "num_generations": 4, "max_completion_length": 4,
                           "max_steps": 1, "report_to": [], "save_strategy": "no", "logging_steps": 1}}
     path = _write(tmp_path, "method.yaml", method)
     cfg = {"description": "zoo", "model": {"name_or_path": MODEL, "dtype": "float32"},
-           "data": {"path": "tiny://arithmetic?ops=add&digits=2&n_train=200&n_test=16", "eval_split": "test"},
+           "data": {"path": DATA, "eval_split": "test"},
            "eval": {"max_rows": 8, "batch_size": 8, "max_new_tokens": 3, "num_samples": 2, "self_certainty": True},
            "zoo": {"seeds": [0], "methods": [{"config": path, **m} for m in methods], **zoo_extra},
            "output_dir": str(tmp_path / "zoo")}
@@ -121,7 +124,7 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, methods, argv,
 def test_a_tiny_zoo_end_to_end(tmp_path, tiny_model_dir):
     """GRPO-gold and the self-improvement loop, 1 seed, 1 step / 1 round each, plus the base row."""
     si = {"model": {"name_or_path": MODEL, "dtype": "float32"}, "description": "si",
-          "data": {"path": "tiny://arithmetic?ops=add&digits=2&n_train=200&n_test=16", "max_rows": 8},
+          "data": {"path": DATA, "max_rows": 8},
           "rewards": [{"name": "majority_vote"}],
           "improve": {"iterations": 1, "num_samples": 2, "max_new_tokens": 3, "batch_size": 8, "min_share": 0.0},
           "trainer": {"max_steps": 1, "per_device_train_batch_size": 8, "report_to": [], "save_strategy": "no"}}
