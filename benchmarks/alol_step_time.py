@@ -26,8 +26,8 @@ from trl import SFTConfig, SFTTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from recipes.modeling import resolve_model_path  # noqa: E402
-from recipes.tiny.tasks import ArithmeticSpec, arithmetic_rows  # noqa: E402
+from recipes.common.modeling import resolve_model_path  # noqa: E402
+from recipes.common.tiny.tasks import ArithmeticSpec, arithmetic_rows  # noqa: E402
 from rewards import MathAccuracy  # noqa: E402
 from trainers import ALoLConfig, ALoLTrainer  # noqa: E402
 

@@ -42,7 +42,7 @@ from trl import SFTConfig, SFTTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from recipes.tiny.tokenizer import build_char_tokenizer  # noqa: E402
+from recipes.common.tiny.tokenizer import build_char_tokenizer  # noqa: E402
 from trainers.decred import DeCREDOptions, DeCREDSFTTrainer, chunked_head_loss, fused_heads_ce  # noqa: E402
 
 SHAPES = {

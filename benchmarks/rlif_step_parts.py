@@ -5,23 +5,29 @@ and on a GPU generation time varies run to run far more than the signal work cos
 part of every step is timed in the same process, so the internal reward's own work is measured
 directly, as a share of the step it sits in:
 
-* ``generation_s``: TRL's ``_generate`` (HF generate or vLLM), without our answer location;
+* ``generation_s``: TRL's ``_generate`` (HF generate or vLLM), without our answer location and
+  generation capture;
 * ``trl_scoring_pass_s``: TRL's own no-grad policy passes (old log-probs when
   ``num_iterations > 1``), without the signal projection that rides on them;
 * ``signal_projection_s``: :func:`trainers.signals.token_signals` in the backbone hook, riding on
   TRL's pass (case ``riding``);
-* ``extra_pass_s``: the no-grad policy pass RLIF adds when TRL runs none (case ``extra_pass``),
-  projection included;
+* ``generation_capture_s``: with HF generation and no TRL pass (case ``extra_pass``: the route
+  RLIF logs as ``generation``), the forward hooks that keep each decoding step's states plus the
+  projection of those states after generation (``_signals_from_generation``). On CUDA the hooks
+  are timed without synchronising (their small copies run inside generation's own time);
+* ``extra_pass_s``: the no-grad policy pass RLIF adds when TRL runs none and the generation
+  capture is off or failed (``INTRINSIC_GENERATION_CAPTURE_MIB=0``), projection included;
 * ``rewards_s``: the rest of ``_calculate_rewards`` (signal hand-over, logit-lens readout, the
   reward functions, metrics);
 * ``answer_location_s``: where each completion's answer is (internal consistency only);
 * ``optimisation_s``: the rest of the step (loss forward and backward, optimizer, TRL bookkeeping).
 
-``added_share = (signal_projection + extra_pass + rewards + answer_location) / step``, summed over
+``added_share = (signal_projection + generation_capture + extra_pass + rewards + answer_location) / step``, summed over
 the measured steps: the first ``--warmup`` dropped (rounded up to whole generation cycles, since
 TRL generates every ``num_iterations`` steps), then whole cycles only. This counts every reward call as added work
 (a plain GRPO run would still call its text rewards), so it is an upper bound. Goals: <= 2 % riding
-on TRL's pass (``num_iterations=2``), <= 5 % with the extra pass (``num_iterations=1``).
+on TRL's pass (``num_iterations=2``), <= 5 % where TRL runs no pass (``num_iterations=1``; the case keeps
+its old name ``extra_pass``; ``route`` says which route RLIF took).
 
 Secondary figure (``--whole-runs N``): N constant-reward runs alternate with the measured runs and
 ``whole_run_ratio`` is the median over runs of the mean step time of the internal-reward runs over
@@ -52,9 +58,9 @@ from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
 import trainers.lens as lens_module  # noqa: E402
 import trainers.rlif as rlif_module  # noqa: E402
-from recipes.config import DataConfig  # noqa: E402
-from recipes.data import load_split  # noqa: E402
-from recipes.modeling import resolve_model_path  # noqa: E402
+from recipes.common.data import load_split  # noqa: E402
+from recipes.common.modeling import resolve_model_path  # noqa: E402
+from recipes.common.schema import DataConfig  # noqa: E402
 from rewards import InternalConsistency, Reward, SelfCertainty  # noqa: E402
 from trainers import RLIFConfig, RLIFTrainer  # noqa: E402
 
@@ -71,7 +77,7 @@ def qwen05b_dir(directory: Path) -> str:
     """A random-init Qwen2.5-0.5B-shaped model (24 x 896, V = 151,936), every head row a token."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from recipes.tiny.tokenizer import build_char_tokenizer
+    from recipes.common.tiny.tokenizer import build_char_tokenizer
 
     vocab = 151_936
     tok = build_char_tokenizer(model_max_length=2048, vocab_size=vocab)
@@ -120,16 +126,18 @@ class Clock:
     def __init__(self, parts: Parts):
         self.parts = parts
 
-    def __call__(self, name):
+    def __call__(self, name, sync=True):
         parts = self.parts
 
         class _Timed:
             def __enter__(self):
-                _sync()
+                if sync:
+                    _sync()
                 self.t = time.perf_counter()
 
             def __exit__(self, *exc):
-                _sync()
+                if sync:
+                    _sync()
                 parts.current[name] += time.perf_counter() - self.t
 
         return _Timed()
@@ -172,16 +180,45 @@ def measured_trainer(clock: Clock):
             with clock("_rewards_total"):
                 return super()._calculate_rewards(*args, **kwargs)
 
+        def _capture(self, module, args, kwargs, output):
+            if getattr(self, "_gen_capture", None) is None:  # (getattr: also times a tree without the capture)
+                return super()._capture(module, args, kwargs, output)
+            with clock("_capture_hooks", sync=False):
+                return super()._capture(module, args, kwargs, output)
+
+        def _signals_from_generation(self, completion_ids_list):
+            before = clock.parts.current["_projection_total"]
+            try:
+                with clock("_generation_signals"):
+                    return super()._signals_from_generation(completion_ids_list)
+            finally:
+                clock.parts.current["_projection_in_generation"] += clock.parts.current["_projection_total"] - before
+
     return Measured
 
 
 def _patch(clock: Clock):
-    """Time the module-level helpers RLIF calls (the hook's projection, answer location)."""
-    original = (rlif_module.token_signals, rlif_module.locate_answers)
+    """Time the module-level helpers RLIF calls (the hook's projection, answer location) and the
+    logit-lens hooks while they capture a generation."""
+    original = (rlif_module.token_signals, rlif_module.locate_answers, lens_module.LogitLens._hook)
+
+    def timed_hook(lens, layer):
+        hook = original[2](lens, layer)
+
+        def timed(module, args, output):
+            if getattr(lens, "_steps", None) is None:
+                return hook(module, args, output)
+            with clock("_capture_hooks", sync=False):
+                return hook(module, args, output)
+
+        return timed
+
     rlif_module.token_signals = clock.wrap(original[0], "_projection_total")
     rlif_module.locate_answers = clock.wrap(original[1], "answer_location_s")
+    lens_module.LogitLens._hook = timed_hook
     return lambda: (setattr(rlif_module, "token_signals", original[0]),
-                    setattr(rlif_module, "locate_answers", original[1]))
+                    setattr(rlif_module, "locate_answers", original[1]),
+                    setattr(lens_module.LogitLens, "_hook", original[2]))
 
 
 def _args(out_dir, shape, steps, num_iterations, seed, cuda):
@@ -201,9 +238,12 @@ def run(rewards, model_path, data, tok, shape, steps, num_iterations, seed, out_
     try:
         trainer = cls(model=model_path, reward_funcs=rewards, args=_args(out_dir, shape, steps, num_iterations, seed, cuda),
                       train_dataset=data, processing_class=tok, callbacks=[parts])
+        route = trainer.signal_route()[0] if hasattr(trainer, "signal_route") else None  # None: a tree before routes
         trainer.train()
     finally:
         restore()
+    for step in parts.steps:
+        step["route"] = route
     return parts.steps
 
 
@@ -214,25 +254,41 @@ def measured(steps: list[dict], warmup: int, cycle: int) -> list[dict]:
     return kept[: len(kept) // cycle * cycle]
 
 
-def summarise(kept: list[dict]) -> dict:
+def _parts(kept: list[dict]) -> tuple[dict, float, float]:
+    """``(parts in seconds, added seconds, step seconds)`` summed over ``kept`` steps."""
     total = {key: sum(s.get(key, 0.0) for s in kept) for key in
              ("step_s", "_generate_total", "_trl_scoring_total", "_projection_total", "extra_pass_s", "_rewards_total",
-              "answer_location_s", "_projection_in_extra")}
-    riding_projection = total["_projection_total"] - total["_projection_in_extra"]
+              "answer_location_s", "_projection_in_extra", "_capture_hooks", "_generation_signals",
+              "_projection_in_generation")}
+    riding_projection = total["_projection_total"] - total["_projection_in_extra"] - total["_projection_in_generation"]
+    capture = total["_capture_hooks"] + total["_generation_signals"]
     parts = {
-        "generation_s": total["_generate_total"] - total["answer_location_s"],
+        "generation_s": total["_generate_total"] - total["answer_location_s"] - capture,
         "trl_scoring_pass_s": total["_trl_scoring_total"] - riding_projection,
         "signal_projection_s": riding_projection,
+        "generation_capture_s": capture,
         "extra_pass_s": total["extra_pass_s"],
         "rewards_s": total["_rewards_total"] - total["extra_pass_s"],
         "answer_location_s": total["answer_location_s"],
     }
     parts["optimisation_s"] = total["step_s"] - sum(parts.values())
-    added = parts["signal_projection_s"] + parts["extra_pass_s"] + parts["rewards_s"] + parts["answer_location_s"]
+    added = (parts["signal_projection_s"] + parts["generation_capture_s"] + parts["extra_pass_s"] + parts["rewards_s"]
+             + parts["answer_location_s"])
+    return parts, added, total["step_s"]
+
+
+def summarise(kept: list[dict], cycle: int = 1) -> dict:
+    """Totals over ``kept`` (``added_share``: summed added work over summed step time) and medians over its
+    generation cycles of ``cycle`` steps (``added_share_median``, ``parts_median_s`` per step)."""
+    parts, added, step = _parts(kept)
     n = max(len(kept), 1)
-    return {"steps_measured": len(kept), "mean_step_s": total["step_s"] / n,
+    cycles = [_parts(kept[i : i + cycle]) for i in range(0, len(kept) - cycle + 1, cycle)]
+    return {"steps_measured": len(kept), "mean_step_s": step / n,
             "parts_mean_s": {k: round(v / n, 5) for k, v in parts.items()},
-            "added_mean_s": round(added / n, 5), "added_share": round(added / max(total["step_s"], 1e-12), 5)}
+            "added_mean_s": round(added / n, 5), "added_share": round(added / max(step, 1e-12), 5),
+            "added_share_median": round(statistics.median(a / max(s, 1e-12) for _, a, s in cycles), 5) if cycles else None,
+            "parts_median_s": {k: round(statistics.median(p[k] for p, _, _ in cycles) / cycle, 5) for k in parts}
+            if cycles else {}}
 
 
 def main():
@@ -273,7 +329,8 @@ def main():
                                               args.seed, tmp, cuda))
             for name in rewards:
                 runs = internal[name]
-                summary = summarise([s for steps in runs for s in measured(steps, args.warmup, iters)])
+                summary = summarise([s for steps in runs for s in measured(steps, args.warmup, iters)], iters)
+                summary["route"] = runs[0][0]["route"] if runs and runs[0] else None
                 summary["goal_met"] = summary["added_share"] <= GOALS[case]
                 if constant:
                     medians = [statistics.fmean(s["step_s"] for s in measured(steps, args.warmup, iters))

@@ -29,9 +29,9 @@ from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from recipes.config import DataConfig  # noqa: E402
-from recipes.data import load_split  # noqa: E402
-from recipes.modeling import resolve_model_path  # noqa: E402
+from recipes.common.data import load_split  # noqa: E402
+from recipes.common.modeling import resolve_model_path  # noqa: E402
+from recipes.common.schema import DataConfig  # noqa: E402
 from rewards import InternalConsistency, Reward, SelfCertainty  # noqa: E402
 from trainers import RLIFConfig, RLIFTrainer  # noqa: E402
 
@@ -47,8 +47,8 @@ class MeasuredRLIFTrainer(RLIFTrainer):
     lens_bytes: list[int] = []
 
     def _calculate_rewards(self, *args, **kwargs):
-        if self._lens is not None and self._lens_states is not None:
-            states = self._lens_states[0]
+        if self._lens is not None and self._batch.lens_states is not None:
+            states = self._batch.lens_states[0]
             self.lens_bytes.append(states.numel() * states.element_size())
         return super()._calculate_rewards(*args, **kwargs)
 

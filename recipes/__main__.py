@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import pkgutil
 import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-import recipes
-
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-NOT_RECIPES = {"cli", "code_data", "config", "data", "dry_run", "evaluation", "modeling", "plot", "reward_eval", "rounds",
-               "speech", "training", "tiny", "zoo_table"}
+PROGRAMS = Path(__file__).resolve().parent
+CONFIGS = PROGRAMS.parent / "configs"
 
 
 def recipe_names() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(recipes.__path__) if m.name not in NOT_RECIPES and not m.name.startswith("_"))
+    """Every program: each ``recipes/<name>.py`` (the library is the ``recipes.common`` package)."""
+    return sorted(p.stem for p in PROGRAMS.glob("*.py") if not p.stem.startswith("_"))
 
 
 def config_files(root: Path = CONFIGS) -> dict[str, list[Path]]:

@@ -17,18 +17,21 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from rewards import build_reward
+from rewards import build_reward, with_transform
 from trainers import ALOL_VARIANTS, ALoLConfig, ALoLTrainer
-from trainers.alol_precompute import greedy_responses, policy_prompt_ids
-from trainers.distributed import Ranks
+from trainers.alol_dialogue import greedy_responses, policy_prompt_ids
+from trainers.card import rewards_table
+from trainers.distributed import Ranks, outside_zero3
 
-from .cli import main
-from .config import ConfigError, DataConfig, RecipeConfig, RewardSpec, check_section, save_config
-from .data import load_split, to_sft_format
-from .evaluation import format_table, write_report
-from .modeling import load_model, load_tokenizer, lora_config
-from .reward_eval import reward_report
-from .training import evaluation_model, held_out, outside_zero3, release, resume_argument
+from .common.cli import main
+from .common.config import check_section, save_config
+from .common.data import load_split, to_sft_format
+from .common.errors import ConfigError
+from .common.evaluation import format_table, write_report
+from .common.modeling import load_model, load_tokenizer, lora_config
+from .common.reward_eval import reward_report
+from .common.schema import DataConfig, RecipeConfig, RewardSpec
+from .common.training import card_sections, evaluation_model, held_out, release, resume_argument
 
 
 @dataclass
@@ -36,6 +39,7 @@ class ALoLRecipeConfig(RecipeConfig):
     """Sections of the alol recipe; ``trainer:`` takes any field of ``ALoLConfig`` (``SFTConfig`` +)."""
 
     trainer_class = ALoLConfig
+    evaluates_during_training = True  # eval.every_steps
 
     rewards: list[RewardSpec] = field(default_factory=list, metadata={"help": "training reward (weighted sum)"})
     eval_rewards: list[RewardSpec] = field(default_factory=list, metadata={"help": "test-time reward (default: rewards)"})
@@ -48,7 +52,7 @@ class ALoLRecipeConfig(RecipeConfig):
 
 
 def _rewards(specs: list[RewardSpec]) -> tuple[list, list[float]]:
-    return [build_reward(s.name, **s.kwargs) for s in specs], [s.weight for s in specs]
+    return [with_transform(build_reward(s.name, **s.kwargs), s.transform) for s in specs], [s.weight for s in specs]
 
 
 def eval_data(cfg: ALoLRecipeConfig) -> dict:
@@ -68,16 +72,45 @@ def evaluate(trainer, path: str | None, tokenizer, tests: dict, rewards, weights
     """Reward report of every test set, the prompts dealt over the processes (the reports on the main
     process, ``None`` elsewhere); under ZeRO-3 / FSDP on a whole copy of the model (``path``: ``None``
     for the starting model, else the saved ``output_dir``)."""
-    ranks = Ranks(trainer.accelerator)
     with outside_zero3():
-        model = evaluation_model(cfg, trainer, path)
+        return reports_of(evaluation_model(cfg, trainer, path), trainer, tokenizer, tests, rewards, weights, cfg, name)
 
-        def respond(prompts, desc):  # generated as the value head's targets are: A-LoL layout and stop rule
-            ids = policy_prompt_ids(tokenizer, prompts, trainer.args)
-            return greedy_responses(model, tokenizer, ids, trainer.args, cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                                    desc=desc)
-        return {label: reward_report(model, tokenizer, data, rewards, weights, cfg.eval, desc=f"{name} {label}",
-                                     ranks=ranks, respond=respond) for label, data in tests.items()}
+
+def reports_of(model, trainer, tokenizer, tests: dict, rewards, weights, cfg: ALoLRecipeConfig, name: str) -> dict:
+    """:func:`evaluate` of a given (whole) ``model``."""
+    ranks = Ranks(trainer.accelerator)
+
+    def respond(prompts, desc):  # generated as the value head's targets are: A-LoL layout and stop rule
+        ids = policy_prompt_ids(tokenizer, prompts, trainer.args)
+        return greedy_responses(model, tokenizer, ids, trainer.args, cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                                desc=desc)
+    return {label: reward_report(model, tokenizer, data, rewards, weights, cfg.eval, desc=f"{name} {label}",
+                                 ranks=ranks, respond=respond) for label, data in tests.items()}
+
+
+def evaluate_during_training(trainer, tokenizer, tests: dict, rewards, weights, cfg: ALoLRecipeConfig) -> None:
+    """``eval.every_steps``: the reward report of the first ``eval.every_rows`` rows of every test set, logged
+    as ``eval_<metric>`` (``eval_<label>/<metric>`` with several test sets)."""
+    from .common.periodic_eval import EvaluateEverySteps, held_out_slice
+
+    rows = {label: held_out_slice(data, cfg.eval.every_rows) for label, data in tests.items()}
+
+    def flat(model) -> dict | None:
+        desc = f"step {trainer.state.global_step}"
+        reports = reports_of(model, trainer, tokenizer, rows, rewards, weights, cfg, desc)
+        if not trainer.is_world_process_zero():
+            return None
+        return {(f"{label}/{k}" if len(rows) > 1 else k): v for label, report in reports.items()
+                for k, v in report.items() if k != "rows"}
+    trainer.add_callback(EvaluateEverySteps(trainer, cfg.eval.every_steps, flat))
+
+
+def alol_card(cfg: ALoLRecipeConfig, output_dir: str, reports: dict) -> dict[str, str]:
+    """Model card sections: the recipe, the evaluation of this variant, the rewards (A-LoL's trainer keeps
+    none: the precompute read them), the resolved config."""
+    sections = card_sections(cfg, reports, output_dir)
+    rewards = [(s.name, s.weight) for s in cfg.rewards] or [(f"column {cfg.trainer.reward_column}", 1.0)]
+    return {"Rewards": rewards_table(rewards), **sections}
 
 
 def run(cfg: ALoLRecipeConfig) -> dict:
@@ -86,6 +119,9 @@ def run(cfg: ALoLRecipeConfig) -> dict:
             raise ConfigError(cfg.source, "variants", f"unknown variant {v!r} (variants: {list(ALOL_VARIANTS)})")
     if not cfg.rewards and not cfg.trainer.reward_column:
         raise ConfigError(cfg.source, "rewards", "A-LoL needs rewards (or trainer.reward_column)")
+    if cfg.eval.backend != "hf":
+        raise ConfigError(cfg.source, "eval.backend", "A-LoL's reward reports generate with transformers only: "
+                                                      "set eval.backend=hf")
     if cfg.value_split and not cfg.rewards:
         raise ConfigError(cfg.source, "value_split", "the value head scores new responses: it needs rewards")
     raw = load_split(cfg.data, cfg.data.split, cfg.data.max_rows, cfg.source)
@@ -119,12 +155,22 @@ def run(cfg: ALoLRecipeConfig) -> dict:
         if main_process:
             save_config(cfg, args.output_dir)
             (Path(args.output_dir) / "alol_precompute.json").write_text(json.dumps(precompute, indent=2))
+        trainer.card_sections = alol_card(cfg, args.output_dir, {})  # the card save_model writes
+        if tests and cfg.eval.every_steps:
+            evaluate_during_training(trainer, tokenizer, tests, eval_funcs, eval_weights, cfg)
         trainer.train(resume_from_checkpoint=resume_argument(args))
         trainer.save_model(args.output_dir)
+        if main_process:  # the logged history beside the model, for `python -m recipes.plot`
+            trainer.state.save_to_json(str(Path(args.output_dir) / "trainer_state.json"))
         if tests:
             result = evaluate(trainer, args.output_dir, tokenizer, tests, eval_funcs, eval_weights, cfg, variant)
             if main_process:
                 reports[variant] = result
+                labels = [label for label in ("reference", variant) if label in reports]
+                table = {f"{label} [{test}]" if len(tests) > 1 else label: reports[label][test]
+                         for label in labels for test in tests}
+                trainer.card_sections = alol_card(cfg, args.output_dir, table)
+                trainer.create_model_card()
         release(trainer)
         del trainer, model
     if reports:  # filled on the main process only

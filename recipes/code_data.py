@@ -15,11 +15,11 @@ difficulty and date. The pickle is read by an unpickler that builds no objects b
 
 from __future__ import annotations
 
+import argparse
 import base64
 import io
 import json
 import pickle
-import sys
 import zlib
 from pathlib import Path
 
@@ -93,7 +93,9 @@ def convert(kind: str, source: str, target: str) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4:
-        print("usage: python -m recipes.code_data livecodebench SOURCE.jsonl TARGET.jsonl", file=sys.stderr)
-        sys.exit(2)
-    print(f"{convert(*sys.argv[1:])} rows -> {sys.argv[3]}")
+    parser = argparse.ArgumentParser(prog="python -m recipes.code_data", description=__doc__.split("\n\n")[0])
+    parser.add_argument("kind", help="benchmark: livecodebench")
+    parser.add_argument("source", help="the benchmark's jsonl file")
+    parser.add_argument("target", help="jsonl file to write, in the evaluator's columns")
+    args = parser.parse_args()
+    print(f"{convert(args.kind, args.source, args.target)} rows -> {args.target}")

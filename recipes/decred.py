@@ -25,13 +25,15 @@ from trl import SFTConfig
 
 from trainers.decred import (DeCREDOptions, DeCREDSeq2SeqTrainer, DeCREDSFTTrainer, evaluate_heads,
                              from_pretrained_with_heads, seq2seq_args)
+from trainers.distributed import outside_zero3, parameters_sharded
 
-from .cli import main
-from .config import ConfigError, ModelConfig, RecipeConfig
-from .data import load_split, to_sft_format
-from .modeling import load_model, load_tokenizer, lora_config
-from .speech import SpeechConfig, load_speech_model, speech_batches, speech_data, speech_model, speech_report
-from .training import held_out, outside_zero3, parameters_sharded, resume_argument, train_and_evaluate
+from .common.cli import main
+from .common.data import load_split, to_sft_format
+from .common.errors import ConfigError
+from .common.modeling import load_model, load_tokenizer, lora_config
+from .common.schema import ModelConfig, RecipeConfig
+from .common.speech import SpeechConfig, load_speech_model, speech_batches, speech_data, speech_model, speech_report
+from .common.training import held_out, resume_argument, train_and_evaluate
 
 
 @dataclass

@@ -7,17 +7,19 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from trainers.distributed import Ranks
 
-from .cli import main
-from .config import ConfigError, RecipeConfig, save_config
-from .data import load_split
-from .evaluation import code_grading, evaluate_model, format_table, read_reports, write_report
-from .modeling import load_model, load_tokenizer, to_device
+from .common.cli import Command, main
+from .common.config import save_config
+from .common.data import load_split
+from .common.errors import ConfigError
+from .common.evaluation import (check_backend, code_grading, engine_for, evaluate_model, format_table, read_reports,
+                                release_engine, write_report)
+from .common.modeling import load_model, load_tokenizer, to_device
+from .common.schema import RecipeConfig
 
 
 @dataclass
@@ -42,9 +44,13 @@ def run(cfg: EvaluateRecipeConfig) -> dict:
             key = "model.name_or_path" if label == cfg.label else f"compare.{label}"
             raise ConfigError(cfg.source, key, f"no model at {name} (train it first)")
     reports, ranks = {}, Ranks()  # under `accelerate launch` the rows are dealt over the processes
+    check_backend(cfg.eval, ranks, cfg.source)  # before any model loads
     for label, model_cfg in models.items():
         model, tokenizer = to_device(load_model(model_cfg), ranks.device), load_tokenizer(model_cfg)
-        reports[label] = evaluate_model(model, tokenizer, test, cfg.eval, desc=label, ranks=ranks)
+        engine = engine_for(cfg.eval, model_cfg, ranks=ranks, source=cfg.source)  # eval.backend: vllm
+        reports[label] = evaluate_model(model, tokenizer, test, cfg.eval, desc=label, ranks=ranks, engine=engine)
+        del engine
+        release_engine()
     if not ranks.main:
         return {}
     save_config(cfg, cfg.output_dir)
@@ -71,8 +77,12 @@ def compare(paths: list[str]) -> str:
     return format_table(rows)
 
 
+def print_comparison(paths: list[str]) -> None:
+    print(compare(paths))
+
+
+COMPARE = Command("--compare", "RUN", "print the eval.json files (or run directories) given side by side as one "
+                                     "table, rows <run>/<label>; needs no --config", print_comparison)
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--compare"]:
-        print(compare(sys.argv[2:]))
-    else:
-        main("evaluate", EvaluateRecipeConfig, run)
+    main("evaluate", EvaluateRecipeConfig, run, commands=(COMPARE,))

@@ -5,7 +5,7 @@
         --config configs/intuitor/qwen2.5-3b_math.yaml
 """
 
-from .cli import main
+from .common.cli import main
 from .rlif import RLIFRecipeConfig, run
 
 if __name__ == "__main__":

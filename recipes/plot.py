@@ -31,6 +31,10 @@ CURVES = {
     "completion_length": ("completion length (tokens)", ["completions/mean_length"]),
     "kl": ("KL to the reference", ["kl"]),
     "loss": ("loss", ["loss"]),
+    "eval_accuracy": ("held-out accuracy during training (eval.every_steps)",
+                      ["eval_greedy_accuracy", "eval_sampled_accuracy", "eval_vote_accuracy"]),
+    "eval_calibration": ("signal calibration AUROC during training (eval.every_steps)",
+                         ["eval_sc_auc", "eval_ne_auc", "eval_ic_auc"]),
 }
 
 

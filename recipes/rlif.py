@@ -8,16 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rewards import MathAccuracy, build_reward
+from rewards import MathAccuracy, build_reward, with_transform
 from trainers import RLIFConfig, RLIFTrainer
 from trainers.rlif import group_layout_problem
 
-from .cli import main
-from .config import ConfigError, DataConfig, RecipeConfig, RewardSpec
-from .data import load_split
-from .modeling import (load_model, load_tokenizer, lora_config, model_init_kwargs, quantization_config,
+from .common.cli import main
+from .common.data import load_split
+from .common.errors import ConfigError
+from .common.schema import DataConfig, RecipeConfig, RewardSpec
+from .common.modeling import (load_model, load_tokenizer, lora_config, model_init_kwargs, quantization_config,
                        resolve_model_path)
-from .training import held_out, train_and_evaluate
+from .common.training import held_out, train_and_evaluate
 
 
 @dataclass
@@ -25,6 +26,7 @@ class RLIFRecipeConfig(RecipeConfig):
     """Sections of the RLIF recipes; ``trainer:`` takes any field of ``RLIFConfig`` (``GRPOConfig`` +)."""
 
     trainer_class = RLIFConfig
+    evaluates_during_training = True  # eval.every_steps
 
     rewards: list[RewardSpec] = field(default_factory=list, metadata={"help": "rewards and their weights"})
     log_accuracy: bool = field(
@@ -44,11 +46,11 @@ def build_rewards(cfg: RLIFRecipeConfig, columns: list[str]) -> tuple[list, list
     funcs = []
     for i, spec in enumerate(cfg.rewards):
         try:
-            funcs.append(build_reward(spec.name, **spec.kwargs))
+            funcs.append(with_transform(build_reward(spec.name, **spec.kwargs), spec.transform))
         except (TypeError, ValueError) as err:  # bad keyword arguments: a config error, before any model loads
             raise ConfigError(cfg.source, f"rewards.{i}.kwargs", f"{spec.name}: {err}") from None
     weights = [spec.weight for spec in cfg.rewards]
-    if cfg.log_accuracy and "answer" in columns and not any(isinstance(f, MathAccuracy) for f in funcs):
+    if cfg.log_accuracy and "answer" in columns and not any(isinstance(getattr(f, "reward", f), MathAccuracy) for f in funcs):
         funcs.append(MathAccuracy())
         weights.append(0.0)
     return funcs, weights

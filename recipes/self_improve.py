@@ -23,16 +23,18 @@ from typing import Literal
 import torch
 from trl import SFTConfig
 
-from trainers.distributed import Ranks
+from trainers.distributed import Ranks, outside_zero3
 from trainers.weighted_sft import WeightedSFTTrainer
 
-from . import rounds
-from .cli import main
-from .config import ConfigError, DataConfig, RecipeConfig, RewardSpec, save_config
-from .data import load_split
-from .evaluation import evaluate_model, format_table
-from .modeling import load_model, load_tokenizer, lora_config, model_init_kwargs, to_device
-from .training import held_out, outside_zero3, release
+from .common import rounds
+from .common.cli import main
+from .common.config import save_config
+from .common.data import load_split
+from .common.errors import ConfigError
+from .common.evaluation import check_backend, engine_for, evaluate_model, format_table, release_engine
+from .common.modeling import load_model, load_tokenizer, lora_config, model_init_kwargs, to_device
+from .common.schema import DataConfig, RecipeConfig, RewardSpec
+from .common.training import held_out, release
 
 
 @dataclass
@@ -107,6 +109,7 @@ def run(cfg: SelfImproveRecipeConfig) -> dict:
     reads (each round's samples and model are read back from it)."""
     check(cfg)
     ranks = Ranks()
+    check_backend(cfg.eval, ranks, cfg.source)  # eval.backend: vllm runs in one process
     verifier = rounds.build_verifier(cfg.rewards, cfg.source)
     prompts, valid = load_prompts(cfg)
     gold = list(prompts["answer"]) if "answer" in prompts.column_names else None
@@ -130,6 +133,8 @@ def run(cfg: SelfImproveRecipeConfig) -> dict:
     for k in range(1, cfg.improve.iterations + 1):
         here = out / f"round_{k}"
         done = ranks.broadcast(rounds.finished(here))
+        if done is not None:
+            rounds.load_verifier(verifier, here)  # a resumed run scores the next round as an uninterrupted one
         if done is None:
             done = one_round(cfg, k, here, current, base, tokenizer, verifier, prompts, gold, valid, pairs, test, ranks)
             if ranks.main:
@@ -153,7 +158,13 @@ def evaluate_saved(cfg, name_or_path: str, tokenizer, test, desc: str, ranks: Ra
     """Held-out metrics of a saved model, the rows dealt over the processes (every rank calls it; the
     metrics on the main process, ``None`` elsewhere)."""
     with outside_zero3():
-        return evaluate_model(whole_model(cfg, name_or_path, ranks), tokenizer, test, cfg.eval, desc=desc, ranks=ranks)
+        engine = engine_for(cfg.eval, cfg.model, None if name_or_path == cfg.model.name_or_path else name_or_path,
+                            ranks, cfg.source)  # eval.backend: vllm, over the saved model
+        report = evaluate_model(whole_model(cfg, name_or_path, ranks), tokenizer, test, cfg.eval, desc=desc, ranks=ranks,
+                                engine=engine)
+        del engine
+        release_engine()
+        return report
 
 
 def one_round(cfg, k, here, current, base, tokenizer, verifier, prompts, gold, valid, pairs, test, ranks) -> dict:
@@ -171,8 +182,11 @@ def one_round(cfg, k, here, current, base, tokenizer, verifier, prompts, gold, v
             samples, metrics = rounds.score_round(sampler, tokenizer, verifier, [prompts[i]["prompt"] for i in rows],
                                                   gold_k, imp, valid, ranks)
             if ranks.main:
+                rounds.save_verifier(verifier, here)  # before the samples, whose presence means "scored"
                 rounds.save_samples(samples, here)
                 (here / "sampled.json").write_text(json.dumps(metrics))
+        else:
+            rounds.load_verifier(verifier, here)
         if pairs is not None:
             extra, nile_kept = rounds.nile_pairs(sampler, tokenizer, pairs, imp, ranks)
     ranks.wait()

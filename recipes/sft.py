@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 from trl import SFTConfig, SFTTrainer
 
-from .cli import main
-from .config import RecipeConfig
-from .data import load_split, to_sft_format
-from .modeling import load_model, load_tokenizer, lora_config
-from .training import held_out, train_and_evaluate
+from .common.cli import main
+from .common.data import load_split, to_sft_format
+from .common.modeling import load_model, load_tokenizer, lora_config
+from .common.schema import RecipeConfig
+from .common.training import held_out, train_and_evaluate
 
 
 @dataclass
@@ -24,6 +24,7 @@ class SFTRecipeConfig(RecipeConfig):
     """Sections of the sft recipe; ``trainer:`` takes any field of TRL's ``SFTConfig``."""
 
     trainer_class = SFTConfig
+    evaluates_during_training = True  # eval.every_steps
 
 
 def run(cfg: SFTRecipeConfig) -> dict:

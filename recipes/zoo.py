@@ -25,8 +25,10 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .config import COMMAND_LINE, ConfigError, RecipeConfig, check_section, load_config, load_raw, save_config
-from .zoo_table import SPREAD, aggregate, cell_path, digest, format_markdown, mean_history, read_cell, write_cell
+from .common.config import check_section, config_yaml, load_config, load_raw, save_config
+from .common.errors import COMMAND_LINE, ConfigError
+from .common.schema import RecipeConfig, schema_help
+from .common.zoo_table import SPREAD, aggregate, cell_path, digest, format_markdown, mean_history, read_cell, write_cell
 
 logger = logging.getLogger("intrinsic")
 
@@ -156,8 +158,8 @@ def plan(cfg: ZooRecipeConfig, methods: list[str] | None = None, seeds: list[int
 
 def compute(cfg: ZooRecipeConfig, cell: Cell, test) -> dict:
     """Train the cell's method (its recipe, in this process), then evaluate the result."""
-    from .evaluation import evaluate_model
-    from .modeling import load_model, load_tokenizer
+    from .common.evaluation import evaluate_model
+    from .common.modeling import load_model, load_tokenizer
     from .plot import load_history
 
     start, history, model_path = time.perf_counter(), [], cfg.model.name_or_path
@@ -183,7 +185,7 @@ def compute(cfg: ZooRecipeConfig, cell: Cell, test) -> dict:
 def run(cfg: ZooRecipeConfig, cells: list[Cell], compact: bool = False, cached: bool = False) -> dict:
     """Compute the missing cells (``cached``: leave them out, logged), then write the table (Markdown
     + JSON) and the plots."""
-    from .data import load_split
+    from .common.data import load_split
 
     test = None
     results = []
@@ -247,19 +249,25 @@ def _int_list(text: str, key: str) -> list[int]:
 
 def configure(argv: list[str] | None = None) -> tuple[ZooRecipeConfig, list[Cell], argparse.Namespace]:
     """The config (``--compact``: with its ``compact`` overrides, then the command line's) and its cells."""
-    parser = argparse.ArgumentParser(prog="python -m recipes.zoo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m recipes.zoo", description=__doc__.split("\n\n")[0],
+                                     epilog=schema_help(ZooRecipeConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="zoo YAML file (configs/zoo/...)")
     parser.add_argument("--methods", default=None, help="comma-separated method names (default: zoo.only or all)")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: zoo.seeds)")
     parser.add_argument("--compact", action="store_true", help="apply the config's `compact` overrides; short table")
     parser.add_argument("--cached", action="store_true", help="compute nothing: tabulate the cells already cached")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for config errors")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved zoo config (YAML) and exit before anything trains")
     parser.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides of the zoo config")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(ZooRecipeConfig, args.config, args.overrides)
         if args.compact:
             cfg = load_config(ZooRecipeConfig, args.config, [*cfg.compact, *args.overrides])
+        if args.print_config:
+            print(config_yaml(cfg), end="", flush=True)
+            sys.exit(0)
         methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
         seeds = None if args.seeds is None else _int_list(args.seeds, "--seeds")
         return cfg, plan(cfg, methods, seeds), args

@@ -25,7 +25,7 @@ import torch
 
 from .base import completion_text
 from .grading import final_answers
-from .group import answer_clusters, group_rows, plurality
+from .group import answer_clusters, group_rows, log_vote, plurality, voted_answer
 from .internal import InternalReward
 
 LENS_SIGNALS = ("ic_hard", "ic_soft", "ic_candidates", "ic_calibrated", "ic_calibrated_choices")
@@ -118,11 +118,17 @@ class ConsistencyVote(InternalConsistency):
 
     def __call__(self, prompts: list, completions: list, token_signals: list[dict] | None = None, **columns):
         weights = super().__call__(prompts, completions, token_signals=token_signals, **columns)
-        labels = answer_clusters(prompts, final_answers([completion_text(c) for c in completions]))
+        answers = final_answers([completion_text(c) for c in completions])
+        labels = answer_clusters(prompts, answers)
         rewards = [0.0] * len(completions)
+        voted: list[str | None] = [None] * len(completions)
         for rows in group_rows(prompts):
             votes = [labels[i] if weights[i] is not None and math.isfinite(weights[i]) else None for i in rows]
             label = plurality(votes, [weights[i] or 0.0 for i in rows])
             for i in rows:
                 rewards[i] = float(label is not None and labels[i] == label)
+                voted[i] = voted_answer(rows, labels, answers, label)
+        if callable(columns.get("log_extra")):  # the IC each vote weighed, beside the answers (TRL's table)
+            columns["log_extra"](f"{self.name}/ic", list(weights))
+        log_vote(self.name, columns, answers, voted)
         return rewards

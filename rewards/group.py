@@ -76,13 +76,37 @@ class MajorityVote(Reward):
     needs_whole_group = True
 
     def __call__(self, prompts: list, completions: list, **columns) -> list[float]:
-        labels = answer_clusters(prompts, final_answers([completion_text(c) for c in completions]))
+        answers = final_answers([completion_text(c) for c in completions])
+        labels = answer_clusters(prompts, answers)
         rewards = [0.0] * len(completions)
+        voted: list[str | None] = [None] * len(completions)
         for rows in group_rows(prompts):
             label = plurality([labels[i] for i in rows])
             for i in rows:
                 rewards[i] = float(label is not None and labels[i] == label)
+                voted[i] = voted_answer(rows, labels, answers, label)
+        log_vote(self.name, columns, answers, voted)
         return rewards
+
+
+def voted_answer(rows: list[int], labels: list, answers: list, label) -> str | None:
+    """The winning cluster's first answer among ``rows`` (``None`` when nothing won)."""
+    return None if label is None else next(answers[i] for i in rows if labels[i] == label)
+
+
+def log_vote(name: str, columns: dict, answers: list, voted: list) -> None:
+    """Columns ``<name>/answer`` (each completion's parsed answer) and ``<name>/voted_answer`` (its group's
+    winner) of TRL's completion table, through the ``log_extra`` callable TRL passes to rewards (when it does).
+
+    >>> table = {}
+    >>> log_vote("majority_vote", {"log_extra": table.__setitem__}, ["7", "8"], ["7", "7"])
+    >>> table
+    {'majority_vote/answer': ['7', '8'], 'majority_vote/voted_answer': ['7', '7']}
+    """
+    log = columns.get("log_extra")
+    if callable(log):
+        log(f"{name}/answer", list(answers))
+        log(f"{name}/voted_answer", list(voted))
 
 
 class SemanticCluster(Reward):

@@ -23,6 +23,8 @@ from .base import Reward, completion_text
 logger = logging.getLogger("intrinsic")
 
 SIGNALS = ("logps", "entropy", "self_certainty")
+"""The per-token signals an :class:`InternalReward` may declare (computed by ``trainers.signals.token_signals``;
+the logit-lens ones are :data:`rewards.consistency.LENS_SIGNALS`)."""
 
 
 class InternalReward(Reward):

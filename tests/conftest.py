@@ -32,7 +32,7 @@ def tiny_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_cache) -> str:
     """A random-init tiny Qwen2 saved as a directory."""
-    from recipes.tiny import resolve_tiny_model
+    from recipes.common.tiny import resolve_tiny_model
 
     return resolve_tiny_model("tiny://qwen2?layers=2&hidden=64&intermediate=256")
 
@@ -40,7 +40,7 @@ def tiny_model_dir(tiny_cache) -> str:
 @pytest.fixture(scope="session")
 def warm_model_dir(tiny_cache) -> str:
     """A tiny Qwen2 after a short supervised warm-up on 2-digit addition."""
-    from recipes.tiny import resolve_tiny_model
+    from recipes.common.tiny import resolve_tiny_model
 
     return resolve_tiny_model(TEST_WARMUP)
 

@@ -179,7 +179,7 @@ def test_sampler_frequencies_proportional_to_advantage():
 
 
 def _rows(n=24):
-    from recipes.tiny.tasks import ArithmeticSpec, arithmetic_rows
+    from recipes.common.tiny.tasks import ArithmeticSpec, arithmetic_rows
 
     rows = arithmetic_rows(ArithmeticSpec(n_train=n, seed=5), "train")
     # half right, half wrong answers
@@ -281,7 +281,7 @@ def test_short_run_improves_training_reward(tiny_model_dir, tmp_path):
 def test_tiny_samples_uri(tiny_cache, warm_model_dir):
     from tests.conftest import TEST_WARMUP
 
-    from recipes.tiny import parse_dataset_uri, resolve_tiny_dataset
+    from recipes.common.tiny import parse_dataset_uri, resolve_tiny_dataset
 
     model = TEST_WARMUP.removeprefix("tiny://").replace("?", ";").replace("&", ";")
     uri = f"tiny://samples?model={model}&n_train=64&n_valid=8&n_test=20&temperature=1.0"
@@ -293,7 +293,7 @@ def test_tiny_samples_uri(tiny_cache, warm_model_dir):
 
 
 def test_reward_model_reward(tmp_path):
-    from recipes.dry_run import tiny_reward_model
+    from recipes.common.dry_run import tiny_reward_model
     from rewards import RewardModel, build_reward
 
     tiny_reward_model(tmp_path)  # a random 1-layer Qwen2 sequence classifier with the character tokenizer
@@ -312,7 +312,7 @@ def test_reward_model_reward(tmp_path):
 
 def test_recipe_dry_run_and_config_errors(tmp_path, capsys):
     from recipes.alol import ALoLRecipeConfig, run
-    from recipes.cli import main
+    from recipes.common.cli import main
 
     with pytest.raises(SystemExit) as err:
         main("alol", ALoLRecipeConfig, run, ["--config", "configs/alol/tiny_arithmetic.yaml", "trainer.variant=ppo"])
@@ -351,7 +351,7 @@ def test_alol_under_two_process_accelerate_launch(tmp_path, tiny_model_dir, engi
     ZeRO-3 partitions every parameter (the precompute runs before DeepSpeed's engine exists, on
     ``zero.Init`` shards: it must gather them) and the LM head is untied (gathered on its own)."""
     from recipes.alol import ALoLRecipeConfig, run
-    from recipes.cli import main
+    from recipes.common.cli import main
     from tests.launcher import deepspeed_variant, launch_recipe, trainer_state, untie_embeddings
 
     data = _pairs_file(tmp_path / "pairs.jsonl")
@@ -433,7 +433,7 @@ def _hh_args():
 def test_hh_layout_is_the_references():
     """The HH config turns an HH dialogue into the layout the reference builds from the same turns
     (PRO's ``<|prompter|>`` / ``<|assistant|>`` list: joined, markers replaced, stripped, preamble first)."""
-    from trainers.alol import format_prompt
+    from trainers.alol_dialogue import format_prompt
 
     args = _hh_args()
     turns = ["<|prompter|>What are some good vegetables to plant in the fall?",
@@ -453,7 +453,7 @@ def test_hh_layout_is_the_references():
 
 
 def test_hh_generation_is_cut_at_the_next_human_turn():
-    from trainers.alol import finish_response
+    from trainers.alol_dialogue import finish_response
 
     args = _hh_args()
     assert args.stop_strings == ["###"]
@@ -473,7 +473,7 @@ def test_stop_strings_end_greedy_generation(tiny_model_dir):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainers.alol_precompute import _greedy, greedy_responses
+    from trainers.alol_dialogue import _greedy, greedy_responses
 
     model, tok = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
     prompts = [tok(f"{a}+{b}=")["input_ids"] for a in range(6) for b in range(3)]
@@ -586,7 +586,7 @@ def _synthetic_value_data(n=120, width=16, learnable=True, seed=0):
 
 
 def test_value_head_best_epoch_and_cross_validation():
-    from trainers.alol_precompute import cross_validate_value_head, fit_value_head
+    from trainers.value_head import cross_validate_value_head, fit_value_head
 
     hidden, targets = _synthetic_value_data()
     # best epoch on a held-out split: the kept head is the epoch with the lowest held-out MSE

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from recipes.cli import main
+from recipes.common.cli import main
 
 HEADER = """\
 model: {{name_or_path: "{model}", dtype: float32}}
@@ -32,7 +32,7 @@ trainer: {{learning_rate: 1.0e-5, max_steps: 1, per_device_train_batch_size: 4, 
 @pytest.fixture(scope="module")
 def junk_model(tmp_path_factory, tiny_cache) -> Path:
     """A tiny Qwen2 directory (config, tokenizer) whose weights cannot be loaded."""
-    from recipes.tiny import resolve_tiny_model
+    from recipes.common.tiny import resolve_tiny_model
 
     source = Path(resolve_tiny_model("tiny://qwen2?layers=2&hidden=64&intermediate=256"))
     target = tmp_path_factory.mktemp("junk") / "model"
@@ -125,6 +125,14 @@ def k_zero_eval_batch_size(d, m):
     return _write(d / "c.yaml", _rlif(d, m)), ["eval.batch_size=0"]
 
 
+def k_zero_every_steps(d, m):
+    return _write(d / "c.yaml", _rlif(d, m)), ["eval.every_steps=0"]
+
+
+def k_every_steps_without_held_out(d, m):
+    return _write(d / "c.yaml", _rlif(d, m)), ["eval.every_steps=5", "data.eval_split=null"]
+
+
 def k_num_generations_not_dividing(d, m):
     return _write(d / "c.yaml", _rlif(d, m)), ["trainer.num_generations=3"]
 
@@ -143,6 +151,22 @@ def k_unknown_reward(d, m):
 
 def k_bad_reward_kwargs(d, m):
     return _write(d / "c.yaml", _rlif(d, m)), ["rewards=[{name: self_certainty, kwargs: {nonsense: 1}}]"]
+
+
+def k_transform_clip_reversed(d, m):
+    return _write(d / "c.yaml", _rlif(d, m)), ["rewards=[{name: self_certainty, transform: {clip: [1, 0]}}]"]
+
+
+def k_transform_unknown_key(d, m):
+    return _write(d / "c.yaml", _rlif(d, m)), ["rewards=[{name: self_certainty, transform: {clamp: [0, 1]}}]"]
+
+
+def k_transform_unknown_name(d, m):
+    return _write(d / "c.yaml", _rlif(d, m)), ["rewards=[{name: self_certainty, transform: ranks}]"]
+
+
+def k_eval_pc_one_sample(d, m):
+    return _write(d / "c.yaml", _rlif(d, m)), ["eval.perplexity_consistency=true", "eval.num_samples=1"]
 
 
 def k_nonexistent_model_path(d, m):
@@ -246,6 +270,27 @@ def k_improve_zero_samples(d, m):
     return _write(d / "c.yaml", text), []
 
 
+GPQA = ["data.path=tiny://gpqa", "data.columns={question: Question}"]
+
+
+def k_choices_column_missing(d, m):
+    return _write(d / "c.yaml", _rlif(d, m)), [*GPQA, "data.choices={correct: Right Answer, incorrect: [Incorrect Answer 1]}"]
+
+
+def k_choices_one_option(d, m):
+    return _write(d / "c.yaml", _rlif(d, m)), [*GPQA, "data.choices={correct: Correct Answer, incorrect: []}"]
+
+
+def k_choices_and_answer_column(d, m):
+    return _write(d / "c.yaml", _rlif(d, m)), ["data.path=tiny://gpqa", "data.columns={question: Question, answer: Question}",
+                                               "data.choices={correct: Correct Answer, incorrect: [Incorrect Answer 1]}"]
+
+
+def k_choice_grader_numeric_gold(d, m):
+    text = HEADER.format(model=m) + f"output_dir: '{d / 'out'}'\n"
+    return _write(d / "c.yaml", text), ["eval.grader=choice"]
+
+
 KINDS = {
     # name: (recipe, builder, text the error line must contain)
     "yaml duplicate key": ("rlif", k_duplicate_key, "duplicate key"),
@@ -264,11 +309,17 @@ KINDS = {
     "zero batch size": ("rlif", k_zero_batch_size, "trainer.per_device_train_batch_size"),
     "negative batch size": ("rlif", k_negative_batch_size, "trainer.per_device_train_batch_size"),
     "zero eval batch size": ("rlif", k_zero_eval_batch_size, "eval.batch_size"),
+    "zero eval.every_steps": ("rlif", k_zero_every_steps, "eval.every_steps: must be >= 1"),
+    "eval.every_steps without held-out data": ("rlif", k_every_steps_without_held_out, "eval.every_steps: needs held-out"),
     "num_generations not dividing": ("rlif", k_num_generations_not_dividing, "num_generations"),
     "IC reward layer beyond depth": ("rlif", k_ic_layer_beyond_depth, "rewards[0].kwargs.layers"),
     "eval IC layer beyond depth": ("rlif", k_eval_ic_layer_beyond_depth, "eval.ic_layers"),
     "unknown reward": ("rlif", k_unknown_reward, "rewards[0].name"),
     "bad reward kwargs": ("rlif", k_bad_reward_kwargs, "rewards.0.kwargs"),
+    "transform clip lo > hi": ("rlif", k_transform_clip_reversed, "rewards[0].transform"),
+    "transform unknown key": ("rlif", k_transform_unknown_key, "rewards[0].transform"),
+    "transform unknown name": ("rlif", k_transform_unknown_name, "rewards[0].transform"),
+    "eval perplexity consistency with one sample": ("rlif", k_eval_pc_one_sample, "eval.perplexity_consistency"),
     "nonexistent model path": ("rlif", k_nonexistent_model_path, "model.name_or_path"),
     "model dir without config.json": ("rlif", k_model_dir_without_config, "model.name_or_path"),
     "unknown Hub model": ("rlif", k_unknown_hub_model, "model.name_or_path: cannot load the tokenizer"),
@@ -290,6 +341,10 @@ KINDS = {
     "decred layer beyond depth": ("decred", k_decred_layer_beyond_depth, "decred.layers"),
     "negative max_rows": ("rlif", k_negative_max_rows, "data.max_rows"),
     "self_improve zero samples": ("self_improve", k_improve_zero_samples, "improve.num_samples"),
+    "choices column missing": ("rlif", k_choices_column_missing, "data.choices.correct"),
+    "choices with one option": ("rlif", k_choices_one_option, "data.choices.incorrect"),
+    "choices and an answer column": ("rlif", k_choices_and_answer_column, "data.columns.answer"),
+    "choice grader, gold not a letter": ("evaluate", k_choice_grader_numeric_gold, "eval.grader"),
 }
 
 

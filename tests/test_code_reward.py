@@ -8,10 +8,10 @@ import pickle
 
 import pytest
 
-import recipes.evaluation as evaluation
-from recipes.config import EvalConfig
-from recipes.tiny import resolve_tiny_dataset
-from recipes.tiny.code import OUTPUT_PREDICTION, PROBLEMS
+import recipes.common.evaluation as evaluation
+from recipes.common.schema import EvalConfig
+from recipes.common.tiny import resolve_tiny_dataset
+from recipes.common.tiny.code import OUTPUT_PREDICTION, PROBLEMS
 from rewards import CodeAccuracy, build_reward, extract_output_prediction, extract_program, output_prediction_correct
 from rewards.code import grade_rows
 from rewards.sandbox import LocalSandbox, Test
@@ -146,7 +146,7 @@ def test_evaluator_pass_at_k_with_known_right_and_wrong_completions(monkeypatch,
 def test_one_rlif_step_with_code_accuracy_then_pass_at_k(tmp_path, capsys):
     """configs/rlif/tiny_code.yaml, one step: the reward runs on the policy's programs and the held-out
     problems are evaluated with pass@k (a random tiny model scores ~0; the path is what is tested)."""
-    from recipes.cli import main
+    from recipes.common.cli import main
     from recipes.rlif import RLIFRecipeConfig, run
 
     reports = main("rlif", RLIFRecipeConfig, run, [
@@ -187,8 +187,8 @@ def test_livecodebench_conversion_decodes_hidden_and_call_based_tests():
 
 
 def test_cruxeval_config_builds_the_direct_prompt_from_code_and_input(tmp_path):
-    from recipes.config import load_config
-    from recipes.data import load_split
+    from recipes.common.config import load_config
+    from recipes.common.data import load_split
     from recipes.evaluate import EvaluateRecipeConfig
 
     local = tmp_path / "crux.jsonl"
@@ -204,7 +204,7 @@ def test_cruxeval_config_builds_the_direct_prompt_from_code_and_input(tmp_path):
 
 
 def test_evaluate_recipe_rejects_a_code_grader_without_its_column_before_loading(capsys):
-    from recipes.cli import main
+    from recipes.common.cli import main
     from recipes.evaluate import EvaluateRecipeConfig, run
 
     with pytest.raises(SystemExit) as stop:

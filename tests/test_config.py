@@ -4,8 +4,9 @@ import textwrap
 
 import pytest
 
-from recipes.cli import main
-from recipes.config import ConfigError, load_config, load_raw, save_config
+from recipes.common.cli import main
+from recipes.common.config import load_config, load_raw, save_config
+from recipes.common.errors import ConfigError
 from recipes.evaluate import EvaluateRecipeConfig
 from recipes.sft import SFTRecipeConfig, run as run_sft
 from tests.conftest import run_module
@@ -154,7 +155,7 @@ def test_saved_config_reloads_to_the_same_run(cfg_dir, tmp_path):
 
 from dataclasses import dataclass, field  # noqa: E402
 
-from recipes.config import RecipeConfig, RewardSpec  # noqa: E402
+from recipes.common.schema import RecipeConfig, RewardSpec  # noqa: E402
 
 
 @dataclass

@@ -5,8 +5,10 @@ import importlib
 import pytest
 
 from recipes.__main__ import CONFIGS, config_files, recipe_names
-from recipes.cli import main
-from recipes.config import ConfigError, RecipeConfig, load_config, load_raw
+from recipes.common.cli import main
+from recipes.common.config import load_config, load_raw
+from recipes.common.errors import ConfigError
+from recipes.common.schema import RecipeConfig
 from tests.conftest import run_module
 from trainers.distributed import no_accelerator
 

@@ -5,8 +5,9 @@ import json
 import pytest
 from datasets import Dataset, DatasetDict
 
-from recipes.config import ConfigError, DataConfig
-from recipes.data import load_split, prompt_template, to_sft_format
+from recipes.common.data import load_split, prompt_template, to_sft_format
+from recipes.common.errors import ConfigError
+from recipes.common.schema import DataConfig
 
 ROWS = [{"problem": f"{i}+1=", "solution": f"\\boxed{{{i + 1}}}", "extra": i} for i in range(5)]
 

@@ -17,8 +17,8 @@ from transformers import (
 from transformers.trainer_pt_utils import LabelSmoother
 from trl import SFTConfig
 
-from recipes.tiny.models import TinyModelSpec, build_tiny_model
-from recipes.tiny.tokenizer import build_char_tokenizer
+from recipes.common.tiny.models import TinyModelSpec, build_tiny_model
+from recipes.common.tiny.tokenizer import build_char_tokenizer
 from trainers.decred import (
     DeCREDOptions,
     DeCREDRegularizer,

@@ -32,7 +32,7 @@ def test_reference_values_the_issue_names():
 
 
 def _tiny_speech_config(**kw):
-    from recipes.speech import SpeechConfig
+    from recipes.common.speech import SpeechConfig
 
     enc = {"model_type": "wav2vec2", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
            "intermediate_size": 64, "conv_dim": [16, 16], "conv_kernel": [10, 3], "conv_stride": [5, 4],
@@ -43,7 +43,7 @@ def _tiny_speech_config(**kw):
 
 
 def test_sinusoidal_positions_formula():
-    from recipes.speech import SinusoidalPositions
+    from recipes.common.speech import SinusoidalPositions
 
     pe = SinusoidalPositions(8)
     out = pe(torch.tensor([[0, 3]]))
@@ -56,8 +56,8 @@ def test_sinusoidal_positions_formula():
 
 
 def test_fixed_decoder_positions_forward_and_reload(tmp_path):
-    from recipes.speech import ScaledEmbedding, SinusoidalPositions, load_speech_model, speech_model
-    from recipes.tiny.tokenizer import build_char_tokenizer
+    from recipes.common.speech import ScaledEmbedding, SinusoidalPositions, load_speech_model, speech_model
+    from recipes.common.tiny.tokenizer import build_char_tokenizer
     from trainers.decred import DeCREDOptions, attach_heads
 
     tok = build_char_tokenizer()
@@ -88,7 +88,7 @@ def test_fixed_decoder_positions_forward_and_reload(tmp_path):
 
 
 def test_mask_unks_in_collator():
-    from recipes.speech import SpeechCollator, train_bpe
+    from recipes.common.speech import SpeechCollator, train_bpe
 
     tok = train_bpe(["abc abc", "cab"], 40)
     rows = [{"audio": [0.0] * 800, "text": "abz"}, {"audio": [0.1] * 800, "text": "cab"}]

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from recipes.config import DataConfig, EvalConfig, ModelConfig
-from recipes.data import load_split
-from recipes.evaluation import evaluate_model, internal_signals, separation, vote_accuracy
-from recipes.modeling import load_model, load_tokenizer
+from recipes.common.data import load_split
+from recipes.common.evaluation import evaluate_model, internal_signals, separation, vote_accuracy
+from recipes.common.modeling import load_model, load_tokenizer
+from recipes.common.schema import DataConfig, EvalConfig, ModelConfig
 from rewards import InternalConsistency
 from trainers.lens import LogitLens, locate_answers
 from trainers.signals import pack_prompt_completion
@@ -81,7 +81,7 @@ def test_tiny_world_evaluation_is_deterministic_and_reports_sc_ic(warm_model_dir
 def test_pass_at_k_equals_the_subset_probability():
     from itertools import combinations
 
-    from recipes.evaluation import pass_at_k
+    from recipes.common.evaluation import pass_at_k
 
     for n in range(1, 7):
         for c in range(n + 1):
@@ -93,7 +93,7 @@ def test_pass_at_k_equals_the_subset_probability():
 
 
 def test_auroc_and_effect_size_by_hand():
-    from recipes.evaluation import mann_whitney_auc
+    from recipes.common.evaluation import mann_whitney_auc
 
     right, wrong = [0.9, 0.5, 0.5], [0.5, 0.1]
     # pairs: (0.9>0.5, 0.9>0.1, 0.5=0.5, 0.5>0.1, 0.5=0.5, 0.5>0.1) = 4 wins + 2 ties of 6
@@ -103,7 +103,7 @@ def test_auroc_and_effect_size_by_hand():
 
 
 def test_reliability_table_and_histogram():
-    from recipes.evaluation import reliability
+    from recipes.common.evaluation import reliability
 
     values = [0.1 * i for i in range(10)] + [None]
     correct = [i >= 5 for i in range(10)] + [True]
@@ -117,7 +117,7 @@ def test_compare_and_plots_from_recorded_runs(tmp_path, capsys):
     import json
 
     from recipes.evaluate import compare
-    from recipes.evaluation import write_report
+    from recipes.common.evaluation import write_report
     from recipes.plot import main as plot_main
 
     runs = []
@@ -143,7 +143,7 @@ def test_compare_and_plots_from_recorded_runs(tmp_path, capsys):
 
 
 def test_hub_dataset_falls_back_to_a_local_copy(tmp_path, caplog):
-    from recipes.config import DataConfig
+    from recipes.common.schema import DataConfig
 
     local = tmp_path / "gsm8k_test.jsonl"
     local.write_text('{"question": "1+1?", "answer": "so 2.\\n#### 2"}\n')
@@ -158,7 +158,7 @@ def test_evaluate_recipe_under_two_process_launch(tmp_path, warm_model_dir, engi
     """`accelerate launch -m recipes.evaluate`: each process generates and reads signals for half the
     rows, the main process reports; greedy answers (no sampling noise) give the single-process
     accuracy only if the merged completions line up with their rows."""
-    from recipes.cli import main
+    from recipes.common.cli import main
     from recipes.evaluate import EvaluateRecipeConfig, run
     from tests.launcher import launch_recipe
 

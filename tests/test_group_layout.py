@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from recipes.cli import main
+from recipes.common.cli import main
 from recipes.rlif import RLIFRecipeConfig, run
 from rewards import (ConsistencyVote, InternalConsistency, MajorityVote, MathAccuracy, SelfCertainty, group_rows)
 from tests.conftest import ROOT

@@ -236,3 +236,25 @@ def test_rlif_fsdp2_signals_equal_single_process_and_checkpoint_reloads(tmp_path
     references = check_signals_against_single_process(probe, warm_model_dir)
     check_gathered_rewards(out, references)
     check_saved_model(out, warm_model_dir)
+
+
+def test_rlif_zero3_signals_from_generation_equal_single_process(tmp_path, warm_model_dir):
+    """ZeRO-3, sharded untied head, no TRL pass (one step per generation): the signals and lens states
+    come from generation's own forwards (RLIF's ``generation`` route) and the head is gathered again
+    for the projection after generation; the numbers equal the single-process reference."""
+    model_dir = untie_embeddings(warm_model_dir, tmp_path / "untied")
+    engine = deepspeed_variant("zero3", tmp_path / "launch", stage3_param_persistence_threshold=0,
+                               stage3_prefetch_bucket_size=0)
+    probe, out = tmp_path / "probe", tmp_path / "out"
+    config = tmp_path / "probed.yaml"
+    config.write_text(PROBED.format(base=ROOT / "configs/rlif/tiny_arithmetic_ic.yaml", probe=probe))
+    result = launch_recipe("rlif", config, engine, f"model.name_or_path={model_dir}", "trainer.max_steps=2",
+                           "trainer.per_device_train_batch_size=8", "trainer.num_generations=4",
+                           "trainer.logging_steps=1", f"trainer.output_dir={out}", "trainer.save_strategy=steps",
+                           "trainer.save_steps=2",
+                           "eval.max_rows=8", "eval.before_training=false")
+    logs = result.stdout + result.stderr
+    assert logs.count("RLIF internal signals: generation") == 2, logs[-3000:]  # once per process
+    assert "generation capture failed" not in logs and "would hold" not in logs
+    references = check_signals_against_single_process(probe, model_dir)
+    check_gathered_rewards(out, references)

@@ -264,7 +264,7 @@ def test_layers_outside_the_model_are_refused():
 
 
 def test_answer_positions_with_the_tiny_tokenizer():
-    from recipes.tiny.tokenizer import build_char_tokenizer
+    from recipes.common.tiny.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
     ids = tok("7+8=15. The answer is \\boxed{15}.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -305,9 +305,14 @@ class LensProbe(InternalConsistency):
         return super().__call__(prompts, completions, token_signals=token_signals, **kw)
 
 
-@pytest.mark.parametrize("num_iterations, extra", [(2, 0), (1, 1)])
-def test_trainer_lens_matches_naive_and_rides_on_trl_pass(tiny_model_dir, tmp_path, num_iterations, extra):
+@pytest.mark.parametrize("num_iterations, capture_mib, extra", [(2, None, 0), (1, None, 0), (1, "0", 1)])
+def test_trainer_lens_matches_naive_and_rides_on_trl_pass(tiny_model_dir, tmp_path, monkeypatch, num_iterations,
+                                                          capture_mib, extra):
+    """Riding on TRL's pass, read from generation's forwards (no pass added), or (capture off) one extra pass."""
     from tests.test_rlif import PROMPTS, count_scoring_passes, make_trainer
+
+    if capture_mib is not None:
+        monkeypatch.setenv("INTRINSIC_GENERATION_CAPTURE_MIB", capture_mib)
 
     soft, hard = LensProbe("soft", [1, 2]), LensProbe("hard")
     trainer = make_trainer(tiny_model_dir, tmp_path, [soft, hard, ConsistencyVote("candidates")],

@@ -30,7 +30,7 @@ FAMILIES = {
 
 
 def _tiny(kind: str, directory: Path) -> str:
-    from recipes.tiny.tokenizer import build_char_tokenizer
+    from recipes.common.tiny.tokenizer import build_char_tokenizer
 
     config_name, options, multiplier = FAMILIES[kind]
     tok = build_char_tokenizer()

@@ -22,7 +22,9 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from recipes.config import ConfigError, RecipeConfig, load_config
+from recipes.common.config import load_config
+from recipes.common.errors import ConfigError
+from recipes.common.schema import RecipeConfig
 
 MODEL = "tiny://qwen2?layers=2&hidden=64&intermediate=256"
 RECIPES = ("rlif", "sft", "alol", "decred", "self_improve", "evaluate", "zoo")
@@ -138,7 +140,7 @@ class Harness:
         stop = stop or {"rlif": "RLIFTrainer", "sft": "SFTTrainer", "alol": "ALoLTrainer", "decred": "DeCREDSFTTrainer",
                         "self_improve": "score_round"}[recipe]
         if recipe == "self_improve" and stop == "score_round":
-            module = module or "recipes.rounds"
+            module = module or "recipes.common.rounds"
         self.stop_at(recipe, stop, module)
         cfg = cfg if cfg is not None else self.config(recipe, *overrides)
         with pytest.raises(Built) as built:
@@ -165,7 +167,7 @@ def _adapter_dir(h: Harness) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from recipes.tiny import resolve_tiny_model
+    from recipes.common.tiny import resolve_tiny_model
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(resolve_tiny_model(MODEL)),
                            LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
@@ -182,7 +184,7 @@ def _pretend_gpu(h: Harness) -> None:
 
 
 def _quantized(h: Harness, **fields):
-    from recipes.config import QuantizationSection
+    from recipes.common.schema import QuantizationSection
 
     cfg = h.config("rlif", "peft={r: 2}", "trainer.bf16=false", "trainer.use_cpu=true")
     cfg.model.quantization = QuantizationSection(**fields)  # validated above without it: CPU refuses 4-bit
@@ -196,7 +198,7 @@ def _quantized(h: Harness, **fields):
 
 
 def p_model_name(h):
-    from recipes.tiny import resolve_tiny_model
+    from recipes.common.tiny import resolve_tiny_model
 
     other = "tiny://llama?layers=2&hidden=64&intermediate=256"
     assert h.build("rlif", f"model.name_or_path={other}").kwargs["model"] == resolve_tiny_model(other)
@@ -298,7 +300,7 @@ def _hub(h) -> list:
     """Hub loading recorded (offline here): ``load_dataset``'s arguments; it returns the local rows."""
     from datasets import Dataset
 
-    from recipes import data
+    from recipes.common import data
 
     calls, real = [], data.load_dataset
 
@@ -309,7 +311,7 @@ def _hub(h) -> list:
         if path == "someone/missing":
             raise ConnectionError("offline")
         return Dataset.from_list(ROWS)
-    h.mp.setattr("recipes.data.load_dataset", fake)
+    h.mp.setattr("recipes.common.data.load_dataset", fake)
     return calls
 
 
@@ -348,6 +350,36 @@ def p_data_fallback(h):
     assert len(_train(h, "data.path=someone/missing", f"data.fallback={h.rows}")) == len(ROWS)
 
 
+GPQA = ("data.path=tiny://gpqa", "data.columns={question: Question}", "data.prompt='{question} A) {A} B) {B}'")
+GPQA_WRONG = "[Incorrect Answer 1, Incorrect Answer 2, Incorrect Answer 3]"
+
+
+def _choices(h, choices: str):
+    return _train(h, *GPQA, f"data.choices={choices}")
+
+
+def p_data_choices(h):
+    rows = _choices(h, f"{{correct: Correct Answer, incorrect: {GPQA_WRONG}}}")
+    assert {"A", "B", "C", "D"} <= set(rows.column_names) and set(rows["answer"]) == set("ABCD")
+
+
+def p_choices_correct(h):
+    from recipes.common.tiny.choice import QUESTIONS
+
+    rows = _choices(h, "{correct: Incorrect Answer 1, incorrect: [Correct Answer, Incorrect Answer 2, Incorrect Answer 3]}")
+    assert rows[0][rows[0]["answer"]] == QUESTIONS[0][2][0]
+
+
+def p_choices_incorrect(h):
+    rows = _choices(h, "{correct: Correct Answer, incorrect: [Incorrect Answer 1]}")
+    assert "C" not in rows.column_names and set(rows["answer"]) == {"A", "B"}
+
+
+def p_choices_seed(h):
+    seeded = [_choices(h, f"{{correct: Correct Answer, incorrect: {GPQA_WRONG}, seed: {s}}}")["answer"] for s in (0, 1)]
+    assert seeded[0] != seeded[1]
+
+
 def p_data_columns(h):
     assert _train(h, "data.columns={question: problem}")["question"][0] == "1 plus 1"
 
@@ -376,20 +408,20 @@ def p_data_split_on(h):
 def _evaluate(h, *overrides) -> tuple[dict, list, list]:
     """``evaluate_model`` as every recipe calls it (the ``eval:`` section passed whole), with its
     generation and signal reading recorded."""
-    from recipes.data import load_split
-    from recipes.evaluation import evaluate_model
-    from recipes.modeling import load_model, load_tokenizer
+    from recipes.common.data import load_split
+    from recipes.common.evaluation import evaluate_model
+    from recipes.common.modeling import load_model, load_tokenizer
 
     cfg = h.config("rlif", *overrides)
-    gen = h.spy("recipes.evaluation", "generate")
-    signals = h.spy("recipes.evaluation", "internal_signals")
+    gen = h.spy("recipes.common.evaluation", "generate")
+    signals = h.spy("recipes.common.evaluation", "internal_signals")
     test = load_split(cfg.data, "test", cfg.eval.max_rows)
     report = evaluate_model(load_model(cfg.model), load_tokenizer(cfg.model), test, cfg.eval)
     return report, [c[1] for c in gen], [c[1] for c in signals]
 
 
 def p_eval_max_rows(h):
-    from recipes.training import held_out
+    from recipes.common.training import held_out
 
     assert len(held_out(h.config("rlif", "eval.max_rows=3"))) == 3
 
@@ -454,6 +486,13 @@ def p_eval_ic_layers(h):
     assert signals[0]["consistency"].layers == [1]
 
 
+def p_eval_clue(h):
+    report, _, signals = _evaluate(h, "eval.sampled=true", "eval.num_samples=2", "eval.clue=true")
+    assert {"clue_auc", "clue_selected_accuracy"} <= set(report) and signals[0]["clue"]
+    with pytest.raises(ConfigError, match="eval.clue"):
+        h.config("rlif", "eval.clue=maybe")
+
+
 def p_eval_seed(h):
     seeds = []
     real = torch.manual_seed
@@ -471,7 +510,7 @@ def p_eval_code_timeout(h):
     from datasets import Dataset
 
     import rewards.sandbox as sandbox
-    from recipes.evaluation import code_grading
+    from recipes.common.evaluation import code_grading
 
     made = []
     h.mp.setattr(sandbox, "LocalSandbox", lambda **kwargs: made.append(kwargs))
@@ -480,9 +519,22 @@ def p_eval_code_timeout(h):
     assert made == [{"timeout": 3.5}]
 
 
+def p_eval_backend(h):
+    """``vllm``: generation goes to a vllm.LLM (a stand-in module here) built from the model's directory."""
+    from recipes.common.tiny import resolve_tiny_model
+    from tests.fake_vllm import fake_vllm_module
+
+    fake = fake_vllm_module([5, 6], "11")
+    h.mp.setitem(sys.modules, "vllm", fake)
+    h.mp.setattr("recipes.common.evaluation.generate", lambda *a, **k: pytest.fail("transformers generate was called"))
+    _evaluate_recipe(h, "eval.backend=vllm")
+    assert [e.init_kwargs["model"] for e in fake.engines] == [resolve_tiny_model(MODEL)]
+    assert fake.engines[0].calls
+
+
 def p_eval_before(h):
     """``before_training``: the recipes' shared train-and-evaluate evaluates the starting model."""
-    from recipes import training
+    from recipes.common import training
 
     descs = []
     h.mp.setattr(training, "evaluate_model", lambda *a, **k: descs.append(k.get("desc")) or {"rows": 1})
@@ -524,6 +576,19 @@ def p_reward_kwargs(h):
     assert funcs[0].mode == "soft" and funcs[0].layers == [1]
 
 
+def p_reward_transform(h):
+    from rewards import TransformedReward
+
+    funcs = h.build("rlif", "rewards=[{name: self_certainty, transform: {clip: [0, 1], scale: 2}}]").kwargs["reward_funcs"]
+    assert isinstance(funcs[0], TransformedReward) and funcs[0].transform == {"clip": (0.0, 1.0), "scale": 2.0, "shift": 0.0}
+    assert funcs[0].__name__ == "self_certainty" and funcs[0].signals == ("self_certainty",)
+
+
+def p_eval_pc(h):
+    report, _, signals = _evaluate(h, "eval.sampled=true", "eval.num_samples=2", "eval.perplexity_consistency=true")
+    assert "pc_auc" in report and "pc_vote_accuracy" in report and signals[0]["logps"]
+
+
 def p_rlif_rewards(h):
     p_reward_name(h)
 
@@ -562,7 +627,7 @@ def p_recipe_trainer(h):
 
 def p_recipe_description(h):
     """``description`` is what ``python -m recipes list`` shows, and is saved with the run."""
-    from recipes.config import save_config
+    from recipes.common.config import save_config
 
     path = save_config(h.config("sft", "description='my run'"), h.tmp / "saved")
     assert OmegaConf.load(path).description == "my run"
@@ -570,7 +635,7 @@ def p_recipe_description(h):
 
 def p_recipe_launch(h):
     """``launch`` documents the accelerate config the run is meant for; saved with the run."""
-    from recipes.config import save_config
+    from recipes.common.config import save_config
 
     path = save_config(h.config("sft", "launch=launch/accelerate/ddp.yaml"), h.tmp / "saved")
     assert OmegaConf.load(path).launch == "launch/accelerate/ddp.yaml"
@@ -667,8 +732,8 @@ def p_decred_compare(h):
 
 def p_decred_head_rows(h):
     from recipes import decred
-    from recipes.modeling import load_model, load_tokenizer
-    from recipes.training import held_out
+    from recipes.common.modeling import load_model, load_tokenizer
+    from recipes.common.training import held_out
 
     cfg = h.config("decred", "head_eval_rows=3", "eval.max_rows=null")
     seen = []
@@ -732,7 +797,7 @@ def p_improve_section(h):
 
 
 def p_si_rewards(h):
-    calls = h.spy("recipes.rounds", "build_verifier")
+    calls = h.spy("recipes.common.rounds", "build_verifier")
     h.build("self_improve", "rewards=[{name: self_certainty, weight: 0.5}]")
     assert calls[0][2].weights == [0.5]
 
@@ -864,6 +929,52 @@ def p_zoo_method_overrides(h):
 
 def p_zoo_method_trained(h):
     assert _trained(_zoo_cells(h, method={"trained": "round_1/model"}))[0].trained == "round_1/model"
+def _periodic(h, *overrides) -> tuple[list, list]:
+    """The callbacks the recipes' shared train-and-evaluate adds to a (fake) trainer, and the held-out
+    rows each of their evaluations reads."""
+    from datasets import Dataset
+
+    from recipes.common import training
+
+    rows_read, added = [], []
+    h.mp.setattr(training, "evaluate_model", lambda model, tok, data, *a, **k: rows_read.append(len(data)) or {"rows": 1})
+
+    class FakeTrainer:
+        args = types.SimpleNamespace(output_dir=str(h.tmp / "out"), resume_from_checkpoint=None, world_size=1)
+        model, accelerator = None, types.SimpleNamespace(process_index=0, num_processes=1, is_main_process=True,
+                                                         device=None)
+        state = types.SimpleNamespace(save_to_json=lambda path: None, global_step=0)
+
+        def is_world_process_zero(self):
+            return True
+
+        def add_callback(self, callback):
+            added.append(callback)
+
+        def train(self, resume_from_checkpoint=None):
+            for callback in added:
+                callback.evaluate(None)
+
+        def save_model(self, path):
+            pass
+
+    training.train_and_evaluate(h.config("sft", *overrides), FakeTrainer(), None,
+                                Dataset.from_list([{"prompt": str(i), "answer": str(i)} for i in range(5)]))
+    return added, rows_read
+
+
+def p_eval_every_steps(h):
+    from recipes.common.periodic_eval import EvaluateEverySteps
+
+    added, _ = _periodic(h, "eval.every_steps=3")
+    assert [type(c) for c in added] == [EvaluateEverySteps] and added[0].every_steps == 3
+    assert _periodic(h)[0] == []  # null: no evaluation during training
+    h.refused("decred", "eval.every_steps=3", key="eval.every_steps")  # a recipe that cannot: one config line
+
+
+def p_eval_every_rows(h):
+    assert _periodic(h, "eval.every_steps=3", "eval.every_rows=2")[1] == [2, 5]  # during training: 2; after: all
+    assert _periodic(h, "eval.every_steps=3")[1] == [5, 5]
 
 
 PROBES = {
@@ -883,15 +994,19 @@ PROBES = {
     "DataConfig.eval_split": p_data_eval_split, "DataConfig.columns": p_data_columns, "DataConfig.prompt": p_data_prompt,
     "DataConfig.system_prompt": p_data_system, "DataConfig.conversational": p_data_conversational,
     "DataConfig.max_rows": p_data_max_rows, "DataConfig.revision": p_data_revision, "DataConfig.fallback": p_data_fallback,
-    "DataConfig.data_dir": p_data_dir, "DataConfig.split_on": p_data_split_on,
+    "DataConfig.data_dir": p_data_dir, "DataConfig.split_on": p_data_split_on, "DataConfig.choices": p_data_choices,
+    "ChoicesSection.correct": p_choices_correct, "ChoicesSection.incorrect": p_choices_incorrect,
+    "ChoicesSection.seed": p_choices_seed,
     "EvalConfig.max_rows": p_eval_max_rows, "EvalConfig.batch_size": p_eval_batch, "EvalConfig.max_new_tokens": p_eval_tokens,
-    "EvalConfig.grader": p_eval_grader, "EvalConfig.code_timeout": p_eval_code_timeout,
+    "EvalConfig.grader": p_eval_grader, "EvalConfig.code_timeout": p_eval_code_timeout, "EvalConfig.backend": p_eval_backend,
     "EvalConfig.greedy": p_eval_greedy, "EvalConfig.sampled": p_eval_sampled, "EvalConfig.temperature": p_eval_temperature,
     "EvalConfig.top_p": p_eval_top_p, "EvalConfig.num_samples": p_eval_num_samples, "EvalConfig.pass_k": p_eval_pass_k,
     "EvalConfig.self_certainty": p_eval_sc, "EvalConfig.negative_entropy": p_eval_ne,
     "EvalConfig.internal_consistency": p_eval_ic, "EvalConfig.ic_mode": p_eval_ic_mode,
-    "EvalConfig.ic_layers": p_eval_ic_layers, "EvalConfig.before_training": p_eval_before, "EvalConfig.seed": p_eval_seed,
+    "EvalConfig.ic_layers": p_eval_ic_layers, "EvalConfig.clue": p_eval_clue, "EvalConfig.before_training": p_eval_before, "EvalConfig.seed": p_eval_seed,
+    "EvalConfig.every_steps": p_eval_every_steps, "EvalConfig.every_rows": p_eval_every_rows,
     "RewardSpec.name": p_reward_name, "RewardSpec.weight": p_reward_weight, "RewardSpec.kwargs": p_reward_kwargs,
+    "RewardSpec.transform": p_reward_transform, "EvalConfig.perplexity_consistency": p_eval_pc,
     "RLIFRecipeConfig.rewards": p_rlif_rewards, "RLIFRecipeConfig.log_accuracy": p_rlif_log_accuracy,
     "RLIFRecipeConfig.eval_data": p_rlif_eval_data,
     "ALoLRecipeConfig.rewards": p_alol_rewards, "ALoLRecipeConfig.eval_rewards": p_alol_eval_rewards,

@@ -14,13 +14,13 @@ from datasets import Dataset
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from recipes.config import EvalConfig
-from recipes.evaluation import evaluate_model, internal_signals
+from recipes.common.evaluation import evaluate_model, internal_signals
+from recipes.common.schema import EvalConfig
 from rewards import InternalConsistency, NegativeEntropy, SelfCertainty
 from trainers import RLIFConfig, RLIFTrainer
 from trainers.lens import answer_token_indices
 from trainers.signals import outside_vocab, token_signal_dicts
-from trainers.verify import Verifier
+from recipes.common.verify import Verifier
 
 EXTRA_ROWS = 8
 PROMPTS = ["12+34=", "7+5=", "99+1=", "3+4="]

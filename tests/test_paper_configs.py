@@ -3,7 +3,7 @@ every key it sets has a row (a value and a source).
 
 A table follows a line ``Config: `configs/<recipe>/<file>.yaml` ...`` and has rows
 ``| `key.path` | `value` | source |`` (a ``|`` inside a cell is written ``\|``). Each config is
-loaded through the project's own loader (``recipes.config.load_config`` with its recipe's schema)
+loaded through the project's own loader (``recipes.common.config.load_config`` with its recipe's schema)
 and every listed key is compared with its resolved value (numbers numerically, strings exactly,
 typos included, or as the YAML the cell holds). This module is the one reader of those tables;
 tests/test_alol_configs.py and tests/test_decred_configs.py check particular rows through it. The
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recipes.config import load_config, load_raw
+from recipes.common.config import load_config, load_raw
 from tests.test_configs import schema_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +28,8 @@ CONFIG_LINE = re.compile(r"^Config: `(configs/([^/`]+)/[^`]+\.yaml)`")
 # a value cell is `text`, or `` text `` when the text holds a backtick
 ROW = re.compile(r"^\| `([^`]+)` \| (?:`([^`]*)`|`` (.*?) ``) \| (.+) \|$")
 # what a file says about itself, its interpolation helpers, and where a run writes: not settings
-NOT_SETTINGS = {"description", "launch", "vars", "trainer.output_dir"}
+# (an evaluation config's `label` names its table row, its `output_dir` is where the report goes)
+NOT_SETTINGS = {"description", "launch", "vars", "trainer.output_dir", "label", "output_dir"}
 
 # every paper config of issue 14 and the keys its table must cover
 REQUIRED = {
@@ -81,7 +82,7 @@ def load_as_written(path: str):
     """A paper config through the project's loader, as on the machine it was written for: its
     ``model.quantization`` (QLoRA) is refused here without a GPU (tests/test_bad_input.py checks
     that), which is right for a run and wrong for reading the file."""
-    import recipes.config as config
+    import recipes.common.checks as config
 
     recipe = CONFIG_LINE.match(f"Config: `{path}`").group(2)
     with pytest.MonkeyPatch.context() as mp:

@@ -11,10 +11,11 @@ def test_sft_before_after_evaluation_dealt_over_two_processes(tmp_path, tiny_mod
     and the accuracy one process computes. The gold answers are made from the starting model's own
     greedy answers (two rows in three; the third is wrong) and the learning rate is 0, so the exact
     accuracy is known for both evaluations and comes out only if every merged answer meets its row."""
-    from recipes.config import load_config
-    from recipes.data import load_split
-    from recipes.evaluation import evaluate_model, generate
-    from recipes.modeling import load_model, load_tokenizer
+    from recipes.common.config import load_config
+    from recipes.common.data import load_split
+    from recipes.common.evaluation import evaluate_model
+    from recipes.common.generation import generate
+    from recipes.common.modeling import load_model, load_tokenizer
     from recipes.sft import SFTRecipeConfig
     from rewards import extract_answer
     from tests.launcher import launch_recipe
@@ -52,7 +53,7 @@ def test_multi_process_paper_configs_allow_a_long_evaluation():
     """Paper configs launched on several processes wait in collectives while held-out evaluation
     runs: their ``ddp_timeout`` exceeds the default 30 minutes."""
     from recipes.__main__ import config_files
-    from recipes.config import load_raw
+    from recipes.common.config import load_raw
 
     checked = 0
     for recipe, paths in config_files().items():

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from recipes.cli import main
+from recipes.common.cli import main
 from recipes.rlif import RLIFRecipeConfig, run
 from rewards import Reward
 
@@ -53,7 +53,7 @@ trainer:
 
 
 def test_accuracy_is_logged_at_weight_zero_when_gold_exists(tmp_path):
-    from recipes.config import load_config
+    from recipes.common.config import load_config
     from recipes.rlif import build_rewards
 
     config = tmp_path / "c.yaml"
@@ -70,7 +70,8 @@ def test_accuracy_is_logged_at_weight_zero_when_gold_exists(tmp_path):
 
 
 def test_bad_reward_kwargs_are_a_config_error_and_empty_override_clears_them(tmp_path):
-    from recipes.config import ConfigError, load_config
+    from recipes.common.config import load_config
+    from recipes.common.errors import ConfigError
     from recipes.rlif import build_rewards
 
     config = tmp_path / "c.yaml"

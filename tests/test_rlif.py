@@ -75,8 +75,9 @@ def naive_signals(model, ids, mask, c, temperature):
 
 def check_against_naive(trainer, model):
     prompt_ids, completion_ids, ids, mask, c = batch(trainer, [p for p in PROMPTS for _ in range(2)])
+    trainer._batch.signals = None  # drop what generation captured (tests/test_generation_capture.py): the extra pass
     trainer._policy_pass(completion_ids)
-    ours = trainer._signals
+    ours = trainer._batch.signals
     ref = naive_signals(model, ids, mask, c, trainer.temperature)
     cmask = mask[:, -c:].bool()
     for name in ("logps", "entropy", "self_certainty"):
@@ -106,16 +107,19 @@ def test_signals_come_from_the_adapted_policy(tiny_model_dir, tmp_path):
     trainer = make_trainer(tiny_model_dir, tmp_path, [SelfCertainty()], peft=lora, beta=0.1)
     check_against_naive(trainer, trainer.model)  # the PEFT model, adapters on
     prompt_ids, completion_ids, ids, mask, c = batch(trainer, PROMPTS)
-    assert trainer._signals is None  # a new generation batch
+    generated = trainer._batch.signals  # captured during generation (adapters on); now the extra pass's turn
+    trainer._batch.signals = None
     # TRL's reference pass on a PEFT model (adapters disabled) must not be mistaken for the policy
     with torch.no_grad(), trainer.model.disable_adapter():
         trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, c, batch_size=4)
-    assert trainer._signals is None
+    assert trainer._batch.signals is None
     trainer._policy_pass(completion_ids)
     with trainer.model.disable_adapter():
         base = naive_signals(trainer.model, ids, mask, c, trainer.temperature)
     cmask = mask[:, -c:].bool()
-    assert not torch.allclose(trainer._signals["self_certainty"][cmask].double(), base["self_certainty"][cmask], atol=1e-3)
+    assert not torch.allclose(trainer._batch.signals["self_certainty"][cmask].double(), base["self_certainty"][cmask], atol=1e-3)
+    torch.testing.assert_close(generated["self_certainty"][cmask], trainer._batch.signals["self_certainty"][cmask],
+                               rtol=1e-5, atol=1e-5)
 
 
 def count_scoring_passes(trainer):
@@ -130,9 +134,12 @@ def count_scoring_passes(trainer):
     return calls, handle
 
 
-@pytest.mark.parametrize("num_iterations, extra", [(2, 0), (1, 1)])
-def test_one_pass_rides_on_trl_old_logps(tiny_model_dir, tmp_path, num_iterations, extra):
-    """With TRL's old-logps pass (num_iterations=2) no forward is added; without it, one pass is."""
+@pytest.mark.parametrize("num_iterations, capture_mib, extra", [(2, None, 0), (1, None, 0), (1, "0", 1)])
+def test_one_pass_rides_on_trl_old_logps(tiny_model_dir, tmp_path, monkeypatch, num_iterations, capture_mib, extra):
+    """With TRL's old-logps pass (num_iterations=2) no forward is added; without it the signals come from
+    generation's forwards, or (capture off) from one extra pass."""
+    if capture_mib is not None:
+        monkeypatch.setenv("INTRINSIC_GENERATION_CAPTURE_MIB", capture_mib)
     counts = {}
     for cls in (GRPOTrainer, RLIFTrainer):
         rewards = [Probe(), MathAccuracy()] if cls is RLIFTrainer else [MathAccuracy()]

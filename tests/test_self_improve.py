@@ -10,7 +10,7 @@ import torch
 
 from rewards import InternalConsistency, MajorityVote, SelfCertainty
 from trainers.signals import token_signal_dicts
-from trainers.verify import Verifier, ds_filter, ds_weights, gap_metrics, nile_filter, select, verifier_picks
+from recipes.common.verify import Verifier, ds_filter, ds_weights, gap_metrics, nile_filter, select, verifier_picks
 from trainers.weighted_sft import weighted_sequence_loss
 
 from tests.conftest import ROOT
@@ -114,8 +114,8 @@ def test_ds_weight_drops_the_shifted_sample(warm_model_dir):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from recipes.rounds import mean_nll, valid_nll
-    from recipes.tiny.tasks import ArithmeticSpec, arithmetic_rows
+    from recipes.common.rounds import mean_nll, valid_nll
+    from recipes.common.tiny.tasks import ArithmeticSpec, arithmetic_rows
 
     model, tok = AutoModelForCausalLM.from_pretrained(warm_model_dir), AutoTokenizer.from_pretrained(warm_model_dir)
     improve = SimpleNamespace(batch_size=8)
@@ -144,7 +144,8 @@ def test_token_signal_dicts_match_the_evaluator(warm_model_dir):
     """The verifier's per-token signals reduce to the evaluator's per-completion numbers (same math)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from recipes.evaluation import generate, internal_signals
+    from recipes.common.evaluation import internal_signals
+    from recipes.common.generation import generate
 
     model, tok = AutoModelForCausalLM.from_pretrained(warm_model_dir), AutoTokenizer.from_pretrained(warm_model_dir)
     prompts = ["12+34=", "12+34=", "5+7=", "5+7="]
@@ -221,7 +222,7 @@ def test_weighted_sft_trainer_weights_the_loss(warm_model_dir, tmp_path):
 
 
 def _run(cfg_path, out, *extra):
-    from recipes.cli import main
+    from recipes.common.cli import main
     from recipes.self_improve import SelfImproveRecipeConfig, run
 
     return main("self_improve", SelfImproveRecipeConfig, run,

@@ -4,12 +4,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from recipes.config import ModelConfig
-from recipes.modeling import load_model, load_tokenizer
-from recipes.tiny import TinyURIError, parse_model_uri, resolve_tiny_dataset, resolve_tiny_model
-from recipes.tiny.models import TinyModelSpec, build_tiny_model
-from recipes.tiny.tasks import ArithmeticSpec, arithmetic_dataset
-from recipes.tiny.tokenizer import build_char_tokenizer
+from recipes.common.modeling import load_model, load_tokenizer
+from recipes.common.schema import ModelConfig
+from recipes.common.tiny import TinyURIError, parse_model_uri, resolve_tiny_dataset, resolve_tiny_model
+from recipes.common.tiny.models import TinyModelSpec, build_tiny_model
+from recipes.common.tiny.tasks import ArithmeticSpec, arithmetic_dataset
+from recipes.common.tiny.tokenizer import build_char_tokenizer
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama", "t5"])

@@ -1,6 +1,6 @@
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from recipes.tiny.tokenizer import CHARACTERS, build_char_tokenizer
+from recipes.common.tiny.tokenizer import CHARACTERS, build_char_tokenizer
 
 
 def test_round_trip_every_character():

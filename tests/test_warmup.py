@@ -3,12 +3,12 @@
 import json
 from pathlib import Path
 
-from recipes.config import DataConfig, EvalConfig, ModelConfig
-from recipes.data import load_split
-from recipes.evaluation import evaluate_model
-from recipes.modeling import load_model, load_tokenizer
-from recipes.tiny import resolve_tiny_model
-from recipes.tiny.uri import _key, parse_model_uri
+from recipes.common.data import load_split
+from recipes.common.evaluation import evaluate_model
+from recipes.common.modeling import load_model, load_tokenizer
+from recipes.common.schema import DataConfig, EvalConfig, ModelConfig
+from recipes.common.tiny import resolve_tiny_model
+from recipes.common.tiny.uri import _key, parse_model_uri
 from tests.conftest import TEST_WARMUP
 
 EVAL = EvalConfig(max_rows=200, batch_size=100, max_new_tokens=6, greedy=True, sampled=False)

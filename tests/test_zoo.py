@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from recipes import zoo
-from recipes.zoo_table import aggregate, format_markdown, mean_spread
+from recipes.common.zoo_table import aggregate, format_markdown, mean_spread
 
 MODEL = "tiny://qwen2?layers=2&hidden=64&intermediate=256"
 DATA = "tiny://arithmetic?ops=add&digits=2&n_train=200&n_test=16"

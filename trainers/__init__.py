@@ -4,8 +4,9 @@ Depends on ``rewards`` only.
 """
 
 from .alol import VARIANTS as ALOL_VARIANTS
-from .alol import AdvantageSampler, ALoLConfig, ALoLTrainer, ValueHead, alol_loss
+from .alol import AdvantageSampler, ALoLConfig, ALoLTrainer, alol_loss
 from .rlif import RLIFConfig, RLIFTrainer
+from .value_head import ValueHead
 
 __all__ = ["ALOL_VARIANTS", "ALoLConfig", "ALoLTrainer", "AdvantageSampler", "RLIFConfig", "RLIFTrainer", "ValueHead",
            "alol_loss"]

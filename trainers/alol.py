@@ -3,10 +3,11 @@
 "Improving Language Models with Advantage-based Offline Policy Gradients" (docs/METHODS.md §7).
 The reference policy ``pi_ref`` is the starting model, frozen. Once, before training
 (:mod:`trainers.alol_precompute`), every training pair gets its reward ``R``, the value ``V(x)`` of
-its prompt (a small head on ``pi_ref``'s prompt hidden states, :class:`ValueHead`), its advantage
+its prompt (a small head on ``pi_ref``'s prompt hidden states, :mod:`trainers.value_head`), its advantage
 ``A = R - V(x)`` and ``pi_ref``'s per-token log-probs; all of it is cached on disk. Training then
 holds the policy only, draws the rows with ``A > 0`` with probability ``∝ A``
-(:class:`AdvantageSampler`) and minimises one of the losses of :func:`alol_loss`.
+(:class:`AdvantageSampler`) and minimises one of the losses of :func:`alol_loss`. The policy's prompt
+layout and the reference's stop rule are in :mod:`trainers.alol_dialogue`.
 
 :class:`ALoLTrainer` is a ``trl.SFTTrainer``: TRL tokenises the pairs and its fused LM head gives
 the policy's per-token log-probs without a ``(batch, length, vocab)`` tensor. Overridden:
@@ -23,8 +24,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from torch import nn
 from trl import SFTConfig, SFTTrainer
+
+from .alol_dialogue import format_prompt
+from .alol_precompute import limit_lengths, precompute
+from .card import ModelCardMixin, card_paper
+from .value_head import ValueHead
 
 logger = logging.getLogger("intrinsic")
 
@@ -149,122 +154,6 @@ def alol_loss(
         kl = _reduce(torch.where(mask, logps - ref, torch.zeros((), device=logps.device)), mask, reduction)
         loss = need("advantage", advantage) * _reduce(nll_t, mask, reduction) + beta * kl
     return loss, {k: v.detach() for k, v in stats.items()}
-
-
-# ------------------------------------------------------------------------------------------------
-# The value head
-# ------------------------------------------------------------------------------------------------
-
-
-class ValueHead(nn.Module):
-    """``V(x) = min + (max - min) * sigmoid(w . pool(h) + b)`` on the reference's prompt hidden states.
-
-    Two poolings over the prompt's real tokens only (padding never contributes):
-
-    * ``kind="query"``: one learned query ``q`` on layer-normalised (no affine) states,
-      ``a = softmax_t(h_t . q / sqrt(H))``, ``pool(h) = sum_t a_t h_t``;
-    * ``kind="mha"`` (the A-LoL reference's capacity): ``pool(h) = drop(MHA(q, drop(h), drop(h)))``,
-      multi-head attention (``num_heads`` heads, input/output projections) of one learned query
-      over the raw states, with dropout ``dropout`` on its input and output.
-
-    >>> head = ValueHead(8, max_reward=2.0)
-    >>> v = head(torch.randn(3, 5, 8), torch.tensor([[1, 1, 1, 0, 0]] * 3))
-    >>> v.shape, bool(((v > 0) & (v < 2)).all())
-    (torch.Size([3]), True)
-    >>> ValueHead(16, kind="mha", num_heads=8, dropout=0.1).eval()(torch.randn(2, 4, 16), torch.ones(2, 4)).shape
-    torch.Size([2])
-    """
-
-    KINDS = ("query", "mha")
-
-    def __init__(self, hidden_size: int, max_reward: float = 1.0, min_reward: float = 0.0, kind: str = "query",
-                 num_heads: int = 8, dropout: float = 0.0):
-        super().__init__()
-        if not max_reward > min_reward:
-            raise ValueError(f"value head: max_reward ({max_reward}) must exceed min_reward ({min_reward})")
-        if kind not in self.KINDS:
-            raise ValueError(f"value head: kind must be one of {self.KINDS}, got {kind!r}")
-        if kind == "mha" and hidden_size % num_heads:
-            raise ValueError(f"value head: hidden size {hidden_size} is not divisible by value_num_heads={num_heads}")
-        self.hidden_size, self.max_reward, self.min_reward = hidden_size, float(max_reward), float(min_reward)
-        self.kind = kind
-        self.dropout = nn.Dropout(dropout)
-        if kind == "mha":
-            self.query = nn.Parameter(torch.randn(hidden_size))  # unscaled, as the reference initialises it
-            self.attention = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
-        else:
-            self.query = nn.Parameter(torch.randn(hidden_size) / math.sqrt(hidden_size))
-        self.out = nn.Linear(hidden_size, 1)
-
-    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        mask = mask.bool()
-        if self.kind == "mha":
-            hidden = self.dropout(hidden.float())
-            query = self.query.expand(hidden.shape[0], 1, -1)
-            # an all-padding row would attend to nothing (NaN): let it attend anywhere, then zero it
-            empty = ~mask.any(-1)
-            pooled, _ = self.attention(query, hidden, hidden, key_padding_mask=~(mask | empty[:, None]),
-                                       need_weights=False)
-            return self.dropout(pooled[:, 0].masked_fill(empty[:, None], 0.0))
-        hidden = nn.functional.layer_norm(hidden.float(), (self.hidden_size,))
-        scores = (hidden @ self.query) / math.sqrt(self.hidden_size)
-        scores = scores.masked_fill(~mask, float("-inf"))
-        weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an all-padding row pools to 0
-        return self.dropout((weights.unsqueeze(-1) * hidden).sum(1))
-
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        logit = self.out(self.pool(hidden, mask)).squeeze(-1)
-        return self.min_reward + (self.max_reward - self.min_reward) * torch.sigmoid(logit)
-
-    @classmethod
-    def from_args(cls, args, hidden_size: int) -> "ValueHead":
-        """The head an :class:`ALoLConfig` asks for."""
-        return cls(hidden_size, max_reward=args.max_reward, min_reward=args.min_reward, kind=args.value_head,
-                   num_heads=args.value_num_heads, dropout=args.value_dropout)
-
-
-# ------------------------------------------------------------------------------------------------
-# Dialogue layout and stop rule (the reference's HH prompt format)
-# ------------------------------------------------------------------------------------------------
-
-
-def format_prompt(text: str, preamble: str | None = None, replace: dict[str, str] | None = None) -> str:
-    """The policy's view of a text prompt: ``preamble + strip(replace(text))``; unchanged when neither is set.
-
-    ``replace`` substitutions apply in order. With the A-LoL reference's HH values (preamble
-    ``"A chat between ... questions.\\n"``, ``"\\n\\nHuman: " -> " ### Human: "``,
-    ``"\\n\\nAssistant:" -> " ### Assistant:"``) an Anthropic HH dialogue becomes
-    ``"<preamble>### Human: ... ### Assistant: ... ### Human: ... ### Assistant:"``.
-
-    >>> format_prompt("\\n\\nHuman: Hi\\n\\nAssistant:", "P\\n", {"\\n\\nHuman: ": " ### Human: ", "\\n\\nAssistant:": " ### Assistant:"})
-    'P\\n### Human: Hi ### Assistant:'
-    """
-    if preamble is None and not replace:
-        return text
-    for old, new in (replace or {}).items():
-        text = text.replace(old, new)
-    return (preamble or "") + text.strip()
-
-
-def finish_response(text: str, cut: Sequence[str] = (), stop_strings: Sequence[str] = ()) -> str:
-    """A generated response after the reference's post-hoc rule: cut at the first occurrence of each
-    ``cut`` string (in order), strip, and drop a trailing stop string (generation stopped on it).
-    Unchanged when neither is set.
-
-    >>> finish_response(" Sure.\\nHuman: and then?", ["\\n Human:", "\\nHuman:", "\\n### Human"], ["###"])
-    'Sure.'
-    >>> finish_response(" Yes, gladly. ###", ["\\nHuman:"], ["###"])
-    'Yes, gladly.'
-    """
-    if not cut and not stop_strings:
-        return text
-    for marker in cut:
-        text = text.split(marker)[0]
-    text = text.strip()
-    for stop in stop_strings:
-        if stop and text.endswith(stop):
-            return text[: -len(stop)].strip()
-    return text
 
 
 # ------------------------------------------------------------------------------------------------
@@ -415,7 +304,7 @@ class _ALoLCollator:
         return batch
 
 
-class ALoLTrainer(SFTTrainer):
+class ALoLTrainer(ModelCardMixin, SFTTrainer):
     """``SFTTrainer`` for A-LoL: precompute (cached) at init, advantage sampling, the A-LoL loss.
 
     Args (beyond ``SFTTrainer``'s): ``reward_funcs`` (TRL-protocol callables, e.g. :mod:`rewards`
@@ -426,12 +315,12 @@ class ALoLTrainer(SFTTrainer):
     """
 
     loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean; Trainer divides by GA steps
+    _name, _paper = card_paper(["alol"])  # TRL's model card: the method and its citation (trainers/card.py)
+    _tag_names = ["trl", "sft", "alol"]
 
     def __init__(self, *args, reward_funcs: Sequence[Callable] | None = None, reward_weights: Sequence[float] | None = None,
                  value_dataset=None, cache_key_extra: str = "", **kwargs):
         super().__init__(*args, **kwargs)
-        from .alol_precompute import precompute
-
         self.data_collator = _ALoLCollator(self.data_collator)
         # the advantage drives sampling for the A-LoL variants only; the baselines (nll, wbc, r_gold, r_lol)
         # see every row uniformly, or (wbc, r_gold, r_lol with baseline_priority_sampling) ∝ R as the HH reference
@@ -468,8 +357,6 @@ class ALoLTrainer(SFTTrainer):
         truncation then runs on the limited rows (a safety net: ``max_length`` >= both limits drops nothing).
         """
         from datasets import Dataset
-
-        from .alol_precompute import limit_lengths
 
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         columns = dataset.column_names if isinstance(dataset, Dataset) else None

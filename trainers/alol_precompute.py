@@ -9,9 +9,9 @@ grad: no dropout, LoRA adapters exactly as loaded). Steps:
    counted, before TRL's ``max_length`` truncation);
 2. ``R``: a precomputed column, or the weighted sum of reward callables on (prompt, decoded
    response) in batches;
-3. value head (:class:`trainers.alol.ValueHead`): the reference answers the value prompts greedily
-   (``stop_strings``, then ``response_cut``: :func:`greedy_responses`), the answers are scored with
-   the same rewards, the head is fit by MSE on the reference's prompt hidden states
+3. value head (:mod:`trainers.value_head`): the reference answers the value prompts greedily
+   (``stop_strings``, then ``response_cut``: :func:`trainers.alol_dialogue.greedy_responses`), the
+   answers are scored with the same rewards, the head is fit by MSE on the reference's prompt hidden states
    (``value_val_fraction`` held out, or ``value_cv_folds``-fold cross-validation; the MSE is
    reported with the MSE of predicting the mean as a baseline);
 4. one reference pass over the training rows: per-token log-probs of the response
@@ -49,9 +49,12 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
+from .alol_dialogue import decode_response, greedy_responses
 from .distributed import Ranks, merge_shards, whole_parameters
 from .logit_transform import logit_transform
+from .model_parts import lm_backbone, unwrap
 from .signals import token_signals
+from .value_head import ValueHead, fit_from_args
 
 logger = logging.getLogger("intrinsic")
 
@@ -114,7 +117,7 @@ def limit_lengths(dataset: Dataset, max_prompt: int | None, max_completion: int 
 
 def model_fingerprint(model) -> str:
     """Name, config and a checksum of a few parameters (first, last, every trainable one)."""
-    unwrapped = model.get_base_model() if hasattr(model, "get_base_model") else model
+    unwrapped = unwrap(model)
     params = list(model.named_parameters())
     chosen = params[:2] + params[-2:] + [p for p in params if p[1].requires_grad and "lora" in p[0]][:8]
     with whole_parameters([p for _, p in chosen]):  # under ZeRO-3 a rank's own slice says nothing
@@ -139,12 +142,8 @@ def _key(trainer, rewards_id: str, has_value: bool, value_fp: str, extra: str) -
 
 def _unwrap(trainer):
     model = trainer.accelerator.unwrap_model(trainer.model)
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal = unwrap(model)
     return model, causal
-
-
-def _completion_text(tokenizer, ids: list[int]) -> str:
-    return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def score(reward_funcs, weights, prompts: list, completions: list[str], columns: dict, batch_size: int) -> torch.Tensor:
@@ -181,7 +180,7 @@ def _pad_right(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.T
 
 
 def _hidden(causal, ids, mask):
-    return causal.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    return lm_backbone(causal)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
 
 
 class _Clock:
@@ -195,193 +194,6 @@ class _Clock:
         now = time.perf_counter()
         self.seconds[name] = round(now - self._last, 3)
         self._last = now
-
-
-# ------------------------------------------------------------------------------------------------
-# value head
-# ------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def _greedy(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int,
-            stop_strings: list[str] | None = None, desc: str = "A-LoL value: greedy answers") -> list[list[int]]:
-    """Greedy continuations (left-padded batches), each cut after its first EOS (kept) or, with
-    ``stop_strings``, where generation stopped on one (transformers' ``StopStringCriteria``)."""
-    out = []
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    stop = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
-    for i in tqdm(range(0, len(prompt_ids), batch_size), desc=desc, leave=False):
-        chunk = prompt_ids[i : i + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=model.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=eos, **stop)
-        for row in gen[:, width:].tolist():
-            row = row[: row.index(eos) + 1] if eos in row else row
-            if stop and pad != eos and pad in row:  # a row stopped by a stop string is padded after it
-                row = row[: row.index(pad)]
-            out.append(row)
-    return out
-
-
-def policy_prompt_ids(tokenizer, prompts: list, args) -> list[list[int]]:
-    """Prompt token ids as the policy sees them in training: the A-LoL layout (``prompt_preamble``,
-    ``prompt_replace``), tokenised as TRL tokenises a prompt (a text prompt through the tokenizer
-    with its special tokens, a chat prompt through its template with the generation prompt), the
-    last ``max_prompt_length`` tokens kept (a leading BOS stays). Runs no collective."""
-    from .alol import format_prompt
-
-    out = []
-    limit, bos = args.max_prompt_length, tokenizer.bos_token_id
-    for prompt in prompts:
-        if isinstance(prompt, str):
-            ids = tokenizer(text=format_prompt(prompt, args.prompt_preamble, args.prompt_replace))["input_ids"]
-        else:
-            ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
-        if limit is not None and len(ids) > limit:
-            head = [ids[0]] if bos is not None and ids[0] == bos and limit > 1 else []
-            ids = head + ids[len(ids) - (limit - len(head)) :]
-        out.append(list(ids))
-    return out
-
-
-def greedy_responses(model, tokenizer, prompt_ids: list[list[int]], args, max_new_tokens: int, batch_size: int,
-                     desc: str = "A-LoL greedy") -> tuple[list[str], list[list[int]]]:
-    """The reference policy's answers as A-LoL scores them: greedy, stopped at EOS or a ``stop_strings``
-    entry, decoded without special tokens and finished by :func:`trainers.alol.finish_response`
-    (``response_cut``). Returns the texts and their token ids (re-tokenised after finishing when the
-    rule changed the text)."""
-    from .alol import finish_response
-
-    was_training = model.training
-    model.eval()
-    try:
-        rows = _greedy(model, tokenizer, prompt_ids, max_new_tokens, batch_size, args.stop_strings, desc)
-    finally:
-        model.train(was_training)
-    cut, stops = list(args.response_cut or ()), list(args.stop_strings or ())
-    texts, ids = [], []
-    for row in rows:
-        raw = _completion_text(tokenizer, row)
-        text = finish_response(raw, cut, stops)
-        texts.append(text)
-        ids.append(row if text == raw else tokenizer(text, add_special_tokens=False)["input_ids"])
-    return texts, ids
-
-
-def _padded(hidden: list[torch.Tensor], targets: torch.Tensor, indices: list[int], device):
-    states = [hidden[i] for i in indices]
-    width = max(s.shape[0] for s in states)
-    h = torch.zeros(len(states), width, states[0].shape[-1], dtype=torch.float32)
-    m = torch.zeros(len(states), width, dtype=torch.bool)
-    for j, s in enumerate(states):
-        h[j, : s.shape[0]], m[j, : s.shape[0]] = s.float(), True
-    return h.to(device), m.to(device), targets[indices].to(device)
-
-
-@torch.no_grad()
-def _predict(head, hidden, targets, indices: list[int], batch_size: int, device) -> torch.Tensor:
-    """Eval-mode squared errors of ``head`` on ``indices``."""
-    head.eval()
-    errs = [torch.zeros(0, device=device)]
-    for i in range(0, len(indices), batch_size):
-        h, m, y = _padded(hidden, targets, indices[i : i + batch_size], device)
-        errs.append((head(h, m) - y) ** 2)
-    return torch.cat(errs).cpu()
-
-
-def _train_head(head, hidden, targets, fit: list[int], val: list[int], *, epochs: int, lr: float, batch_size: int,
-                generator: torch.Generator, device, select: str) -> tuple[int, list[float]]:
-    """AdamW on the MSE, ``epochs`` passes over ``fit`` in shuffled batches. ``select="best"`` keeps
-    the epoch with the lowest held-out MSE on ``val`` or, when ``val`` is empty, the lowest mean
-    training-batch loss of the epoch (the reference's rule); ``"last"`` the last. Returns the epoch
-    kept (1-based) and each epoch's selection criterion (empty with ``"last"``)."""
-    head.to(device)
-    optim = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
-    best, best_epoch, best_state, criteria = math.inf, epochs, None, []
-    for epoch in tqdm(range(1, epochs + 1), desc="A-LoL value head", leave=False):
-        head.train()
-        perm = torch.randperm(len(fit), generator=generator).tolist()
-        losses = []
-        for i in range(0, len(fit), batch_size):
-            h, m, y = _padded(hidden, targets, [fit[j] for j in perm[i : i + batch_size]], device)
-            loss = torch.nn.functional.mse_loss(head(h, m), y)
-            optim.zero_grad()
-            loss.backward()
-            optim.step()
-            losses.append(float(loss.detach()))
-        if select == "best":
-            criterion = float(_predict(head, hidden, targets, val, batch_size, device).mean()) if val else \
-                sum(losses) / len(losses)
-            criteria.append(criterion)
-            if criterion < best:
-                best, best_epoch = criterion, epoch
-                best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
-    if best_state is not None:
-        head.load_state_dict(best_state)
-    head.eval()
-    return best_epoch, criteria
-
-
-def fit_value_head(head, hidden: list[torch.Tensor], targets: torch.Tensor, *, epochs: int, lr: float, batch_size: int,
-                   val_fraction: float, seed: int, device, select: str = "last") -> dict:
-    """MSE fit of ``head`` on per-prompt hidden states (``val_fraction`` held out; 0: every prompt is
-    fit); returns the held-out MSE (eval mode) next to the MSE of predicting the fit set's mean."""
-    n = len(hidden)
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=generator).tolist()
-    n_val = int(round(n * val_fraction)) if n > 1 else 0
-    val, fit = order[:n_val], order[n_val:] or order
-    epoch, criteria = _train_head(head, hidden, targets, fit, val, epochs=epochs, lr=lr, batch_size=batch_size,
-                        generator=generator, device=device, select=select)
-    fit_mean = float(targets[fit].mean())
-    return {"value_val_mse": float(_predict(head, hidden, targets, val, batch_size, device).mean()) if val else None,
-            "value_fit_mse": float(_predict(head, hidden, targets, fit, batch_size, device).mean()),
-            "value_rows": n, "value_val_rows": len(val),
-            "value_val_mse_of_mean": float(((targets[val] - fit_mean) ** 2).mean()) if val else None,
-            "value_val_method": "held_out" if val else None, "value_epoch": epoch, "value_epoch_criteria": criteria,
-            "value_target_mean": float(targets.mean())}
-
-
-def cross_validate_value_head(make_head, hidden: list[torch.Tensor], targets: torch.Tensor, *, folds: int,
-                              epochs: int, lr: float, batch_size: int, seed: int, device, select: str = "last") -> dict:
-    """``folds``-fold cross-validated MSE of the value-head recipe that fits every prompt (epoch kept
-    by the training loss, as with nothing held out), next to the MSE of predicting each fold's
-    training mean: how well such a head generalises, measured without taking prompts from it."""
-    n = len(hidden)
-    folds = min(folds, n)
-    generator = torch.Generator().manual_seed(seed + 1)
-    order = torch.randperm(n, generator=generator).tolist()
-    errors, of_mean = [], []
-    for k in range(folds):
-        val = order[k::folds]
-        held = set(val)
-        fit = [i for i in order if i not in held]
-        torch.manual_seed(seed + 1 + k)
-        head = make_head()
-        _train_head(head, hidden, targets, fit, [], epochs=epochs, lr=lr, batch_size=batch_size, generator=generator,
-                    device=device, select=select)
-        errors.append(_predict(head, hidden, targets, val, batch_size, device))
-        of_mean.append((targets[val] - targets[fit].mean()) ** 2)
-    return {"value_val_mse": float(torch.cat(errors).mean()), "value_val_mse_of_mean": float(torch.cat(of_mean).mean()),
-            "value_val_rows": n, "value_val_method": f"{folds}-fold cross-validation"}
-
-
-def _fit_head(args, hidden: list[torch.Tensor], targets: torch.Tensor, device):
-    """The value head, fit on the value prompts (main process); the global RNG is left as it was."""
-    from .alol import ValueHead
-
-    options = dict(epochs=args.value_epochs, lr=args.value_learning_rate, batch_size=args.value_batch_size,
-                   seed=args.seed, device=device, select=args.value_select)
-    with torch.random.fork_rng(devices=[]), torch.enable_grad():
-        torch.manual_seed(args.seed)
-        head = ValueHead.from_args(args, hidden[0].shape[-1])
-        stats = fit_value_head(head, hidden, targets, val_fraction=args.value_val_fraction, **options)
-        if args.value_cv_folds and not args.value_val_fraction and len(hidden) > 1:
-            stats.update(cross_validate_value_head(lambda: ValueHead.from_args(args, hidden[0].shape[-1]), hidden,
-                                                   targets, folds=args.value_cv_folds, **options))
-    return head, stats
 
 
 # ------------------------------------------------------------------------------------------------
@@ -426,12 +238,10 @@ def _value_head(trainer, model, causal, reward_funcs, reward_weights, value_data
     state = None
     if ranks.main:
         rows = merge_shards(parts, len(prompt_ids))
-        head, stats = _fit_head(args, [h for _, h in rows], torch.tensor([t for t, _ in rows]), device)
+        head, stats = fit_from_args(args, [h for _, h in rows], torch.tensor([t for t, _ in rows]), device)
         state = ({k: v.cpu() for k, v in head.state_dict().items()}, stats)
     state, stats = ranks.broadcast(state)
     clock("value_fit")  # gather, fit on the main process, broadcast
-    from .alol import ValueHead
-
     with torch.random.fork_rng(devices=[]):  # the initial values are overwritten: leave the RNG alone
         head = ValueHead.from_args(args, state["query"].shape[0])
     head.load_state_dict(state)
@@ -459,7 +269,7 @@ def _compute(trainer, dataset: Dataset, reward_funcs, reward_weights, value_data
             reward = [float(r) for r in dataset.select(mine)[args.reward_column]] if mine else []
         else:
             rows = dataset.select(mine)
-            texts = [_completion_text(tokenizer, ids[prompt_lens[i]:]) for i, ids in zip(mine, rows["input_ids"])]
+            texts = [decode_response(tokenizer, ids[prompt_lens[i]:]) for i, ids in zip(mine, rows["input_ids"])]
             reward = score(reward_funcs, reward_weights, list(rows["prompt"]), texts, _extra_columns(rows),
                            args.reward_batch_size).tolist()
         clock("rewards")

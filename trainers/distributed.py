@@ -3,7 +3,9 @@ results come back together, and whole weights for a forward outside DeepSpeed's 
 
 :class:`Ranks` wraps the rank, the world size and the object collectives (all no-ops on one
 process); :func:`merge_shards` puts per-rank results back in row order; :func:`whole_parameters`
-gathers ZeRO-3-partitioned parameters (``zero.Init``) for a read-only computation.
+gathers ZeRO-3-partitioned parameters (``zero.Init``) for a read-only computation;
+:func:`parameters_sharded` says whether one rank holds the whole model, and :func:`outside_zero3`
+lets one process load and run a whole model on its own.
 """
 
 from __future__ import annotations
@@ -101,3 +103,31 @@ def merge_shards(parts: list, n: int) -> list:
     if missing:
         raise RuntimeError(f"{len(missing)} row(s) were computed by no rank, e.g. row {missing[0]}")
     return out
+
+
+def parameters_sharded(trainer) -> bool:
+    """True when no single rank holds the whole model (DeepSpeed ZeRO-3, FSDP on several processes).
+
+    Read from the accelerator's plugin: transformers' global ZeRO-3 flag is gone once training ends,
+    while the model's parameters stay partitioned (a forward on one rank then waits forever)."""
+    if trainer.args.world_size <= 1:
+        return False
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return (plugin is not None and plugin.zero_stage == 3) or bool(getattr(trainer, "is_fsdp_enabled", False))
+
+
+@contextmanager
+def outside_zero3():
+    """Within: ``from_pretrained`` builds an ordinary model (no ``zero.Init``) and ``generate`` does not
+    sync with the other ranks, so one process can load and run a whole model on its own."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    if not hf_deepspeed.is_deepspeed_zero3_enabled():
+        yield
+        return
+    config = hf_deepspeed._hf_deepspeed_config_weak_ref()  # the live config (its plugin keeps it alive)
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(config)

@@ -63,7 +63,9 @@ from torch import nn
 
 from rewards import default_layers, find_answer, group_rows
 
+from .generation_capture import StepStates
 from .logit_transform import IDENTITY, LogitTransform, logit_transform
+from .model_parts import NORM_NAMES, UnsupportedModelError, decoder_parts
 from .projection import compute_dtype, default_chunks, project
 
 __all__ = ["BATCH_MODES", "LABEL_SETS", "MODES", "LogitLens", "agreement", "answer_token_indices",
@@ -82,7 +84,7 @@ BATCH_MODES = ("candidates", "calibrated", "calibrated_choices")
 def label_token_ids(tokenizer, labels) -> list[int] | None:
     """One token id per label (the label's own single token), or ``None`` if some label is not one token.
 
-    >>> from recipes.tiny.tokenizer import build_char_tokenizer
+    >>> from recipes.common.tiny.tokenizer import build_char_tokenizer
     >>> tok = build_char_tokenizer()
     >>> tok.convert_ids_to_tokens(label_token_ids(tok, LABEL_SETS["calibrated_choices"]))
     ['A', 'B', 'C', 'D', 'E']
@@ -98,29 +100,25 @@ def label_token_ids(tokenizer, labels) -> list[int] | None:
         ids.append(int(encoded[0]))
     return ids if len(set(ids)) == len(ids) else None
 
-_LAYER_LISTS = ("layers", "h", "blocks", "block")
-_NORMS = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f")
-
 
 def lens_modules(model: nn.Module) -> tuple[nn.ModuleList, nn.Module, nn.Module]:
     """``(decoder layers, final norm, output embeddings)`` of a causal LM (PEFT-wrapped or not).
 
-    Qwen2, Llama and any model whose backbone (``model.<base_model_prefix>``) holds a layer list
-    (``layers``/``h``/``blocks``) and a final norm (``norm``/``ln_f``/``final_layernorm``) work.
-    Anything else raises a ``TypeError`` naming what is missing.
+    The modules :func:`trainers.model_parts.decoder_parts` finds; the lens needs a decoder-only
+    model with a final norm. Anything else raises a ``TypeError`` naming what is missing.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone = getattr(base, getattr(base, "base_model_prefix", "model"), None) or base
-    layers = next((getattr(backbone, n) for n in _LAYER_LISTS if isinstance(getattr(backbone, n, None), nn.ModuleList)),
-                  None)
-    norm = next((getattr(backbone, n) for n in _NORMS if isinstance(getattr(backbone, n, None), nn.Module)), None)
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    missing = [what for what, found in (("a decoder layer list (backbone." + "/".join(_LAYER_LISTS) + ")", layers),
-                                        ("a final norm (backbone." + "/".join(_NORMS) + ")", norm),
-                                        ("output embeddings (get_output_embeddings())", head)) if found is None]
-    if missing:
-        raise TypeError(f"the logit lens does not support {type(base).__name__}: missing {'; '.join(missing)}")
-    return layers, norm, head
+    try:
+        parts = decoder_parts(model)
+    except UnsupportedModelError as err:
+        raise TypeError(f"the logit lens does not support {err}") from None
+    name = type(parts.model).__name__
+    if parts.encoder_decoder:
+        raise TypeError(f"the logit lens does not support {name}: it reads the decoder layer list and final norm "
+                        "of a decoder-only model, and this is an encoder-decoder")
+    if parts.norm is None:
+        raise TypeError(f"the logit lens does not support {name}: missing a final norm "
+                        f"({'/'.join(NORM_NAMES)} beside its decoder layer list)")
+    return parts.layers, parts.norm, parts.lm_head
 
 
 def answer_token_indices(tokenizer, completion_ids: Sequence[int], fallback_last_k: int | None = 4
@@ -217,6 +215,7 @@ class LogitLens:
         self.vocab_size = vocab_size
         self.transform = logit_transform(model)
         self._indices: list[list[int]] | None = None
+        self._steps: dict[int, StepStates] | None = None
         self._handles = [self.modules[layer - 1].register_forward_hook(self._hook(layer)) for layer in self.layers]
 
     def arm(self, indices: Sequence[Sequence[int]], completion_length: int) -> None:
@@ -240,7 +239,23 @@ class LogitLens:
         return states, counts
 
     def disarm(self) -> None:
-        self._indices, self._parts = None, {}
+        self._indices, self._parts, self._steps = None, {}, None
+
+    def arm_generation(self, rows: int, max_steps: int, prompt_width: int) -> None:
+        """Keep each chosen layer's last-position state of every following no-grad forward, one per
+        decoding step of one HF generation (:class:`trainers.generation_capture.StepStates`)."""
+        self._steps = {layer: StepStates(rows, max_steps, prompt_width) for layer in self.layers}
+
+    def stop_generation(self) -> dict[int, StepStates]:
+        """Stop capturing; the per-layer step states :meth:`arm_generation` started (``{}`` if none)."""
+        steps, self._steps = self._steps, None
+        return steps or {}
+
+    def generation_states(self, steps: dict[int, StepStates], indices: Sequence[Sequence[int]]
+                          ) -> tuple[torch.Tensor, list[int]]:
+        """``(states (K, N, H), counts)`` as :meth:`collect` returns them, from :meth:`stop_generation`'s
+        states: row ``r``'s states predicting its generated tokens ``indices[r]``, rows in order."""
+        return torch.stack([steps[layer].gather(indices) for layer in self.layers]), [len(i) for i in indices]
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -248,6 +263,10 @@ class LogitLens:
 
     def _hook(self, layer: int):
         def hook(module, args, output):
+            if self._steps is not None:  # inside a generation (arm_generation)
+                if not torch.is_grad_enabled():
+                    self._steps[layer].add(output[0] if isinstance(output, tuple) else output)
+                return
             if self._indices is None or torch.is_grad_enabled():
                 return
             hidden = output[0] if isinstance(output, tuple) else output

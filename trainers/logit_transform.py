@@ -1,6 +1,6 @@
 """The transform a model applies to its logits after the LM head, read from its config in one place.
 
-Some architectures do not sample from ``W h + b`` but from a transformed copy (transformers 5.23,
+Some architectures do not sample from ``W h + b`` but from a transformed copy (transformers'
 ``*ForCausalLM.forward``, right after ``self.lm_head``)::
 
     z = softcap(scale * (W h + b))           softcap(x) = c * tanh(x / c)
@@ -24,7 +24,7 @@ config attribute (text config)                  families
 
 The scale rules are those of TRL's fused LM head (``trl.trainer.utils.add_fused_lm_head``), so our
 signals and TRL's training log-probs see the same distribution; the last two soft-cap names are
-ours (TRL 1.16 reads only ``final_logit_softcapping``). Sampling divides the transformed logits by
+ours (TRL's fused head reads only ``final_logit_softcapping``). Sampling divides the transformed logits by
 the temperature, so every signal path computes ``softcap(scale * (W h + b)) / T`` (the order of
 ``trl.kernels.ChunkedLogProbFunction``).
 
@@ -49,6 +49,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
+from .model_parts import unwrap
 
 __all__ = ["IDENTITY", "LogitTransform", "logit_transform"]
 
@@ -82,9 +85,7 @@ IDENTITY = LogitTransform()
 
 
 def _text_config(obj):
-    config = getattr(obj, "config", obj)  # a model (PEFT-wrapped or not) or a config
-    if hasattr(obj, "get_base_model"):
-        config = obj.get_base_model().config
+    config = getattr(unwrap(obj) if isinstance(obj, nn.Module) else obj, "config", obj)  # a model or a config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 

@@ -7,9 +7,10 @@ computes one tile ``Z = h W^T (+ b)`` as an fp32 tensor:
 * **low precision** (the head is bf16/fp16, or autocast to bf16/fp16 is on): ``h`` and ``W`` are
   rounded to that dtype, the products are exact and accumulate in fp32 and the tile is *stored* in
   fp32, what ``nn.Linear`` in bf16 computes on tensor cores before it rounds its output. On CUDA
-  (torch >= 2.8) this is one bf16/fp16 tensor-core GEMM with ``out_dtype=torch.float32``; on other
-  devices the same numbers come from an fp32 GEMM of the rounded operands (a bf16 or fp16 value is
-  exact in fp32), so CPU tests check the GPU path's numerics (up to summation order);
+  (where torch's ``mm`` takes an ``out_dtype``) this is one bf16/fp16 tensor-core GEMM with
+  ``out_dtype=torch.float32``; on other devices the same numbers come from an fp32 GEMM of the
+  rounded operands (a bf16 or fp16 value is exact in fp32), so CPU tests check the GPU path's
+  numerics (up to summation order);
 * **fp32** (fp32 head, no low-precision autocast): an exact fp32 GEMM, as before.
 
 Everything after the GEMM (logit transform, temperature, logsumexp, entropy, mean logit, argmax)
@@ -18,11 +19,11 @@ logit of size 20 is off by up to 0.06, which moves a low entropy by tens of perc
 
 Tile sizes (:data:`CHUNKS`, :func:`default_chunks`): peak extra memory of a signal pass is about
 one fp32 tile ``tokens x vocab x 4`` bytes (plus the fold's temporaries on devices without Triton).
-CPU keeps the small tiles measured in ``benchmarks/signal_memory.py`` (512 x 4096: 8 MiB per
-tile); CUDA uses larger tiles so each GEMM fills the GPU (4096 x 8192: 128 MiB per tile, under
-4 % of full logits at the 1.5B shape). Override per call (``chunk_size``/``vocab_chunk_size``),
-per run (``RLIFConfig.signal_chunk_size``), or for a whole process with the environment variables
-``INTRINSIC_SIGNAL_TOKENS`` / ``INTRINSIC_SIGNAL_VOCAB`` (read at import).
+CPU keeps small tiles (512 x 4096: 8 MiB per tile; ``benchmarks/signal_memory.py`` measures the
+peak); CUDA uses larger tiles so each GEMM fills the GPU (4096 x 8192: 128 MiB per tile).
+Override per call (``chunk_size``/``vocab_chunk_size``), per run (``RLIFConfig.signal_chunk_size``),
+or for a whole process with the environment variables ``INTRINSIC_SIGNAL_TOKENS`` /
+``INTRINSIC_SIGNAL_VOCAB`` (read at import).
 """
 
 from __future__ import annotations

@@ -11,11 +11,17 @@ temperature-scaled with the sampling temperature:
   on the backbone takes the final hidden states TRL's fused head sees and projects only the
   completion positions through :func:`trainers.signals.token_signals` (chunked; no
   ``(batch, length, vocab)`` tensor);
-* otherwise :meth:`_calculate_rewards` runs that same pass once itself, through TRL's own
+* otherwise, with HF generation, the same hook keeps the last-position state of each of
+  generation's own forwards (one per sampled token; :mod:`trainers.generation_capture`) and the
+  same projection reads them after generation: no second forward;
+* otherwise (vLLM, a rollout function, tools, FSDP, absolute position embeddings, a capture over
+  its memory bound) :meth:`_calculate_rewards` runs that same pass once itself, through TRL's own
   ``_get_per_token_logps_and_entropies`` (same padding, micro-batching, fused head).
 
+Which of the three a run uses is logged once when the trainer is built.
+
 The signals reach rewards as TRL reward kwargs (``token_signals``: one dict of 1-D tensors per
-completion, EOS included). Four overrides, each calling ``super()``; no TRL body is copied.
+completion, EOS included). Five overrides, each calling ``super()``; no TRL body is copied.
 
 Internal consistency (``ic_hard`` / ``ic_soft`` / ``ic_candidates``, :mod:`rewards.consistency`)
 rides on the same pass: the answer tokens of every completion are located right after generation,
@@ -29,6 +35,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import os
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -36,11 +43,16 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from rewards import LENS_SIGNALS, SIGNALS, InternalReward, default_layers
+from rewards import SIGNALS, InternalReward
 
-from .lens import LogitLens, lens_modules, locate_answers
+from .card import ModelCardMixin
+from .clue import HiddenDelta, reasoning_positions
+from .completions import CompletionsJsonlMixin
+from .generation_capture import StepStates, capture_budget, capture_bytes, rotary_positions, step_mask
+from .lens import LogitLens, locate_answers
 from .logit_transform import IDENTITY, logit_transform
-from .signals import in_vocab_targets, pack_prompt_completion, skip_outside_vocab, token_signals
+from .model_parts import is_peft, lm_backbone, unwrap
+from .signals import in_vocab_targets, pack_prompt_completion, signal_needs, skip_outside_vocab, token_signals
 from .vote import VoteSamplesMixin
 
 logger = logging.getLogger("intrinsic")
@@ -98,7 +110,7 @@ def whole_group_rewards(reward_funcs) -> list[str]:
 def groups_split(rows_per_process: int, num_generations: int, world_size: int) -> bool:
     """Whether TRL's layout can put the completions of one prompt on two processes.
 
-    TRL 1.16 (``RepeatSampler`` + accelerate's batch sharding) hands each of the ``world_size``
+    TRL (``RepeatSampler`` + accelerate's batch sharding) hands each of the ``world_size``
     processes ``rows_per_process`` consecutive rows of the generation batch (training:
     ``per_device_train_batch_size * steps_per_generation``; evaluation: ``per_device_eval_batch_size``),
     in which the ``G = num_generations`` completions of a prompt are consecutive; so every group
@@ -135,11 +147,28 @@ def group_layout_problem(args: GRPOConfig, reward_funcs, world_size: int | None 
     return None
 
 
+@dataclass
+class RLIFBatch:
+    """What :class:`RLIFTrainer` knows of the generation batch being scored: a fresh one per batch
+    (``_generate``), filled by the policy pass and read by ``_calculate_rewards``."""
+
+    prompt_ids: list | None = None  # prompt token ids of the generated completions
+    signals: dict[str, torch.Tensor] | None = None  # ``(B, C)`` per signal, once a policy pass ran
+    signal_parts: list[dict[str, torch.Tensor]] | None = None  # micro-batches' signals, during an armed pass
+    completion_length: int | None = None  # ``C`` of the armed pass (TRL's ``logits_to_keep``)
+    lens_indices: list | None = None  # per completion: the answer tokens' positions
+    lens_found: list | None = None  # per completion: whether its answer parsed
+    lens_answer_ids: list | None = None  # per completion: the tokens at those positions
+    lens_states: tuple | None = None  # ``(states (K, N, H), counts)`` the lens hooks kept
+    delta_spans: list | None = None  # per completion: CLUE's (start, end) positions of its reasoning
+    deltas: list | None = None  # per completion: CLUE's ``(K, H)`` hidden-state delta, once a pass ran
+
+
 RLIF_DEFAULTS = {f.name: f.default for f in fields(RLIFConfig) if f.name not in {g.name for g in fields(GRPOConfig)}}
 """The options :class:`RLIFConfig` adds to ``GRPOConfig``, with their defaults."""
 
 
-class RLIFTrainer(VoteSamplesMixin, GRPOTrainer):
+class RLIFTrainer(ModelCardMixin, CompletionsJsonlMixin, VoteSamplesMixin, GRPOTrainer):
     """``GRPOTrainer`` that feeds internal rewards the current policy's per-token signals (and, with
     ``vote_samples``, lets group rewards vote over more completions than it trains on: trainers/vote.py).
 
@@ -147,20 +176,16 @@ class RLIFTrainer(VoteSamplesMixin, GRPOTrainer):
     ``GRPOConfig``): the RLIF options missing from it take their :class:`RLIFConfig` defaults.
     """
 
-    # per-batch state: class-level defaults, so every override works before (or without) ``__init__``'s body
+    # configuration, with class-level defaults: every override works before (or without) ``__init__``'s body
     signal_names: tuple[str, ...] = ()
     lens_modes: tuple[str, ...] = ()
-    _signals: dict[str, torch.Tensor] | None = None
-    _signal_parts: list[dict[str, torch.Tensor]] | None = None
-    _prompt_ids_list: list | None = None
-    _completion_length: int | None = None
     _lens: LogitLens | None = None
-    _lens_states = None
-    _lens_indices: list | None = None
-    _lens_found: list | None = None
-    _lens_answer_ids: list | None = None
-    _pass_done = False
+    _delta: HiddenDelta | None = None  # CLUE's hidden-state delta (trainers/clue.py), read in the same pass
     _logit_transform = IDENTITY
+    _signal_route = "extra_pass"
+    _gen_capture: StepStates | None = None  # filled by ``_capture`` during one HF generation
+    _gen_taken: tuple | None = None  # (final states, lens states) of the last generation, until ``_generate`` reads them
+    _warned: frozenset = frozenset()
 
     def _option(self, name: str):
         """An RLIF option from ``args``, or its :class:`RLIFConfig` default (``args`` a plain ``GRPOConfig``)."""
@@ -171,25 +196,19 @@ class RLIFTrainer(VoteSamplesMixin, GRPOTrainer):
             given = inspect.signature(GRPOTrainer.__init__).bind(self, *args, **kwargs).arguments
         except TypeError:  # a call TRL will refuse with its own message
             given = {}
+        self._batch = RLIFBatch()  # per-batch state, replaced by every generation batch
         if given.get("args") is not None and given.get("reward_funcs") is not None:
             self._refuse_split_groups(given["args"], given["reward_funcs"])  # before the model loads
         super().__init__(*args, **kwargs)
         self._refuse_split_groups(self.args, self.reward_funcs)
-        internal = [f for f in self.reward_funcs if isinstance(f, InternalReward)]
-        needed = {s for f in internal for s in f.signals} - {"ic_layers", "ic_answer_found"}
-        unknown = needed - set(SIGNALS) - set(LENS_SIGNALS)
-        if unknown:
-            raise ValueError(f"unknown internal signals {sorted(unknown)}; available: {list(SIGNALS + LENS_SIGNALS)}")
+        needs = signal_needs(self.reward_funcs, self.accelerator.unwrap_model(self.model))
         # all three come out of the same chunked projection, and every step logs them
-        self.signal_names = SIGNALS if needed & set(SIGNALS) or self._option("log_signals") else ()
-        self.lens_modes = tuple(m[3:] for m in LENS_SIGNALS if m in needed)
-        self._signals: dict[str, torch.Tensor] | None = None
-        self._signal_parts: list[dict[str, torch.Tensor]] | None = None
-        self._prompt_ids_list: list | None = None
+        self.signal_names = SIGNALS if needs.signals or self._option("log_signals") else ()
+        self.lens_modes = needs.lens_modes
         # looked up once: wrappers (DDP, DeepSpeed) keep these module objects inside them
         unwrapped = self.accelerator.unwrap_model(self.model)
-        self._policy = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-        self._peft = unwrapped if hasattr(unwrapped, "peft_config") else None
+        self._policy = unwrap(unwrapped)
+        self._peft = unwrapped if is_peft(unwrapped) else None
         self._tuner_layer = None
         self._logit_transform = logit_transform(self._policy)  # Gemma-2 soft-capping, Cohere/Granite scaling
         if self._peft is not None:
@@ -197,14 +216,16 @@ class RLIFTrainer(VoteSamplesMixin, GRPOTrainer):
 
             self._tuner_layer = next((m for m in self._peft.modules() if isinstance(m, BaseTunerLayer)), None)
         if self.signal_names:
-            self._policy.base_model.register_forward_hook(self._capture, with_kwargs=True)
+            lm_backbone(self._policy).register_forward_hook(self._capture, with_kwargs=True)
         self._lens: LogitLens | None = None
         if self.lens_modes:  # hooks on the union of the layers the rewards read (``None``: their default)
-            n_layers = len(lens_modules(self._policy)[0])
-            layers = {layer for f in internal if set(f.signals) & set(LENS_SIGNALS)
-                      for layer in (getattr(f, "layers", None) or default_layers(n_layers))}
-            self._lens = LogitLens(self._policy, sorted(layers), vocab_size=len(self._tokenizer), tokenizer=self._tokenizer)
-        self._pass_done = False
+            self._lens = LogitLens(self._policy, needs.lens_layers, vocab_size=len(self._tokenizer),
+                                   tokenizer=self._tokenizer)
+        self._delta = HiddenDelta(self._policy, needs.delta_layers) if needs.delta else None
+        self._signal_route, why = self.signal_route()
+        self._warned = set()
+        if self.signal_names or self._lens is not None or self._delta is not None:
+            logger.info("RLIF internal signals: %s (%s)", self._signal_route, why)
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -222,12 +243,113 @@ class RLIFTrainer(VoteSamplesMixin, GRPOTrainer):
             return False
         return self._tuner_layer is None or not self._tuner_layer.disable_adapters
 
+    def signal_route(self) -> tuple[str, str]:
+        """How a batch's signals are computed, and why: ``"riding"`` on TRL's own no-grad policy pass
+        (it runs one before the rewards: old log-probs when generation and optimisation are misaligned,
+        or vLLM importance sampling; the condition of TRL 1.16's ``_generate_and_score_completions``),
+        ``"generation"`` (read from HF generation's forwards) or ``"extra_pass"`` (our own no-grad pass)."""
+        args = self.args
+        if args.gradient_accumulation_steps % (args.steps_per_generation * self.num_iterations) != 0 or (
+                self.use_vllm and getattr(self, "vllm_importance_sampling_correction", False)):
+            return "riding", "TRL runs a no-grad policy pass before the rewards"
+        blockers = [why for why, on in (
+            ("vLLM generation", self.use_vllm),
+            ("transformers continuous batching", getattr(self, "use_transformers_continuous_batching", False)),
+            ("a rollout_func", getattr(self, "rollout_func", None) is not None),
+            ("tools", bool(getattr(self, "tools", None))),
+            ("a vision-language model", getattr(self, "_is_vlm", False)),
+            ("FSDP (the head is sharded after generation)", self.is_fsdp_enabled),
+            ("vote_samples", getattr(args, "vote_samples", None) is not None),
+            ("CLUE's hidden-state delta (read over prompt and completion)", getattr(self, "_delta", None) is not None),
+            ("positions not rotary", not rotary_positions(self._policy)),
+            ("INTRINSIC_GENERATION_CAPTURE_MIB=0", capture_budget() <= 0),
+        ) if on]
+        if blockers:
+            return "extra_pass", "no capture during generation: " + ", ".join(blockers)
+        return "generation", "captured during HF generation, extra pass only as a fallback"
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            logger.warning(message)
+
+    def _arm_generation(self, prompt_ids, images, multimodal_fields) -> bool:
+        """Start capturing generation's states (``signal_route() == "generation"``, within the memory bound)."""
+        if self._signal_route != "generation" or not (self.signal_names or self._lens is not None) \
+                or images is not None or multimodal_fields or not self._policy_adapters_active():
+            return False
+        rows = len(prompt_ids)
+        steps = getattr(getattr(self, "generation_config", None), "max_new_tokens", None) or self.max_completion_length
+        width = max(map(len, prompt_ids), default=0)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        head = self._policy.get_output_embeddings().weight
+        layers = bool(self.signal_names) + (len(self._lens.layers) if self._lens is not None else 0)
+        size = capture_bytes(rows, steps, int(getattr(head, "ds_shape", head.shape)[-1]), layers,
+                             next(self._policy.parameters()).element_size())
+        if size > capture_budget():
+            self._warn_once(f"RLIF internal signals: extra pass, the generation capture would hold {size / 2**20:.0f} "
+                            f"MiB > INTRINSIC_GENERATION_CAPTURE_MIB={capture_budget() / 2**20:.0f}")
+            return False
+        if self.signal_names:
+            self._gen_capture = StepStates(rows, steps, width)
+        if self._lens is not None:
+            self._lens.arm_generation(rows, steps, width)
+        return True
+
+    def _signals_from_generation(self, completion_ids_list: list) -> None:
+        """The batch's ``signals`` / ``lens_states`` from the last generation's states (left ``None`` when it failed:
+        the extra pass then runs). Per token exactly what the extra pass computes, up to rounding."""
+        final, lens_steps = self._gen_taken
+        self._gen_taken = None
+        captures = ([final] if final is not None else []) + list(lens_steps.values())
+        lengths = [len(ids) for ids in completion_ids_list]
+        problem = next((c.failed for c in captures if c.failed), None)
+        if problem is None and captures and max(lengths, default=0) > min(c.steps for c in captures):
+            problem = f"{max(lengths)} generated tokens but {min(c.steps for c in captures)} forwards seen"
+        if problem is None and any(c.rows != len(lengths) for c in captures):
+            problem = f"{len(lengths)} completions for {captures[0].rows} captured rows"
+        if self.accelerator.num_processes > 1:  # every process takes the same path (ZeRO-3 gathers are collective)
+            ok = torch.tensor([problem is None], dtype=torch.float32, device=self.accelerator.device)
+            if problem is None and self.accelerator.gather(ok).min() < 1:
+                problem = "another process could not capture"
+            elif problem is not None:
+                self.accelerator.gather(ok)
+        if problem is not None:
+            self._warn_once(f"RLIF internal signals: extra pass for a batch, the generation capture failed ({problem})")
+            return
+        signals = {}
+        if final is not None:
+            states = final.states()
+            mask = step_mask(lengths, states.shape[1], device=states.device)
+            targets = torch.tensor([t for ids in completion_ids_list for t in ids], dtype=torch.long,
+                                   device=states.device)
+            head = self._policy.get_output_embeddings()
+            with maybe_gather_lm_head_ctx(head.weight, head.bias), self.accelerator.autocast():
+                weight = head.weight
+                vocab = len(self._tokenizer) if len(self._tokenizer) < weight.shape[0] else None
+                values = token_signals(states[mask], weight, in_vocab_targets(targets, vocab), bias=head.bias,
+                                       temperature=self.temperature, signals=self.signal_names,
+                                       chunk_size=self._option("signal_chunk_size"), vocab_size=vocab,
+                                       **self._logit_transform.kwargs())
+            signals = {name: torch.full(mask.shape, float("nan"), device=v.device).masked_scatter(mask.to(v.device), v)
+                       for name, v in values.items()}
+        if self._lens is not None:
+            self._batch.lens_states = self._lens.generation_states(lens_steps, self._batch.lens_indices)
+        self._batch.signals = signals
+
     def _capture(self, module, args, kwargs, output):
-        """Backbone hook: signals of one micro-batch's completion positions (armed passes only)."""
-        if self._signal_parts is None or torch.is_grad_enabled():
+        """Backbone hook: signals of one micro-batch's completion positions (armed passes only), or
+        inside a captured generation the last position's state of each decoding step."""
+        if self._gen_capture is not None:
+            if not torch.is_grad_enabled():
+                self._gen_capture.add(output.last_hidden_state)
+            return
+        batch = self._batch
+        if batch.signal_parts is None or torch.is_grad_enabled():
             return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        c = self._completion_length
+        c = batch.completion_length
         hidden = output.last_hidden_state[:, -c - 1 : -1]  # position t-1 predicts completion token t
         head = self._policy.get_output_embeddings()
         vocab = len(self._tokenizer)
@@ -238,44 +360,68 @@ class RLIFTrainer(VoteSamplesMixin, GRPOTrainer):
             part = token_signals(hidden, weight, targets, bias=head.bias, temperature=self.temperature,
                                  signals=self.signal_names, chunk_size=self._option("signal_chunk_size"),
                                  vocab_size=vocab, **self._logit_transform.kwargs())
-        self._signal_parts.append(part)
+        batch.signal_parts.append(part)
 
     # -- overrides (each calls super) -----------------------------------------------------------
 
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        self._gen_taken = None
+        armed = self._arm_generation(prompt_ids, images, multimodal_fields)
+        try:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)
+        finally:  # the hooks stay registered but stop capturing, whatever happened in generation
+            if armed:
+                final, self._gen_capture = self._gen_capture, None
+                self._gen_taken = (final, self._lens.stop_generation() if self._lens is not None else {})
+
     def _generate(self, prompts: list):
+        self._gen_taken = None
         out = super()._generate(prompts)
-        self._prompt_ids_list, self._signals, self._lens_states = out[0], None, None  # a new batch: no signals yet
+        self._batch = batch = RLIFBatch(prompt_ids=out[0])  # a new batch: no signals yet
         if self._lens is not None:  # where each completion's answer is: known before any pass runs
-            self._lens_indices, self._lens_found, self._lens_answer_ids = locate_answers(
+            batch.lens_indices, batch.lens_found, batch.lens_answer_ids = locate_answers(
                 self._tokenizer, out[1], self._option("ic_fallback_last_k"))
+        if self._delta is not None:
+            batch.delta_spans = reasoning_positions(self._tokenizer, out[1])
+        if self._gen_taken is not None:
+            self._signals_from_generation(out[1])
         return out
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        armed = ((bool(self.signal_names) or self._lens is not None) and self._signals is None
-                 and self._prompt_ids_list is not None and not torch.is_grad_enabled() and model is self.model
-                 and self._policy_adapters_active())
+        readers = bool(self.signal_names) or self._lens is not None or self._delta is not None
+        batch = self._batch if readers else None
+        armed = (batch is not None and batch.signals is None and batch.prompt_ids is not None
+                 and not torch.is_grad_enabled() and model is self.model and self._policy_adapters_active())
         if armed:
-            self._signal_parts, self._completion_length = [] if self.signal_names else None, logits_to_keep
+            batch.signal_parts, batch.completion_length = [] if self.signal_names else None, logits_to_keep
             if self._lens is not None:
-                self._lens.arm(self._lens_indices, logits_to_keep)
+                self._lens.arm(batch.lens_indices, logits_to_keep)
+            if self._delta is not None:
+                self._delta.arm(batch.delta_spans, logits_to_keep)
         try:
             result = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                                  *args, **kwargs)
         except BaseException:
             if armed and self._lens is not None:
                 self._lens.disarm()
+            if armed and self._delta is not None:
+                self._delta.disarm()
             raise
         finally:
-            parts, self._signal_parts = self._signal_parts, None
+            if armed:
+                parts, batch.signal_parts = batch.signal_parts, None
         if armed:
-            self._signals = {name: torch.cat([p[name] for p in parts]) for name in self.signal_names}
+            batch.signals = {name: torch.cat([p[name] for p in parts]) for name in self.signal_names}
             if self._lens is not None:
-                self._lens_states = self._lens.collect()
+                batch.lens_states = self._lens.collect()
+            if self._delta is not None:
+                batch.deltas = self._delta.collect()
         return result
 
     def _policy_pass(self, completion_ids_list: list) -> None:
         """Run TRL's own no-grad policy pass over the batch when TRL did not (our hook collects)."""
-        ids, mask, prompt_length = pack_prompt_completion(self._prompt_ids_list, completion_ids_list,
+        ids, mask, prompt_length = pack_prompt_completion(self._batch.prompt_ids, completion_ids_list,
                                                           self._tokenizer.pad_token_id, self.pad_to_multiple_of)
         ids, mask = ids.to(self.accelerator.device), mask.to(self.accelerator.device)
         mode = "train" if self.model.training else "eval"
@@ -285,21 +431,26 @@ class RLIFTrainer(VoteSamplesMixin, GRPOTrainer):
             self._get_per_token_logps_and_entropies(self.model, ids, mask, logits_to_keep, batch_size=batch_size)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        if not self.signal_names and self._lens is None:
+        if not self.signal_names and self._lens is None and self._delta is None:
             return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        if self._signals is None:
+        batch = self._batch
+        if batch.signals is None:
             self._policy_pass(completion_ids_list)
-        per_completion = [{name: values[i, : len(ids)].cpu() for name, values in self._signals.items()}
+        per_completion = [{name: values[i, : len(ids)].cpu() for name, values in batch.signals.items()}
                           for i, ids in enumerate(completion_ids_list)]
         if self.signal_names:
             self._log_signals(per_completion)
         if self._lens is not None:
-            lens = self._lens.signals(*self._lens_states, self._lens_answer_ids, self._lens_found, self.lens_modes,
+            lens = self._lens.signals(*batch.lens_states, batch.lens_answer_ids, batch.lens_found, self.lens_modes,
                                       prompts=prompts, quantile=self._option("ic_quantile"))
-            self._lens_states = None  # (K, N, H) rows: freed once read
+            batch.lens_states = None  # (K, N, H) rows: freed once read
             for signals, extra in zip(per_completion, lens):
                 signals.update(extra)
-            self._log_gathered("signals/ic_answer_found", sum(self._lens_found) / max(len(self._lens_found), 1))
+            self._log_gathered("signals/ic_answer_found", sum(batch.lens_found) / max(len(batch.lens_found), 1))
+        if self._delta is not None:
+            for signals, d in zip(per_completion, batch.deltas):
+                signals.update(hidden_delta=d, hidden_delta_layers=list(self._delta.layers))
+            batch.deltas = None
         # padding rows of the head: signals are defined over the tokenizer's tokens only (docs/METHODS.md §6)
         self._log_gathered("signals/outside_vocab",
                            float(skip_outside_vocab(per_completion, completion_ids_list, len(self._tokenizer))))
@@ -312,6 +463,29 @@ class RLIFTrainer(VoteSamplesMixin, GRPOTrainer):
                 example.pop("token_signals", None)
         return self._skip_unscorable(rewards)
 
+    # -- rewards with state (CLUE's centroids): saved and restored with each process's RNG state ------
+
+    def _reward_state_path(self, checkpoint: str) -> str:
+        return os.path.join(checkpoint, f"reward_state_{self.accelerator.process_index}.pt")
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        states = {i: f.state_dict() for i, f in enumerate(self.reward_funcs) if isinstance(f, InternalReward)
+                  and hasattr(f, "state_dict")}
+        if states:
+            torch.save(states, self._reward_state_path(output_dir))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is None:
+            return
+        path = self._reward_state_path(checkpoint)
+        if os.path.isfile(path):
+            for i, state in torch.load(path, weights_only=False).items():
+                self.reward_funcs[int(i)].load_state_dict(state)
+        elif any(hasattr(f, "state_dict") for f in self.reward_funcs if isinstance(f, InternalReward)):
+            logger.warning("no %s in the checkpoint: rewards with state (clue's centroids) start afresh", path)
+
     # -- metrics and NaN handling ---------------------------------------------------------------
 
     def _log_signals(self, per_completion: list[dict]) -> None:
@@ -320,6 +494,10 @@ class RLIFTrainer(VoteSamplesMixin, GRPOTrainer):
         nan = torch.tensor(float("nan"))
         table = torch.stack([torch.stack([s[n].float().mean() if s[n].numel() else nan for n in self.signal_names])
                              for s in per_completion])
+        if self.log_completions:  # per completion, columns of TRL's completion table (and completions.jsonl)
+            for j, name in enumerate(self.signal_names):
+                values = table[:, j].tolist()
+                self._log_completion_extra(f"signals/{name}", [v if math.isfinite(v) else None for v in values])
         local = table.nanmean(0).to(self.accelerator.device)
         means = self.accelerator.gather_for_metrics(local[None]).nanmean(0)
         for name, value in zip(self.signal_names, means.tolist()):

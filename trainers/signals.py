@@ -14,7 +14,7 @@ signal             per-token value
 
 How it is computed (why we build on TRL)
 ----------------------------------------
-TRL 1.16's fused LM head (``trl.trainer.utils.add_fused_lm_head``, behind
+TRL's fused LM head (``trl.trainer.utils.add_fused_lm_head``, behind
 ``GRPOTrainer._get_per_token_logps_and_entropies``) projects ``hidden @ W.T`` in ``[tokens,
 vocab_chunk]`` tiles and folds every tile into running online-logsumexp statistics
 (``trl.kernels.chunked_logprob``: a Triton kernel on CUDA/XPU, the same fold as torch ops
@@ -26,13 +26,11 @@ and ``sum_j z_j`` in one pass over V, so every signal costs one GEMM per tile.
 
 On top of the vocabulary tiling we chunk the *flattened tokens* (``B * L``), so the caller bounds
 the tile: peak extra memory is about ``k * chunk_size * min(vocab_chunk_size, V) * 4`` bytes
-(``k`` = 1 with Triton, ~5 on the CPU fallback, which materialises a few tile-sized temporaries),
+(``k`` = 1 with Triton, a few on the CPU fallback, which materialises tile-sized temporaries),
 plus ``vocab_chunk_size * H * 4`` bytes for an fp32 copy of one head slice off CUDA when the head
 is not fp32. Defaults are per device (:data:`trainers.projection.CHUNKS`: 512 tokens x 4096 rows on
 CPU, 4096 x 8192 on CUDA). With ``vocab_chunk_size=None`` the tile spans the whole vocabulary.
-Self-certainty for one 3,072-token completion of Qwen2.5-1.5B (V = 151,936, H = 1,536, bf16
-head, CPU defaults) peaks at ~65 MiB above the inputs against ~3.5 GiB for full fp32 logits +
-log_softmax (``benchmarks/signal_memory.py``).
+``benchmarks/signal_memory.py`` measures the peak against full fp32 logits (its figures: README).
 
 Precision: the GEMM runs at the model's precision with an fp32 tile (bf16/fp16 head or
 low-precision autocast: operands in that dtype, fp32 accumulation and output, a tensor-core GEMM
@@ -76,31 +74,32 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from rewards import LENS_SIGNALS
+from rewards import LENS_SIGNALS, SIGNALS, InternalReward, default_layers
 
-from .lens import LogitLens, agreement, group_candidates, locate_answers, per_completion
+from .clue import HiddenDelta, reasoning_positions
+from .lens import LogitLens, agreement, group_candidates, lens_modules, locate_answers, per_completion
 from .logit_transform import LogitTransform, logit_transform
+from .model_parts import lm_backbone, unwrap
 from .projection import compute_dtype, default_chunks, project
 
 __all__ = [
     "SIGNALS",
+    "Needs",
     "completion_hidden_states",
     "completion_signals",
     "in_vocab_targets",
     "masked_mean",
     "outside_vocab",
     "pack_prompt_completion",
+    "signal_needs",
     "skip_outside_vocab",
     "token_signal_dicts",
     "token_signals",
 ]
-
-SIGNALS = ("logps", "entropy", "self_certainty")
-"""Names :func:`token_signals` can compute."""
-
 
 def _trl_fold():
     """TRL's tile fold (Triton kernel on CUDA/XPU, torch ops elsewhere): the reduction behind its fused LM head."""
@@ -110,7 +109,7 @@ def _trl_fold():
         return kernels._forward_kernel, kernels._forward_tile, kernels._use_triton, kernels._BLOCK_SIZE
     except (ImportError, AttributeError) as err:  # pragma: no cover - depends on the installed TRL
         raise ImportError(
-            "trainers.signals needs trl.kernels.chunked_logprob's tile fold (TRL 1.16); install the pinned TRL."
+            "trainers.signals needs trl.kernels.chunked_logprob's tile fold; install the TRL pyproject.toml pins."
         ) from err
 
 
@@ -348,6 +347,45 @@ def skip_outside_vocab(signal_dicts: Sequence[dict], completion_ids: Sequence[Se
     return sum(flags)
 
 
+@dataclass(frozen=True)
+class Needs:
+    """What a list of rewards reads of the policy (:func:`signal_needs`)."""
+
+    signals: tuple[str, ...]  # per-token signals, of :data:`SIGNALS` (in that order)
+    lens_modes: tuple[str, ...]  # logit-lens modes: the ``ic_<mode>`` of ``LENS_SIGNALS`` declared (in that order)
+    lens_layers: list[int] | None  # union of the layers the lens rewards read; None without lens modes or model
+    delta: bool = False  # CLUE's hidden-state delta (``hidden_delta``) is read
+    delta_layers: list[int] | None = None  # union of the layers the delta readers read (None: every layer)
+
+
+def signal_needs(rewards, model=None) -> Needs:
+    """Which signals, logit-lens modes and lens layers ``rewards`` (any rewards; only
+    :class:`rewards.InternalReward` ones read signals) need from a pass of ``model``.
+
+    The layers are the union of each lens reward's ``layers`` (``None``: :func:`rewards.default_layers`
+    of ``model``'s depth); they need ``model``. A declared signal no pass computes is a ``ValueError``.
+
+    >>> from rewards import InternalConsistency, MathAccuracy, SelfCertainty
+    >>> needs = signal_needs([SelfCertainty(), MathAccuracy(), InternalConsistency(mode="soft", layers=[1, 3])])
+    >>> needs.signals, needs.lens_modes
+    (('self_certainty',), ('soft',))
+    """
+    internal = [r for r in rewards if isinstance(r, InternalReward)]
+    needed = {s for r in internal for s in r.signals} - {"ic_layers", "ic_answer_found", "hidden_delta_layers"}
+    unknown = needed - set(SIGNALS) - set(LENS_SIGNALS) - {"hidden_delta"}
+    if unknown:
+        raise ValueError(f"unknown internal signals {sorted(unknown)}; available: {list(SIGNALS + LENS_SIGNALS)}")
+    lens_modes = tuple(m[3:] for m in LENS_SIGNALS if m in needed)
+    layers = None
+    if lens_modes and model is not None:
+        depth = len(lens_modules(model)[0])
+        layers = sorted({layer for r in internal if set(r.signals) & set(LENS_SIGNALS)
+                         for layer in (getattr(r, "layers", None) or default_layers(depth))})
+    readers = [getattr(r, "layers", None) for r in internal if "hidden_delta" in r.signals]
+    delta_layers = None if not readers or None in readers else sorted({x for c in readers for x in c})
+    return Needs(tuple(s for s in SIGNALS if s in needed), lens_modes, layers, bool(readers), delta_layers)
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, empty: float = float("nan")) -> torch.Tensor:
     """Per-sequence mean over the last dimension: ``sum_t m_t v_t / sum_t m_t``.
 
@@ -397,7 +435,8 @@ def pack_prompt_completion(
 def token_signal_dicts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
                        prompts: Sequence, *, temperature: float, signals: Sequence[str] = (),
                        lens_modes: Sequence[str] = (), lens_layers: Sequence[int] | None = None, batch_size: int = 64,
-                       fallback_last_k: int | None = 4, quantile: float = 0.5) -> list[dict]:
+                       fallback_last_k: int | None = 4, quantile: float = 0.5,
+                       delta_layers: Sequence[int] | None = None) -> list[dict]:
     """Internal signals of a decoder-only ``model`` on given completions, as ``RLIFTrainer`` hands them to rewards.
 
     One no-grad pass per batch (TRL's layout, :func:`pack_prompt_completion`) yields, per completion,
@@ -408,12 +447,17 @@ def token_signal_dicts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], co
     only the lens statistics of each batch are kept between batches, not its hidden states.
     A completion holding an id outside the tokenizer (a padding row of the head) gets NaN
     signals throughout (:func:`skip_outside_vocab`), so its internal rewards are skipped.
+    ``"hidden_delta"`` among ``signals`` adds CLUE's hidden-state delta over the reasoning
+    (:mod:`trainers.clue`): ``hidden_delta`` ``(K, H)`` of ``delta_layers`` (``None``: all) and
+    ``hidden_delta_layers``, read by hooks in the same pass.
     """
+    delta = "hidden_delta" in signals
+    signals = tuple(s for s in signals if s != "hidden_delta")
     unknown = (set(signals) - set(SIGNALS)) | ({f"ic_{m}" for m in lens_modes} - set(LENS_SIGNALS))
     if unknown:
         raise ValueError(f"unknown signals {sorted(unknown)}; available: {list(SIGNALS + LENS_SIGNALS)}")
     out: list[dict] = [{} for _ in completion_ids]
-    head = model.get_output_embeddings()
+    head, backbone = unwrap(model).get_output_embeddings(), lm_backbone(model)
     transform = logit_transform(model)
     vocab = len(tokenizer) if len(tokenizer) < head.weight.shape[0] else None
     lens = LogitLens(model, lens_layers, vocab_size=len(tokenizer), tokenizer=tokenizer) if lens_modes else None
@@ -422,6 +466,8 @@ def token_signal_dicts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], co
         emitted = torch.tensor([t for ids in answer_ids for t in ids], dtype=torch.long)
         candidates = group_candidates(prompts, answer_ids, found) if "candidates" in lens_modes else None
         stats, position = [], 0
+    reader = HiddenDelta(model, delta_layers) if delta else None
+    spans = reasoning_positions(tokenizer, completion_ids) if delta else None
     was_training = model.training
     model.eval()
     try:
@@ -431,13 +477,18 @@ def token_signal_dicts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], co
             ids, mask = ids.to(head.weight.device), mask.to(head.weight.device)
             if lens is not None:
                 lens.arm(indices[i : i + batch_size], ids.shape[1] - p)
-            hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            if reader is not None:
+                reader.arm(spans[i : i + batch_size], ids.shape[1] - p)
+            hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
             if signals:
                 values = completion_signals(hidden, head.weight, in_vocab_targets(ids, vocab), p, bias=head.bias,
                                             temperature=temperature, signals=tuple(signals), vocab_size=vocab,
                                             **transform.kwargs())
                 for j, c in enumerate(batch):
                     out[i + j].update({name: v[j, : len(c)].float().cpu() for name, v in values.items()})
+            if reader is not None:
+                for j, d in enumerate(reader.collect()):
+                    out[i + j].update(hidden_delta=d, hidden_delta_layers=list(reader.layers))
             if lens is not None:
                 states, counts = lens.collect()
                 window = slice(position, position + sum(counts))
@@ -453,5 +504,7 @@ def token_signal_dicts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], co
         model.train(was_training)
         if lens is not None:
             lens.remove()
+        if reader is not None:
+            reader.remove()
     skip_outside_vocab(out, completion_ids, len(tokenizer))
     return out

@@ -135,9 +135,20 @@ class VoteSamplesMixin:
                 all_prompts.append(prompts[g * m])
                 all_completions.append([{"role": "assistant", "content": text}] if chat else text)
                 all_ids.append(ids)
+        logged = {column: len(values) for column, values in self._pending_extra_logs.items()}
         rewards = super()._calculate_rewards(all_inputs, all_prompts, all_completions, all_ids)  # gathered
+        self._keep_trained_columns(logged, len(extra))
         self._log_ttrl(rewards.view(-1, n, rewards.shape[1]))
         return select_trained(rewards, n, m)
+
+    def _keep_trained_columns(self, logged: dict[str, int], groups: int) -> None:
+        """Completion-table columns the rewards logged (TRL's ``log_extra``) over all N of every group:
+        the rows of the M trained completions (the table's other columns hold those only)."""
+        n, m = self.args.vote_samples, self.num_generations
+        for column, values in self._pending_extra_logs.items():
+            new = values[logged.get(column, 0):]
+            if len(new) == groups * n:
+                values[logged.get(column, 0):] = [new[g * n + j] for g in range(groups) for j in range(m)]
 
     def _log_ttrl(self, grouped: torch.Tensor) -> None:
         """TTRL's metrics from the gathered ``(groups, N, F)`` reward table."""
