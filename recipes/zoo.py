@@ -105,6 +105,24 @@ def schema_of(recipe: str) -> type[RecipeConfig]:
     return found.pop()
 
 
+def set_values(section) -> dict:
+    """The fields of a config section that differ from their defaults: what a cell's key reads, so an
+    option added to the schema later, at its default, keeps every cached cell.
+
+    >>> from recipes.common.schema import EvalConfig
+    >>> set_values(EvalConfig(num_samples=4))
+    {'num_samples': 4}
+    """
+    out = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        if default is dataclasses.MISSING or value != default:
+            out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
 def plan(cfg: ZooRecipeConfig, methods: list[str] | None = None, seeds: list[int] | None = None) -> list[Cell]:
     """Every (method, seed) cell with its validated config (before any model loads); methods whose
     config file does not exist are skipped with a logged line."""
@@ -126,7 +144,7 @@ def plan(cfg: ZooRecipeConfig, methods: list[str] | None = None, seeds: list[int
         raise ConfigError(src, "zoo.seeds", f"expected distinct seeds, got {seeds}")
     chosen = [m for m in zoo.methods if m.name in (methods or zoo.only or names)]
     root = Path(zoo.cache) if zoo.cache else Path(cfg.output_dir) / "cells"
-    shared = {name: dataclasses.asdict(getattr(cfg, name)) for name in ("model", "data", "eval")}
+    shared = {name: set_values(getattr(cfg, name)) for name in ("model", "data", "eval")}
     cells = [Cell("base", zoo.base_label, s, cell_path(root, "base", s, digest(shared))) for s in seeds] \
         if zoo.base_label else []
     for m in chosen:
