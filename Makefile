@@ -1,10 +1,10 @@
-# make demo | make test — each sets up .venv on first use (torch 2.13.0 first: no CUDA pull on CPU).
+# make demo | make zoo | make test — each sets up .venv on first use (torch 2.13.0 first: no CUDA pull on CPU).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test list clean
+.PHONY: setup demo zoo test list clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,12 +17,17 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+# the label-free zoo, compact: GRPO-gold, Intuitor, TTRL, IC-weighted vote and self-improvement, one seed,
+# 30 steps (outputs/zoo/tiny_compact: zoo.md, zoo.json, plots/)
 demo: setup
-	$(BIN)/python -m recipes.intuitor --config configs/intuitor/tiny_arithmetic.yaml
-	$(BIN)/python -m recipes.rlif --config configs/rlif/tiny_arithmetic_gold.yaml
-	$(BIN)/python -m recipes.evaluate --config configs/evaluate/tiny_rlif.yaml
-	$(BIN)/python -m recipes.plot outputs/rlif/tiny_arithmetic_gold outputs/intuitor/tiny_arithmetic \
-		outputs/evaluate/tiny_rlif --out outputs/plots
+	HF_HUB_OFFLINE=1 $(BIN)/python -m recipes.zoo --config configs/zoo/tiny.yaml --compact
+
+# the full zoo tables (every method, 3 seeds) at lr 5e-5 and 5e-6, and the reference's lr sweep; cached
+# per (method, seed, config), so a re-run computes only what is missing
+zoo: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m recipes.zoo --config configs/zoo/tiny.yaml
+	HF_HUB_OFFLINE=1 $(BIN)/python -m recipes.zoo --config configs/zoo/tiny_lr5e-6.yaml
+	HF_HUB_OFFLINE=1 $(BIN)/python -m recipes.zoo --config configs/zoo/tiny_lr_sweep.yaml
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

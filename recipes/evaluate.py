@@ -42,7 +42,7 @@ def run(cfg: EvaluateRecipeConfig) -> dict:
         name = model_cfg.name_or_path
         if name.startswith(("outputs/", "./", "/")) and not Path(name).exists():
             key = "model.name_or_path" if label == cfg.label else f"compare.{label}"
-            raise ConfigError(cfg.source, key, f"no model at {name} (train it first; `make demo` does)")
+            raise ConfigError(cfg.source, key, f"no model at {name} (train it first)")
     reports, ranks = {}, Ranks()  # under `accelerate launch` the rows are dealt over the processes
     check_backend(cfg.eval, ranks, cfg.source)  # before any model loads
     for label, model_cfg in models.items():

@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 # file name -> (title, metric keys: exact names, or a prefix ending in "/" for a family)
 CURVES = {
+    "reward": ("total reward (what is optimised)", ["reward"]),
     "rewards": ("reward mean per function", ["rewards/"]),
     "accuracy": ("accuracy (math_accuracy reward)", ["rewards/math_accuracy/mean"]),
     "self_certainty": ("self-certainty", ["signals/self_certainty/mean"]),
@@ -102,6 +103,30 @@ def plot_calibration(eval_json: Path, out: Path) -> list[Path]:
             fig.savefig(written[-1], dpi=120)
             plt.close(fig)
     return written
+
+
+def plot_bars(rows: dict[str, dict[str, tuple[float, float]]], out: Path, title: str = "held-out accuracy",
+              name: str = "accuracy_bars") -> Path:
+    """Grouped bars with error bars: ``rows`` maps a row label to ``{metric: (mean, spread)}``; one
+    group per row, one bar per metric (e.g. the zoo's greedy / sampled / vote accuracy, mean ± std
+    over seeds)."""
+    metrics = list(dict.fromkeys(m for row in rows.values() for m in row))
+    width = 0.8 / max(len(metrics), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows) + 2), 4.5))
+    for j, metric in enumerate(metrics):
+        xs = [i + (j - (len(metrics) - 1) / 2) * width for i in range(len(rows))]
+        means = [row.get(metric, (float("nan"), 0.0))[0] for row in rows.values()]
+        spreads = [row.get(metric, (0.0, 0.0))[1] for row in rows.values()]
+        ax.bar(xs, means, width=width, yerr=spreads, capsize=3, label=metric)
+    ax.set_xticks(range(len(rows)), list(rows), rotation=30, ha="right", fontsize=8)
+    ax.set(title=title, ylabel="accuracy")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = out / f"{name}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> list[Path]:

@@ -27,7 +27,7 @@ from recipes.common.errors import ConfigError
 from recipes.common.schema import RecipeConfig
 
 MODEL = "tiny://qwen2?layers=2&hidden=64&intermediate=256"
-RECIPES = ("rlif", "sft", "alol", "decred", "self_improve", "evaluate")
+RECIPES = ("rlif", "sft", "alol", "decred", "self_improve", "evaluate", "zoo")
 ROWS = [{"question": f"{a}+{b}=", "answer": str(a + b), "completion": str(a + b), "problem": f"{a} plus {b}"}
         for a in range(1, 7) for b in range(1, 7)]
 
@@ -100,7 +100,16 @@ class Harness:
                                                                                  "iterations": 1}},
             "evaluate": {"output_dir": out},
         }.get(recipe, {})
+        if recipe == "zoo":  # the zoo's one method is an RLIF config file
+            extra = {"output_dir": out,
+                     "zoo": {"seeds": [0], "methods": [{"name": "m", "config": self.method_config()}]}}
         return OmegaConf.to_container(OmegaConf.merge(cfg, extra))
+
+    def method_config(self) -> str:
+        """An RLIF config file (the zoo's method)."""
+        path = self.tmp / "method.yaml"
+        OmegaConf.save(OmegaConf.create(self.base("rlif")), path)
+        return str(path)
 
     def config(self, recipe: str, *overrides: str, base: dict | None = None):
         path = self.tmp / f"{recipe}.yaml"
@@ -819,6 +828,107 @@ def p_ev_output_dir(h):
     assert (h.tmp / "elsewhere" / "eval.json").is_file()
 
 
+def _zoo_cells(h, *overrides: str, method: dict | None = None, methods: list | None = None):
+    from recipes import zoo
+
+    base = h.base("zoo")
+    if method is not None:
+        base["zoo"]["methods"][0].update(method)
+    if methods is not None:
+        base["zoo"]["methods"] = methods
+    return zoo.plan(h.config("zoo", *overrides, base=base))
+
+
+def _trained(cells):
+    return [c for c in cells if c.recipe is not None]
+
+
+def p_zoo_section(h):
+    assert [(c.method, c.seed) for c in _zoo_cells(h, "zoo.seeds=[4]")] == [("base", 4), ("m", 4)]
+
+
+def p_zoo_compact(h):
+    from recipes import zoo
+
+    base = {**h.base("zoo"), "compact": ["zoo.seeds=[7]", f"output_dir={h.tmp / 'small'}"]}
+    path = h.tmp / "zoo.yaml"
+    OmegaConf.save(OmegaConf.create(base), path)
+    cfg, cells, args = zoo.configure(["--config", str(path), "--compact"])
+    assert args.compact and {c.seed for c in cells} == {7} and cfg.output_dir == str(h.tmp / "small")
+    assert {c.seed for c in zoo.configure(["--config", str(path)])[1]} == {0}
+
+
+def p_zoo_output_dir(h):
+    cells = _zoo_cells(h, f"output_dir={h.tmp / 'there'}")
+    assert all(Path(c.path).is_relative_to(h.tmp / "there" / "cells") for c in cells)
+    assert _trained(cells)[0].config.trainer.output_dir == str(h.tmp / "there" / "runs" / "m" / "seed0")
+
+
+def p_zoo_methods(h):
+    two = [{"name": "a", "config": h.method_config()}, {"name": "b", "config": h.method_config()}]
+    assert [c.method for c in _zoo_cells(h, methods=two)] == ["base", "a", "b"]
+
+
+def p_zoo_seeds(h):
+    assert {c.seed for c in _zoo_cells(h, "zoo.seeds=[1,2]")} == {1, 2}
+
+
+def p_zoo_budget(h):
+    cells = _trained(_zoo_cells(h, "zoo.budget=[trainer.max_steps=7,trainer.learning_rate=0.25]"))
+    assert cells[0].config.trainer.max_steps == 7 and cells[0].config.trainer.learning_rate == 0.25
+
+
+def p_zoo_only(h):
+    two = [{"name": "a", "config": h.method_config()}, {"name": "b", "config": h.method_config()}]
+    assert [c.method for c in _zoo_cells(h, "zoo.only=[b]", methods=two)] == ["base", "b"]
+    with pytest.raises(ConfigError) as err:
+        _zoo_cells(h, "zoo.only=[c]", methods=two)
+    assert err.value.key == "zoo.only"
+
+
+def p_zoo_cache(h):
+    assert all(Path(c.path).is_relative_to(h.tmp / "cache") for c in _zoo_cells(h, f"zoo.cache={h.tmp / 'cache'}"))
+
+
+def p_zoo_base_label(h):
+    assert [c.method for c in _zoo_cells(h, "zoo.base_label=''")] == ["m"]
+    assert _zoo_cells(h, "zoo.base_label=start")[0].label == "start"
+
+
+def p_zoo_method_name(h):
+    assert _trained(_zoo_cells(h, method={"name": "other"}))[0].method == "other"
+
+
+def p_zoo_method_config(h):
+    assert _trained(_zoo_cells(h))[0].config.source == h.method_config()
+    with pytest.raises(ConfigError) as err:  # the only method's file is missing: skipped, then nothing is left
+        _zoo_cells(h, method={"config": str(h.tmp / "absent.yaml")})
+    assert err.value.key == "zoo.methods"
+
+
+def p_zoo_method_recipe(h):
+    assert _trained(_zoo_cells(h, method={"recipe": "intuitor"}))[0].recipe == "intuitor"
+    with pytest.raises(ConfigError) as err:
+        _zoo_cells(h, method={"recipe": "evaluate"})
+    assert err.value.key == "zoo.methods[0].recipe"
+
+
+def p_zoo_method_label(h):
+    assert _trained(_zoo_cells(h, method={"label": "Mine"}))[0].label == "Mine"
+
+
+def p_zoo_method_budget(h):
+    cells = _trained(_zoo_cells(h, "zoo.budget=[trainer.max_steps=7]", method={"budget": False}))
+    assert cells[0].config.trainer.max_steps == 1
+
+
+def p_zoo_method_overrides(h):
+    cells = _trained(_zoo_cells(h, "zoo.budget=[trainer.max_steps=7]", method={"overrides": ["trainer.max_steps=9"]}))
+    assert cells[0].config.trainer.max_steps == 9
+
+
+def p_zoo_method_trained(h):
+    assert _trained(_zoo_cells(h, method={"trained": "round_1/model"}))[0].trained == "round_1/model"
 def _periodic(h, *overrides) -> tuple[list, list]:
     """The callbacks the recipes' shared train-and-evaluate adds to a (fake) trainer, and the held-out
     rows each of their evaluations reads."""
@@ -912,6 +1022,13 @@ PROBES = {
     **{f"ImproveConfig.{f}": p_improve_option(f) for f in (*IMPROVE_VALUES, "ds_valid_rows")},
     "EvaluateRecipeConfig.compare": p_ev_compare, "EvaluateRecipeConfig.label": p_ev_label,
     "EvaluateRecipeConfig.output_dir": p_ev_output_dir,
+    "ZooRecipeConfig.zoo": p_zoo_section, "ZooRecipeConfig.compact": p_zoo_compact,
+    "ZooRecipeConfig.output_dir": p_zoo_output_dir,
+    "ZooSection.methods": p_zoo_methods, "ZooSection.seeds": p_zoo_seeds, "ZooSection.budget": p_zoo_budget,
+    "ZooSection.only": p_zoo_only, "ZooSection.cache": p_zoo_cache, "ZooSection.base_label": p_zoo_base_label,
+    "ZooMethod.name": p_zoo_method_name, "ZooMethod.config": p_zoo_method_config, "ZooMethod.recipe": p_zoo_method_recipe,
+    "ZooMethod.label": p_zoo_method_label, "ZooMethod.budget": p_zoo_method_budget,
+    "ZooMethod.overrides": p_zoo_method_overrides, "ZooMethod.trained": p_zoo_method_trained,
 }
 
 
