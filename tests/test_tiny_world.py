@@ -95,3 +95,16 @@ def test_dataset_uri_options():
     assert len(data) == 50 and all("*" in q for q in data["question"])
     with pytest.raises(TinyURIError, match="unknown option"):
         resolve_tiny_dataset("tiny://arithmetic?digit=1", "train")
+
+
+def test_a_small_problem_space_holds_out_what_it_has():
+    """One-digit problems: the held-out split is every held-out problem (counted, not estimated),
+    and a space that holds out none is refused instead of sampling forever."""
+    from recipes.common.tiny.tasks import ArithmeticSpec, arithmetic_rows, problem_split
+
+    spec = ArithmeticSpec(digits=1, n_test=500)
+    rows = arithmetic_rows(spec, "test")
+    expected = {f"{a}+{b}=" for a in range(10) for b in range(10) if problem_split(a, "+", b, 0.1) == "test"}
+    assert {r["question"] for r in rows} == expected and len(rows) == len(expected)
+    with pytest.raises(ValueError, match="holds out no problem"):
+        arithmetic_rows(ArithmeticSpec(digits=1, ops="mul", test_fraction=0.001), "test")

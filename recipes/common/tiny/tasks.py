@@ -52,6 +52,27 @@ def problem_split(a: int, op: str, b: int, test_fraction: float) -> str:
     return "test" if h < test_fraction else "train"
 
 
+SMALL_SPACE = 200_000
+"""Problem spaces up to this size are enumerated to count their held-out problems exactly."""
+
+
+def held_out_problems(spec: ArithmeticSpec) -> int:
+    """How many distinct problems of ``spec``'s (small) space fall in the held-out split.
+
+    >>> held_out_problems(ArithmeticSpec(digits=1)), held_out_problems(ArithmeticSpec(digits=1, ops="sub"))
+    (8, 4)
+    """
+    top, problems = 10**spec.digits - 1, set()
+    for op in spec.op_list:
+        symbol = OPS[op][0]
+        for a in range(top + 1):
+            for b in range(top + 1):
+                x, y = (b, a) if op == "sub" and b > a else (a, b)
+                if problem_split(x, symbol, y, spec.test_fraction) == "test":
+                    problems.add((x, symbol, y))
+    return len(problems)
+
+
 def arithmetic_rows(spec: ArithmeticSpec, split: str) -> list[dict]:
     if split not in SPLITS:
         raise ValueError(f"arithmetic split must be one of {SPLITS}, got {split!r}")
@@ -60,7 +81,10 @@ def arithmetic_rows(spec: ArithmeticSpec, split: str) -> list[dict]:
     n = spec.n_train if split == "train" else spec.n_test
     space = len(spec.op_list) * (top + 1) ** 2
     if split == "test":  # distinct problems; the held-out space may be smaller than n_test
-        n = min(n, int(space * spec.test_fraction * 0.9))
+        n = min(n, held_out_problems(spec) if space <= SMALL_SPACE else int(space * spec.test_fraction * 0.9))
+        if n == 0:
+            raise ValueError(f"tiny://arithmetic with digits={spec.digits}, ops={spec.ops!r} and test_fraction="
+                             f"{spec.test_fraction} holds out no problem: raise digits or test_fraction")
     rows, seen = [], set()
     while len(rows) < n:
         op = rng.choice(spec.op_list)
