@@ -153,6 +153,21 @@ def test_saved_config_reloads_to_the_same_run(cfg_dir, tmp_path):
     assert cfg.compare == {"a": "tiny://llama"} and cfg.vars == {"name": "child"}
 
 
+@pytest.mark.parametrize("given", ["trainer.generation_batch_size=256", "trainer.steps_per_generation=2", None])
+def test_a_saved_grpo_config_reloads(given, tmp_path):
+    """TRL derives generation_batch_size and steps_per_generation from each other and refuses a
+    config that sets both: config.yaml keeps the one the config gave (steps_per_generation if neither)."""
+    from recipes.rlif import RLIFRecipeConfig
+
+    overrides = [f"trainer.output_dir={tmp_path / 'out'}"] + ([given] if given else [])
+    cfg = load_config(RLIFRecipeConfig, "configs/rlif/tiny_arithmetic_gold.yaml", overrides)
+    saved = load_raw(save_config(cfg, tmp_path / "saved"))[0]["trainer"]
+    kept = (given or "trainer.steps_per_generation").split("=")[0].split(".")[1]
+    assert kept in saved and ({"generation_batch_size", "steps_per_generation"} - {kept}).isdisjoint(saved)
+    again = load_config(RLIFRecipeConfig, tmp_path / "saved" / "config.yaml")
+    assert again.trainer.to_dict() == cfg.trainer.to_dict()
+
+
 from dataclasses import dataclass, field  # noqa: E402
 
 from recipes.common.schema import RecipeConfig, RewardSpec  # noqa: E402

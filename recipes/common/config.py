@@ -263,9 +263,14 @@ def load_config(schema: type[RecipeConfig], path: str | os.PathLike, overrides: 
     if schema.trainer_class is not None:
         trainer_values = check_section(trainer_raw, schema.trainer_class, "trainer", origins, strict_required=False)
         cfg.trainer = build_trainer_args(schema.trainer_class, trainer_values, origin_of(origins, "trainer"))
+        cfg._trainer_given = frozenset(trainer_values)  # which of TRL's derived pairs config.yaml keeps
     check_paths(cfg, origins)
     check_values(cfg, origins)
     return cfg
+
+
+DERIVED_PAIRS = (("generation_batch_size", "steps_per_generation"),)
+"""TRL config fields computed from each other after loading; a config may set only one of each pair."""
 
 
 def config_yaml(cfg: RecipeConfig, trainer: dict | None = None) -> str:
@@ -281,6 +286,10 @@ def config_yaml(cfg: RecipeConfig, trainer: dict | None = None) -> str:
             value = trainer
         elif f.name == "trainer" and hasattr(value, "to_dict"):
             value = {k: v for k, v in value.to_dict().items() if _plain(v)}
+            given = getattr(cfg, "_trainer_given", frozenset())
+            for a, b in DERIVED_PAIRS:  # TRL refuses both set: keep the one the config gave
+                if a in value and b in value:
+                    value.pop(b if a in given else a)
         elif dataclasses.is_dataclass(value):
             value = dataclasses.asdict(value)
         elif isinstance(value, list):
