@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .common.config import check_section, config_yaml, load_config, load_raw, save_config
 from .common.errors import COMMAND_LINE, ConfigError
-from .common.schema import RecipeConfig, schema_help
+from .common.schema import RecipeConfig, field_default, schema_help
 from .common.zoo_table import SPREAD, aggregate, cell_path, digest, format_markdown, mean_history, read_cell, write_cell
 
 logger = logging.getLogger("intrinsic")
@@ -116,8 +116,7 @@ def set_values(section) -> dict:
     out = {}
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        default = field_default(f)
         if default is dataclasses.MISSING or value != default:
             out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
     return out

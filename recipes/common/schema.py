@@ -253,14 +253,22 @@ def _shown(value: Any) -> str:
     return repr(value.value if isinstance(value, enum.Enum) else value)
 
 
+def field_default(f: dataclasses.Field) -> Any:
+    """The value field ``f`` takes when a config leaves it out (its ``default_factory`` called), or
+    ``dataclasses.MISSING`` for a required field."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
 def _default(f: dataclasses.Field) -> str | None:
     """``default: x``, ``required``, or ``None`` for a section whose keys are listed one by one."""
-    if f.default is not dataclasses.MISSING:
-        return f"default: {_shown(f.default)}"
-    if f.default_factory is not dataclasses.MISSING:
-        value = f.default_factory()
-        return None if dataclasses.is_dataclass(value) else f"default: {_shown(value)}"
-    return "required"
+    value = field_default(f)
+    if value is dataclasses.MISSING:
+        return "required"
+    return None if dataclasses.is_dataclass(value) else f"default: {_shown(value)}"
 
 
 def _entry(key: str, text: str, indent: int, width: int = 100) -> list[str]:
