@@ -328,14 +328,8 @@ class RLIFTrainer(ModelCardMixin, CompletionsJsonlMixin, VoteSamplesMixin, GRPOT
             mask = step_mask(lengths, states.shape[1], device=states.device)
             targets = torch.tensor([t for ids in completion_ids_list for t in ids], dtype=torch.long,
                                    device=states.device)
-            head = self._policy.get_output_embeddings()
-            with maybe_gather_lm_head_ctx(head.weight, head.bias), self.accelerator.autocast():
-                weight = head.weight
-                vocab = len(self._tokenizer) if len(self._tokenizer) < weight.shape[0] else None
-                values = token_signals(states[mask], weight, in_vocab_targets(targets, vocab), bias=head.bias,
-                                       temperature=self.temperature, signals=self.signal_names,
-                                       chunk_size=self._option("signal_chunk_size"), vocab_size=vocab,
-                                       **self._logit_transform.kwargs())
+            with self.accelerator.autocast():  # as inside the model's forward, where the extra pass projects
+                values = self._head_signals(states[mask], targets)
             signals = {name: torch.full(mask.shape, float("nan"), device=v.device).masked_scatter(mask.to(v.device), v)
                        for name, v in values.items()}
         if self._lens is not None:
@@ -355,16 +349,19 @@ class RLIFTrainer(ModelCardMixin, CompletionsJsonlMixin, VoteSamplesMixin, GRPOT
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         c = batch.completion_length
         hidden = output.last_hidden_state[:, -c - 1 : -1]  # position t-1 predicts completion token t
+        batch.signal_parts.append(self._head_signals(hidden, input_ids[:, -c:]))
+
+    def _head_signals(self, hidden: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The signals of final hidden states through the policy's LM head (gathered under ZeRO-3),
+        over the tokenizer's rows only (Qwen pads its head past the tokenizer; ids of padding rows are
+        clamped here and skipped in ``_calculate_rewards``)."""
         head = self._policy.get_output_embeddings()
-        vocab = len(self._tokenizer)
         with maybe_gather_lm_head_ctx(head.weight, head.bias):
-            weight = head.weight
-            vocab = vocab if vocab < weight.shape[0] else None  # Qwen pads its head past the tokenizer
-            targets = in_vocab_targets(input_ids[:, -c:], vocab)  # padding-row ids: skipped in _calculate_rewards
-            part = token_signals(hidden, weight, targets, bias=head.bias, temperature=self.temperature,
-                                 signals=self.signal_names, chunk_size=self._option("signal_chunk_size"),
-                                 vocab_size=vocab, **self._logit_transform.kwargs())
-        batch.signal_parts.append(part)
+            vocab = len(self._tokenizer) if len(self._tokenizer) < head.weight.shape[0] else None
+            return token_signals(hidden, head.weight, in_vocab_targets(targets, vocab), bias=head.bias,
+                                 temperature=self.temperature, signals=self.signal_names,
+                                 chunk_size=self._option("signal_chunk_size"), vocab_size=vocab,
+                                 **self._logit_transform.kwargs())
 
     # -- overrides (each calls super) -----------------------------------------------------------
 
